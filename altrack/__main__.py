@@ -1,0 +1,5 @@
+import sys
+
+from altrack.cli import main
+
+sys.exit(main())

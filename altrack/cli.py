@@ -1,0 +1,153 @@
+"""The ``altrack`` command: a thin click shell over ``altrack.tracking`` and friends.
+
+Every user error ends as one line on stderr and a non-zero exit, with no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from altrack.config import CORESET_SPACES, DEVICES, GridConfig, Settings
+from altrack.errors import AltrackError
+
+ALL = "all"
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _methods(value: str) -> tuple[str, ...]:
+    from altrack.selection import available_methods
+
+    return available_methods() if value == ALL else _split(value)
+
+
+def _budgets(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _split(value))
+    except ValueError:
+        raise click.BadParameter(f"budgets must be integers, got {value!r}", param_hint="--budget") from None
+
+
+def _lam(value: str) -> float | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"must be 'auto' or a number, got {value!r}", param_hint="--lam") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="altrack")
+def cli() -> None:
+    """Data selection and active learning experiments, tracked in MLflow."""
+
+
+@cli.command()
+@click.option("--datasets", default="mnist", show_default=True, help="Comma list: mnist, fashion_mnist, cifar10.")
+@click.option("--methods", default=ALL, show_default=True, help="Comma list of selection methods, or 'all'.")
+@click.option("--budget", "budgets", default="2000", show_default=True, help="Label budget k, or a comma list.")
+@click.option("--runs", default=1, show_default=True, help="Seeds per (dataset, k): seed, seed+1, ...")
+@click.option("--seed", default=0, show_default=True, help="First seed.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed-ratio", default=0.2, show_default=True, help="k'/k, the random seed set.")
+@click.option("--cluster-ratio", default=0.2, show_default=True, help="k''/k, the coreset's k-means clusters.")
+@click.option("--lam", default="auto", show_default=True, help="Coreset Holder constant: a float or 'auto'.")
+@click.option("--coreset-space", type=click.Choice(CORESET_SPACES), default="embedding", show_default=True)
+@click.option("--weighted/--unweighted", default=False, show_default=True, help="Retrain with coreset weights.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--data-dir", default=None, help="Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data].")
+@click.option("--out", default="results", show_default=True, help="Folder for the png, txt and csv report.")
+@click.option("--experiment", default=None, help="MLflow experiment [default: altrack].")
+@click.option(
+    "--log-models/--no-log-models",
+    default=True,
+    show_default=True,
+    envvar="ALTRACK_LOG_MODELS",
+    help="Log seed and final models as MLflow models [env: ALTRACK_LOG_MODELS].",
+)
+@click.option("--fail-fast", is_flag=True, help="Stop the grid at the first failed run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(**opts: object) -> None:
+    """Run the §5.2.2 protocol over datasets x budgets x seeds x methods."""
+    cfg = GridConfig(
+        datasets=_split(str(opts["datasets"])),
+        methods=_methods(str(opts["methods"])),
+        budgets=_budgets(str(opts["budgets"])),
+        runs=int(opts["runs"]),  # type: ignore[arg-type]
+        seed=int(opts["seed"]),  # type: ignore[arg-type]
+        settings=Settings(
+            epochs=int(opts["epochs"]),  # type: ignore[arg-type]
+            batch_size=int(opts["batch_size"]),  # type: ignore[arg-type]
+            lr=float(opts["lr"]),  # type: ignore[arg-type]
+            seed_ratio=float(opts["seed_ratio"]),  # type: ignore[arg-type]
+            cluster_ratio=float(opts["cluster_ratio"]),  # type: ignore[arg-type]
+            lam=_lam(str(opts["lam"])),
+            coreset_space=str(opts["coreset_space"]),
+            weighted=bool(opts["weighted"]),
+        ),
+        device=str(opts["device"]),
+        data_dir=str(opts["data_dir"]) if opts["data_dir"] else None,
+        out=str(opts["out"]),
+        experiment=str(opts["experiment"]) if opts["experiment"] else None,
+        log_models=bool(opts["log_models"]),
+        fail_fast=bool(opts["fail_fast"]),
+    )
+    from altrack import report, tracking
+
+    outcome = tracking.run_grid(cfg, progress=not opts["quiet"])
+    click.echo(report.format_table(outcome.rows), nl=False)
+    click.echo(f"report: {cfg.out}/")
+    click.echo(f"MLflow parent run: {outcome.parent_run_id}")
+
+
+@cli.command("report")
+@click.option("--run-id", default=None, help="A parent run of 'altrack run'.")
+@click.option("--experiment", default=None, help="Every altrack run in this experiment.")
+@click.option("--out", default="results", show_default=True)
+def report_cmd(run_id: str | None, experiment: str | None, out: str) -> None:
+    """Rebuild the png and txt from the MLflow runs of a parent run or an experiment."""
+    from altrack import tracking
+    from altrack.config import _writable_dir_target
+
+    if not run_id and not experiment:
+        raise click.UsageError("give --run-id or --experiment")
+    if not _writable_dir_target(__import__("pathlib").Path(out)):
+        raise AltrackError(f"--out {out!r} is not a writable directory")
+    paths = tracking.rebuild_report(run_id or None, experiment or None, out)
+    click.echo(paths[-1].parent.joinpath("active_learning_results.txt").read_text(), nl=False)
+    click.echo(f"report in {out}/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 on success, 2 for bad input, 1 for failures; errors are one line."""
+    try:
+        cli.main(args=argv, prog_name="altrack", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("altrack: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"altrack: error: {exc.format_message()}", err=True)
+        return 2
+    except ValueError as exc:  # ConfigError and friends: bad input
+        click.echo(f"altrack: error: {exc}", err=True)
+        return 2
+    except AltrackError as exc:
+        click.echo(f"altrack: error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("altrack: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

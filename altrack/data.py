@@ -1,0 +1,222 @@
+"""Datasets as whole tensors on the device: no DataLoader and no per-sample Python.
+
+MNIST and Fashion-MNIST go through torchvision (which downloads when online and reuses
+verified archives when offline). CIFAR-10 loads torchvision's pickled batches when they are
+complete, else the lossless ``cifar10/cifar10_{train,test}.npz`` arrays (``x`` uint8 NHWC,
+``y`` int64), a supported offline format.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from altrack.errors import DataError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    n_train: int
+    n_test: int
+    image_shape: tuple[int, int, int]  # C, H, W
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int = 10
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec("mnist", 60000, 10000, (1, 28, 28), (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetSpec("fashion_mnist", 60000, 10000, (1, 28, 28), (0.2860,), (0.3530,)),
+    "cifar10": DatasetSpec(
+        "cifar10", 50000, 10000, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    ),
+}
+
+_TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+CIFAR_NPZ = {"train": "cifar10_train.npz", "test": "cifar10_test.npz"}
+CIFAR_BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Normalised float images and int64 labels, both splits, on one device."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return DATASETS[self.name]
+
+
+def default_data_dir() -> Path:
+    """``$ALTRACK_DATA_DIR``, else ``$XDG_CACHE_HOME/altrack/data`` (``~/.cache/altrack/data``)."""
+    env = os.environ.get("ALTRACK_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "altrack" / "data"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_idx_gz(path: Path) -> np.ndarray:
+    """An IDX array from a gzipped file, read in place (so a read-only data folder works)."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+        zero, dtype_code, ndim = raw[0:2], raw[2], raw[3]
+        if zero != b"\x00\x00" or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, ValueError, EOFError, IndexError) as exc:
+        raise DataError(f"{path} is truncated or corrupt: {exc}") from exc
+
+
+def _load_mnist_like(name: str, root: Path) -> tuple[np.ndarray, ...]:
+    """The four official archives, md5-checked; torchvision downloads them when they are absent."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, _TORCHVISION_CLASS[name])
+    raw = root / cls.__name__ / "raw"
+    archives = [(raw / Path(filename).name, md5) for filename, md5 in cls.resources]
+    if not all(path.exists() for path, _ in archives):
+        where = f"{raw}/ ({', '.join(path.name for path, _ in archives)})"
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception as exc:  # torchvision raises many types; the user needs the location
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"cannot load {name} from {root}: {first} Offline, put the files in {where}") from exc
+    for path, md5 in archives:
+        actual = _md5(path)
+        if actual != md5:
+            raise DataError(f"{path} is corrupt: md5 {actual}, expected {md5}; replace or delete it")
+    train_x, train_y, test_x, test_y = (read_idx_gz(path) for path, _ in archives)
+    return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64)
+
+
+def _check_arrays(name: str, source: str, arrays: tuple[np.ndarray, ...]) -> None:
+    spec = DATASETS[name]
+    c, h, w = spec.image_shape
+    pixel_shape = (h, w) if c == 1 else (h, w, c)
+    expected = [(spec.n_train, *pixel_shape), (spec.n_train,), (spec.n_test, *pixel_shape), (spec.n_test,)]
+    for array, shape in zip(arrays, expected, strict=True):
+        if tuple(array.shape) != shape:
+            raise DataError(f"{source}: expected an array of shape {shape}, found {tuple(array.shape)}")
+    for labels in (arrays[1], arrays[3]):
+        if labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise DataError(f"{source}: labels outside 0..{spec.num_classes - 1}")
+
+
+def _load_cifar_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return np.asarray(archive["x"]), np.asarray(archive["y"]).astype(np.int64)
+    except Exception as exc:
+        raise DataError(
+            f"{path} is truncated or corrupt ({type(exc).__name__}); expected an npz with x uint8 "
+            f"(N, 32, 32, 3) and y int64 (N,)"
+        ) from exc
+
+
+def _load_cifar10(root: Path) -> tuple[tuple[np.ndarray, ...], str]:
+    import torchvision
+
+    batches = root / "cifar-10-batches-py"
+    if all((batches / name).exists() for name in CIFAR_BATCHES):
+        try:
+            train = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
+            test = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
+        except Exception as exc:
+            raise DataError(f"{batches} is corrupt (torchvision's md5 check failed): {exc}") from exc
+        arrays = (train.data, np.asarray(train.targets), test.data, np.asarray(test.targets))
+        return arrays, str(batches)
+    for folder in (root / "cifar10", root):
+        train_npz, test_npz = folder / CIFAR_NPZ["train"], folder / CIFAR_NPZ["test"]
+        if train_npz.exists() and test_npz.exists():
+            return (*_load_cifar_npz(train_npz), *_load_cifar_npz(test_npz)), str(folder)
+    try:
+        train = torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        test = torchvision.datasets.CIFAR10(str(root), train=False, download=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load cifar10 from {root}: {first}. Offline, put torchvision's cifar-10-batches-py/ "
+            f"or {CIFAR_NPZ['train']} and {CIFAR_NPZ['test']} in {root / 'cifar10'}"
+        ) from exc
+    return (train.data, np.asarray(train.targets), test.data, np.asarray(test.targets)), str(root)
+
+
+def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, ...]:
+    """uint8 images (N, H, W[, C]) and int64 labels for both splits, shape-checked."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}")
+    root = resolve_data_dir(data_dir)
+    if name == "cifar10":
+        arrays, source = _load_cifar10(root)
+    else:
+        arrays, source = _load_mnist_like(name, root), str(root / _TORCHVISION_CLASS[name])
+    _check_arrays(name, source, arrays)
+    return arrays
+
+
+def _to_tensor(name: str, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    spec = DATASETS[name]
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    x = (x.float() / 255.0 - mean) / std
+    if spec.image_shape[0] > 1:  # convolutions run faster in NHWC on CPU and GPU
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, root: str, device: str) -> Dataset:
+    x_train, y_train, x_test, y_test = load_arrays(name, root)
+    dev = torch.device(device)
+    return Dataset(
+        name=name,
+        x_train=_to_tensor(name, x_train, dev),
+        y_train=torch.from_numpy(np.asarray(y_train, dtype=np.int64)).to(dev),
+        x_test=_to_tensor(name, x_test, dev),
+        y_test=torch.from_numpy(np.asarray(y_test, dtype=np.int64)).to(dev),
+    )
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, device: str = "cpu") -> Dataset:
+    """Load once per process; callers must treat the tensors as read-only."""
+    return _load_cached(name, str(resolve_data_dir(data_dir).resolve()), str(resolve_device(device)))

@@ -1,0 +1,53 @@
+"""Distance kernels shared by k-means, k-center and the coreset: BLAS blocks, no Python per point."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BLOCK_ROWS = 16384
+
+
+def as_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def sq_dists(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, m) squared Euclidean distances via ||x||^2 - 2 x.c + ||c||^2, clamped at 0."""
+    x_sq = (x * x).sum(1) if x_sq is None else x_sq
+    d = torch.addmm((c * c).sum(1).unsqueeze(0), x, c.T, alpha=-2.0)
+    return d.add_(x_sq.unsqueeze(1)).clamp_(min=0.0)
+
+
+def nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of x: (index of the nearest row of c, squared distance), in row blocks."""
+    x_sq = (x * x).sum(1)
+    labels = torch.empty(x.shape[0], dtype=torch.int64)
+    dists = torch.empty(x.shape[0], dtype=x.dtype)
+    for start in range(0, x.shape[0], BLOCK_ROWS):
+        stop = start + BLOCK_ROWS
+        d = sq_dists(x[start:stop], c, x_sq[start:stop])
+        dists[start:stop], labels[start:stop] = d.min(1)
+    return labels, dists
+
+
+def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
+    """Row of x nearest to each centre, in centre order, never reusing a row.
+
+    A centre whose nearest row is taken gets its nearest free row instead.
+    """
+    if c.shape[0] > x.shape[0]:
+        raise ValueError(f"{c.shape[0]} centres but only {x.shape[0]} points")
+    x_sq = (x * x).sum(1)
+    chosen = np.empty(c.shape[0], dtype=np.int64)
+    taken = torch.zeros(x.shape[0], dtype=torch.bool)
+    for start in range(0, c.shape[0], 256):
+        d = sq_dists(x, c[start : start + 256], x_sq).T.contiguous()  # (centres, n)
+        first = d.argmin(1)
+        for row in range(d.shape[0]):
+            j = int(first[row])
+            if taken[j]:
+                j = int(d[row].masked_fill(taken, float("inf")).argmin())
+            taken[j] = True
+            chosen[start + row] = j
+    return chosen

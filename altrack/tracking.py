@@ -1,0 +1,303 @@
+"""Everything MLflow: one parent run per invocation, one nested child run per protocol run.
+
+Under ``mlflow run`` the launcher exports ``MLFLOW_RUN_ID``; ``mlflow.start_run()`` then resumes
+that run as the parent, so the project run and the CLI run are the same thing.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from altrack import report
+from altrack.config import GridConfig
+from altrack.data import DATASETS, load_dataset, resolve_device
+from altrack.errors import AltrackError
+from altrack.protocol import RunResult, iterate_grid
+
+KIND_TAG = "altrack.kind"
+HASH_TAG = "altrack.config_hash"
+ERROR_TAG = "altrack.error"
+DEFAULT_EXPERIMENT = "altrack"
+
+
+@dataclass(frozen=True)
+class GridOutcome:
+    parent_run_id: str
+    results: list[RunResult]
+    rows: list[dict]
+    report_paths: list[Path]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def check_tracking_store() -> str:
+    """Touch the store before any training, so an unreachable server fails in the first second."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AltrackError(f"MLflow tracking store {uri} is unreachable: {first[:200]}") from exc
+    return uri
+
+
+def _under_project_run() -> bool:
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def _start_parent(experiment: str | None, run_name: str) -> mlflow.ActiveRun:
+    if _under_project_run():  # mlflow run: log into the run the launcher created
+        return mlflow.start_run()
+    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    return mlflow.start_run(run_name=run_name)
+
+
+def _log_new_params(run_id: str, params: dict) -> None:
+    """Log params the run does not already have (``mlflow run`` logs its -P values first)."""
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+    if fresh:
+        client.log_batch(run_id, params=fresh)
+
+
+def grid_params(cfg: GridConfig) -> dict:
+    settings = asdict(cfg.settings)
+    settings["lam"] = "auto" if cfg.settings.lam is None else cfg.settings.lam
+    return {
+        "datasets": ",".join(cfg.datasets),
+        "methods": ",".join(cfg.methods),
+        "budgets": ",".join(map(str, cfg.budgets)),
+        "runs": cfg.runs,
+        "base_seed": cfg.seed,
+        "device": str(resolve_device(cfg.device)),
+        **settings,
+    }
+
+
+def run_params(result: RunResult) -> dict:
+    key, settings = result.key, result.settings
+    params = {
+        "dataset": key.dataset,
+        "method": key.method,
+        "budget": key.budget,
+        "seed": key.seed,
+        "n_seed": settings.n_seed(key.budget),
+        "n_select": key.budget - settings.n_seed(key.budget),
+        "device": result.device,
+        "config_hash": result.config_hash,
+        "torch_version": torch.__version__,
+        **{k: v for k, v in asdict(settings).items() if k != "lam"},
+        "lam": "auto" if settings.lam is None else settings.lam,
+    }
+    if key.method.startswith("coreset"):
+        params["n_clusters"] = min(settings.n_clusters(key.budget), params["n_select"])
+    if result.selection is not None and "lam" in result.selection.info:
+        params["lam_used"] = result.selection.info["lam"]
+    return params
+
+
+def _run_metrics(result: RunResult) -> list[Metric]:
+    now = _now_ms()
+    stage = result.stage
+    metrics = [Metric("test_accuracy", result.test_accuracy, now, 0), Metric("test_loss", result.test_loss, now, 0)]
+    if stage is not None:
+        metrics.append(Metric("seed_test_accuracy", stage.test_accuracy, now, 0))
+        metrics += [Metric("seed_train_loss", v, now, i) for i, v in enumerate(stage.epoch_losses)]
+    metrics += [Metric("train_loss", v, now, i) for i, v in enumerate(result.final_epoch_losses)]
+    metrics += [Metric(k, v, now, 0) for k, v in result.timings.items()]
+    if result.selection is not None:
+        for k, v in result.selection.info.items():
+            if isinstance(v, int | float) and k != "lam":
+                metrics.append(Metric(f"selection_{k}", float(v), now, 0))
+    return [m for m in metrics if np.isfinite(m.value)]
+
+
+def _blank_nan(value: float) -> str | float:
+    return "" if np.isnan(value) else float(value)
+
+
+def write_run_artifacts(result: RunResult, folder: Path, labels: np.ndarray) -> None:
+    """seed_losses.npy, selected_indices.npy, selection.csv and selection.png for one run."""
+    stage, selection = result.stage, result.selection
+    assert stage is not None and selection is not None
+    np.save(folder / "seed_losses.npy", stage.ce_loss.astype(np.float32))
+    np.save(folder / "selected_indices.npy", result.selected_indices)
+    n_seed = len(stage.seed_indices)
+    with open(folder / "selection.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "role", "probability", "weight"])
+        writer.writerows([int(i), "seed", "", 1.0] for i in stage.seed_indices)
+        columns = zip(selection.indices, selection.roles, selection.probabilities, selection.weights, strict=True)
+        writer.writerows([int(i), role, _blank_nan(p), _blank_nan(w)] for i, role, p, w in columns)
+    key = result.key
+    report.plot_selection(
+        stage.ce_loss,
+        labels,
+        stage.pool_indices,
+        result.selected_indices[n_seed:],
+        f"{key.dataset} {key.method} k={key.budget} seed={key.seed}: acc {result.test_accuracy:.4f}",
+        folder / "selection.png",
+    )
+
+
+def _log_model(model: torch.nn.Module, name: str) -> None:
+    """Pickle format: pt2 needs an input example and torch.export, and these models are our own."""
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    mlflow.pytorch.log_model(
+        model.cpu(),
+        name=name,
+        serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+
+
+def log_run(result: RunResult, labels: np.ndarray, log_models: bool) -> str:
+    """One nested child run; FAILED with the reason when the run failed."""
+    key = result.key
+    name = f"{key.dataset}-{key.method}-k{key.budget}-s{key.seed}"
+    tags = {KIND_TAG: "protocol", HASH_TAG: result.config_hash}
+    with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+        client = MlflowClient()
+        run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in run_params(result).items()]
+        client.log_batch(run_id, metrics=_run_metrics(result), params=params)
+        if result.status != "FINISHED":
+            client.log_batch(run_id, tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])
+            mlflow.end_run(status="FAILED")
+            return run_id
+        with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
+            write_run_artifacts(result, Path(tmp), labels)
+            mlflow.log_artifacts(tmp)
+        if log_models:
+            assert result.stage is not None and result.final_model is not None
+            _log_model(result.stage.model, "seed_model")
+            _log_model(result.final_model, "final_model")
+    return run_id
+
+
+def result_row(result: RunResult, run_id: str) -> dict:
+    key = result.key
+    return {
+        "dataset": key.dataset,
+        "method": key.method,
+        "budget": key.budget,
+        "seed": key.seed,
+        "status": result.status,
+        "test_accuracy": result.test_accuracy,
+        "run_id": run_id,
+        "error": result.error or "",
+    }
+
+
+def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
+    """Validate inputs, then run the grid under one parent run and write the report."""
+    for dataset in cfg.datasets:  # data errors surface before any MLflow run exists
+        load_dataset(dataset, cfg.data_dir, str(resolve_device(cfg.device)))
+    check_tracking_store()
+    results: list[RunResult] = []
+    rows: list[dict] = []
+    with _start_parent(cfg.experiment, "grid") as parent:
+        parent_id = parent.info.run_id
+        mlflow.set_tags({KIND_TAG: "grid", "altrack.command": " ".join(sys.argv)})
+        _log_new_params(parent_id, grid_params(cfg))
+        labels: dict[str, np.ndarray] = {}
+        for result in iterate_grid(cfg, progress=progress):
+            if result.key.dataset not in labels:
+                data = load_dataset(result.key.dataset, cfg.data_dir, result.device)
+                labels[result.key.dataset] = data.y_train.cpu().numpy()
+            run_id = log_run(result, labels[result.key.dataset], cfg.log_models)
+            results.append(result)
+            rows.append(result_row(result, run_id))
+            if result.status != "FINISHED" and cfg.fail_fast:
+                raise AltrackError(f"{run_id} failed: {result.error} (--fail-fast)")
+        paths = publish_report(rows, cfg.out)
+        n_failed = sum(r["status"] != "FINISHED" for r in rows)
+        mlflow.set_tags({"altrack.runs_finished": len(rows) - n_failed, "altrack.runs_failed": n_failed})
+    return GridOutcome(parent_id, results, rows, paths)
+
+
+def publish_report(rows: Sequence[dict], out: str | None) -> list[Path]:
+    """Write the report to ``out`` (if given) and log it to the active run."""
+    with tempfile.TemporaryDirectory(prefix="altrack-report-") as tmp:
+        report.write_report(rows, tmp)
+        mlflow.log_artifacts(tmp)
+        if out is None:
+            return []
+        return report.write_report(rows, out)
+
+
+def _experiment_ids(experiment: str | None) -> list[str]:
+    client = MlflowClient()
+    if experiment is None:
+        return [e.experiment_id for e in client.search_experiments()]
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise AltrackError(f"no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
+    return [found.experiment_id]
+
+
+def rows_from_mlflow(parent_run_id: str | None = None, experiment: str | None = None) -> list[dict]:
+    """Result rows of the protocol runs under a parent run, or in a whole experiment.
+
+    A run logged twice (same config hash) counts once: the latest finished one wins.
+    """
+    client = MlflowClient()
+    query = f"tags.`{KIND_TAG}` = 'protocol'"
+    if parent_run_id is not None:
+        try:
+            parent = client.get_run(parent_run_id)
+        except Exception as exc:
+            raise AltrackError(f"no MLflow run with id {parent_run_id!r} at {mlflow.get_tracking_uri()}") from exc
+        experiment_ids = [parent.info.experiment_id]
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    else:
+        experiment_ids = _experiment_ids(experiment)
+    runs = client.search_runs(experiment_ids, query, max_results=50000, order_by=["attributes.start_time ASC"])
+    latest: dict[str, dict] = {}
+    for run in runs:
+        p = run.data.params
+        if "dataset" not in p or p["dataset"] not in DATASETS:
+            continue
+        row = {
+            "dataset": p["dataset"],
+            "method": p["method"],
+            "budget": int(p["budget"]),
+            "seed": int(p["seed"]),
+            "status": run.info.status,
+            "test_accuracy": run.data.metrics.get("test_accuracy", float("nan")),
+            "run_id": run.info.run_id,
+            "error": run.data.tags.get(ERROR_TAG, ""),
+        }
+        if row["status"] == "RUNNING":
+            continue
+        key = run.data.tags.get(HASH_TAG, run.info.run_id)
+        if key not in latest or row["status"] == "FINISHED" or latest[key]["status"] != "FINISHED":
+            latest[key] = row
+    return list(latest.values())
+
+
+def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str | None) -> list[Path]:
+    rows = rows_from_mlflow(parent_run_id, experiment)
+    if not rows:
+        raise AltrackError("no altrack protocol runs found for that run or experiment")
+    if _under_project_run():
+        with mlflow.start_run():
+            return publish_report(rows, out)
+    return report.write_report(rows, out or ".")

@@ -1,0 +1,103 @@
+"""A plain whole-tensor training loop: one gather per epoch, contiguous slices per step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from altrack.errors import TrainingDiverged
+
+EVAL_BATCH = 2048
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Adam on (x, y); returns the mean training loss of each epoch.
+
+    ``weights`` (optional, one per example) scale each example's loss; they are normalised to
+    mean 1 so the learning rate means the same thing with and without them.
+    Raises ``TrainingDiverged`` as soon as an epoch's loss is not finite.
+    """
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    n = x.shape[0]
+    if weights is not None:
+        weights = weights / weights.mean()
+    losses: list[float] = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator).to(x.device)
+        xs, ys = x[order], y[order]
+        ws = weights[order] if weights is not None else None
+        total = torch.zeros((), device=x.device)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            logits = model(xs[start:stop])
+            if ws is None:
+                loss = F.cross_entropy(logits, ys[start:stop])
+            else:
+                loss = (F.cross_entropy(logits, ys[start:stop], reduction="none") * ws[start:stop]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * (stop - start)
+        epoch_loss = float(total) / n
+        if not math.isfinite(epoch_loss):
+            raise TrainingDiverged(f"training loss became {epoch_loss} in epoch {epoch + 1} (lr={lr})")
+        losses.append(epoch_loss)
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_loss)
+    return losses
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What one forward pass of a model over a split gives the selection methods."""
+
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=1)
+
+    def ce_loss(self, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits, y, reduction="none")
+
+    def grad_loss(self, y: torch.Tensor) -> torch.Tensor:
+        """Squared norm of d CE / d (last linear layer's weight and bias), in closed form:
+        ||p - onehot(y)||^2 * (||h||^2 + 1)."""
+        residual = self.probs - F.one_hot(y, self.logits.shape[1]).to(self.logits.dtype)
+        return residual.pow(2).sum(1) * (self.embeddings.pow(2).sum(1) + 1.0)
+
+
+@torch.inference_mode()
+def forward_all(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> Outputs:
+    model.eval()
+    logits, embeddings = [], []
+    for start in range(0, x.shape[0], batch_size):
+        h = model.body(x[start : start + batch_size])
+        embeddings.append(h)
+        logits.append(model.head(h))
+    return Outputs(torch.cat(logits).float(), torch.cat(embeddings).float())
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on a split."""
+    out = forward_all(model, x)
+    accuracy = (out.logits.argmax(1) == y).float().mean().item()
+    return accuracy, out.ce_loss(y).mean().item()

@@ -1,0 +1,118 @@
+"""The CLI as a user meets it: one-line errors with nothing written, and a real run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from altrack.cli import main
+
+TINY = ["--budget", "100", "--epochs", "1", "--device", "cpu", "--no-log-models", "--quiet"]
+
+
+def _run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_refused(code, err, expected, cwd: Path):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("altrack: error:"), err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert not any(cwd.iterdir()), f"something was written: {list(cwd.iterdir())}"
+
+
+BAD_INPUT = [
+    (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--methods", "badge"], "unknown method 'badge'"),
+    (["--budget", "0"], "budget k must be >= 1"),
+    (["--budget", "60001"], "larger than the mnist train split"),
+    (["--budget", "abc"], "budgets must be integers"),
+    (["--seed-ratio", "1.5"], "seed_ratio must be in (0, 1)"),
+    (["--cluster-ratio", "0"], "cluster_ratio must be in (0, 1)"),
+    (["--seed-ratio", "0.6", "--cluster-ratio", "0.5"], "seed_ratio + cluster_ratio must be < 1"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--batch-size", "0"], "batch size must be >= 1"),
+    (["--lam", "big"], "must be 'auto' or a number"),
+    (["--runs", "x"], "'x' is not a valid integer"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_INPUT, ids=[a[0][0] + "=" + a[0][1] for a in BAD_INPUT])
+def test_bad_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, _, err = _run_cli(["run", *args], capsys)
+    _assert_refused(code, err, expected, tmp_path)
+
+
+def test_unwritable_out_is_refused(capsys, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    monkeypatch.chdir(work)
+    code, _, err = _run_cli(["run", "--out", str(tmp_path / "blocker" / "results")], capsys)
+    _assert_refused(code, err, "is not a writable directory", work)
+
+
+def test_missing_data_offline_says_where_the_files_go(capsys, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = _run_cli(["run", "--data-dir", str(tmp_path / "nodata"), *TINY], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "MNIST/raw/" in err and "train-images-idx3-ubyte.gz" in err
+    assert not any(work.iterdir())
+
+
+def test_corrupt_archive_names_the_file_and_its_md5(data_dir, capsys, tmp_path, monkeypatch):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir / "MNIST" / "raw", broken / "MNIST" / "raw", ignore=shutil.ignore_patterns("*ubyte"))
+    archive = broken / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    archive.write_bytes(archive.read_bytes()[:100])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = _run_cli(["run", "--data-dir", str(broken), *TINY], capsys)
+    assert code == 1
+    assert str(archive) in err and "ec29112dd5afa0611ce80d1b7f02629c" in err
+    assert not any(work.iterdir())
+
+
+def test_run_and_report_commands(data_dir, mlflow_store, capsys, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = _run_cli(
+        ["run", "--methods", "margin,random", "--runs", "2", "--data-dir", str(data_dir), "--out", str(out), *TINY],
+        capsys,
+    )
+    assert code == 0
+    assert "margin" in stdout and (out / "active_learning_results.png").exists()
+    assert stdout.strip().splitlines()[-1].startswith("MLflow parent run: ")
+    parent_id = stdout.strip().splitlines()[-1].split()[-1]
+    assert MlflowClient().get_run(parent_id).info.status == "FINISHED"
+
+    code, stdout, _ = _run_cli(["report", "--run-id", parent_id, "--out", str(tmp_path / "again")], capsys)
+    assert code == 0
+    again = tmp_path / "again" / "active_learning_results.txt"
+    assert (out / "active_learning_results.txt").read_text() == again.read_text()
+    code, _, err = _run_cli(["report", "--run-id", "nope"], capsys)
+    assert code == 1 and "no MLflow run with id 'nope'" in err
+
+
+def test_console_script_has_no_traceback_on_bad_input(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "altrack", "run", "--methods", "badge"],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("altrack: error: unknown method 'badge'")
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from altrack.config import GridConfig, Settings
+from altrack.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch size"),
+        ({"lr": 0.0}, "lr"),
+        ({"seed_ratio": 0.0}, "seed_ratio"),
+        ({"seed_ratio": 1.0}, "seed_ratio"),
+        ({"cluster_ratio": 1.5}, "cluster_ratio"),
+        ({"seed_ratio": 0.5, "cluster_ratio": 0.5}, "seed_ratio + cluster_ratio"),
+        ({"lam": -1.0}, "lam"),
+        ({"coreset_space": "pixels"}, "coreset_space"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"datasets": ("imagenet",)}, "unknown dataset 'imagenet'"),
+        ({"methods": ("badge",)}, "unknown method 'badge'"),
+        ({"budgets": (0,)}, "budget k must be >= 1"),
+        ({"budgets": (-5,)}, "budget k must be >= 1"),
+        ({"budgets": (60001,)}, "larger than the mnist train split"),
+        ({"datasets": ("cifar10",), "budgets": (50001,)}, "larger than the cifar10 train split"),
+        ({"budgets": (2,)}, "empty seed set"),
+        ({"runs": 0}, "runs"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_grids_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GridConfig(out=None, **kwargs)
+
+
+def test_out_under_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="not a writable directory"):
+        GridConfig(out=str(blocker / "results"))
+
+
+def test_paper_defaults():
+    settings = Settings()
+    assert (settings.epochs, settings.batch_size, settings.lr) == (10, 32, 1e-3)
+    assert settings.n_seed(2000) == 400 and settings.n_clusters(2000) == 400
+    assert GridConfig(out=None).budgets == (2000,)
+
+
+def test_budget_equal_to_the_train_split_is_allowed():
+    GridConfig(budgets=(60000,), out=None)

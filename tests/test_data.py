@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import _shared_data
+
+from altrack.data import load_arrays
+from altrack.errors import DataError
+
+
+def test_mnist_reads_in_place_from_a_read_only_folder():
+    x_train, y_train, x_test, y_test = load_arrays("fashion_mnist", _shared_data())
+    assert x_train.shape == (60000, 28, 28) and x_train.dtype == np.uint8
+    assert np.bincount(y_train).tolist() == [6000] * 10 and y_test.shape == (10000,)
+
+
+def test_cifar10_loads_from_the_offline_npz_format(data_dir):
+    x_train, y_train, x_test, y_test = load_arrays("cifar10", data_dir)
+    assert x_train.shape == (50000, 32, 32, 3) and x_test.shape == (10000, 32, 32, 3)
+    assert y_train[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+
+
+def test_truncated_npz_names_the_file_and_the_expected_shape(data_dir, tmp_path):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    shutil.copy(data_dir / "cifar10" / "cifar10_test.npz", folder / "cifar10_test.npz")
+    train = folder / "cifar10_train.npz"
+    train.write_bytes((data_dir / "cifar10" / "cifar10_train.npz").read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"cifar10_train\.npz is truncated or corrupt.*\(N, 32, 32, 3\)"):
+        load_arrays("cifar10", tmp_path)
+
+
+def test_npz_with_the_wrong_shape_is_refused(tmp_path):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    for split, n in (("train", 50000), ("test", 10)):
+        np.savez(folder / f"cifar10_{split}.npz", x=np.zeros((n, 32, 32, 3), np.uint8), y=np.zeros(n, np.int64))
+    with pytest.raises(DataError, match=r"expected an array of shape \(10000, 32, 32, 3\), found \(10, 32, 32, 3\)"):
+        load_arrays("cifar10", tmp_path)

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_context
+from sklearn.cluster import KMeans
+
+from altrack.config import Settings
+from altrack.selection import available_methods, get_selector
+from altrack.selection.coreset import estimate_lambda, sample_without_replacement
+from altrack.selection.geometry import nearest_distinct
+from altrack.selection.kcenter import kcenter_greedy
+from altrack.selection.kmeans import kmeans
+
+ALL_METHODS = available_methods()
+
+
+def test_registry_has_the_seven_methods():
+    assert set(ALL_METHODS) == {
+        "coreset", "coreset-grad", "kcenter", "margin", "entropy", "least-confidence", "random"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_picks_exactly_k_minus_kprime_distinct_pool_points(method):
+    ctx = make_context()
+    result = get_selector(method).select(ctx)
+    chosen = result.indices
+    assert len(chosen) == ctx.n_select == 60
+    assert len(np.unique(chosen)) == len(chosen)
+    assert not np.intersect1d(chosen, ctx.seed_indices).size
+    assert np.isin(chosen, ctx.pool_indices).all()
+    assert chosen.dtype == np.int64
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_is_deterministic_for_a_fixed_seed(method):
+    first = get_selector(method).select(make_context(seed=3)).indices
+    second = get_selector(method).select(make_context(seed=3)).indices
+    np.testing.assert_array_equal(first, second)
+
+
+# Toy matrices: row 0 is confident, row 1 is torn between two classes, row 2 is uniform.
+TOY = np.array([[0.97, 0.01, 0.01, 0.01], [0.49, 0.49, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]])
+
+
+def test_margin_prefers_the_smallest_top1_minus_top2():
+    scores = get_selector("margin").score(TOY)
+    np.testing.assert_allclose(scores, [0.96, 0.0, 0.0])
+    ctx = make_context(n_train=3, n_seed=0, budget=1, probs=TOY, embeddings=np.eye(3, dtype=np.float32))
+    assert get_selector("margin").select(ctx).indices.tolist() == [1]  # tie with row 2 -> lower index
+
+
+def test_entropy_prefers_the_largest_entropy():
+    ctx = make_context(n_train=3, n_seed=0, budget=2, probs=TOY, embeddings=np.eye(3, dtype=np.float32))
+    assert get_selector("entropy").select(ctx).indices.tolist() == [2, 1]
+
+
+def test_least_confidence_prefers_the_smallest_max_probability():
+    ctx = make_context(n_train=3, n_seed=0, budget=2, probs=TOY, embeddings=np.eye(3, dtype=np.float32))
+    assert get_selector("least-confidence").select(ctx).indices.tolist() == [2, 1]
+
+
+def test_score_ties_break_by_the_lower_index():
+    probs = np.tile([0.5, 0.5, 0.0, 0.0], (6, 1))
+    ctx = make_context(n_train=6, n_seed=1, budget=4, probs=probs, embeddings=np.eye(6, dtype=np.float32))
+    pool = ctx.pool_indices
+    for method in ("margin", "entropy", "least-confidence"):
+        assert get_selector(method).select(ctx).indices.tolist() == pool[:3].tolist()
+
+
+def test_kcenter_takes_the_farthest_point_from_the_seed_set_first():
+    points = torch.tensor([[0.0], [1.0], [10.0], [4.0]])
+    centres = torch.tensor([[0.0]])
+    assert kcenter_greedy(points, centres, 3) == [2, 3, 1]
+
+
+def test_kcenter_never_repeats_a_point_with_duplicate_embeddings():
+    points = torch.zeros(5, 2)
+    assert kcenter_greedy(points, torch.zeros(1, 2), 5) == [0, 1, 2, 3, 4]
+
+
+def test_kmeans_inertia_within_one_percent_of_sklearn():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=5, size=(12, 8))
+    x = (centres[rng.integers(12, size=3000)] + rng.normal(size=(3000, 8))).astype(np.float32)
+    ours = kmeans(x, 12, seed=0)
+    theirs = KMeans(12, n_init=1, random_state=0).fit(x)
+    assert ours.inertia <= theirs.inertia_ * 1.01
+    assert np.bincount(ours.labels, minlength=12).min() > 0
+
+
+def test_nearest_distinct_never_reuses_a_point():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    c = torch.tensor([[0.1], [0.2], [2.9]])  # both first centres are nearest to row 0
+    assert nearest_distinct(x, c).tolist() == [0, 1, 3]
+
+
+def test_coreset_includes_centres_and_probabilities_sum_to_one():
+    settings = Settings(seed_ratio=0.25, cluster_ratio=0.25)
+    ctx = make_context(n_train=400, n_seed=20, budget=80, settings=settings)
+    result = get_selector("coreset").select(ctx)
+    roles = result.roles.tolist()
+    n_clusters = settings.n_clusters(80)
+    assert roles.count("centre") == n_clusters == 20
+    assert roles.count("sampled") == ctx.n_select - n_clusters == 40
+    sampled = result.roles == "sampled"
+    assert np.all(result.probabilities[sampled] > 0)
+    np.testing.assert_allclose(result.weights[sampled], 1.0 / (40 * result.probabilities[sampled]))
+    assert result.info["probability_sum"] == pytest.approx(1.0)
+    assert result.info["lam_mode"] == "auto" and result.info["lam"] >= 0
+
+
+def test_coreset_with_fixed_lambda_zero_samples_by_centre_loss():
+    """lam = 0: l~(e) = l(c_i), so points in a zero-loss cluster are never drawn first."""
+    emb = np.concatenate([np.zeros((100, 2)), np.full((100, 2), 10.0)]).astype(np.float32)
+    emb += np.random.default_rng(0).normal(scale=0.01, size=emb.shape).astype(np.float32)
+    loss = np.concatenate([np.zeros(100), np.ones(100)])
+    ctx = make_context(
+        n_train=200, n_seed=9, budget=30, embeddings=emb, ce_loss=loss,
+        settings=Settings(seed_ratio=0.3, cluster_ratio=0.1, lam=0.0),
+    )  # fmt: skip
+    result = get_selector("coreset").select(ctx)
+    sampled = result.indices[result.roles == "sampled"]
+    assert len(sampled) == 30 - 9 - 3
+    assert (sampled >= 100).all()
+
+
+def test_coreset_loss_space_and_grad_variant_run():
+    ctx = make_context(settings=Settings(coreset_space="loss"))
+    for method in ("coreset", "coreset-grad"):
+        result = get_selector(method).select(ctx)
+        assert len(np.unique(result.indices)) == ctx.n_select
+
+
+def test_estimate_lambda_is_the_median_ratio():
+    seed_space = np.array([[1.0], [2.0], [4.0]], dtype=np.float32)
+    centre_space = np.array([[0.0]], dtype=np.float32)
+    lam = estimate_lambda(seed_space, np.array([1.0, 8.0, 8.0]), centre_space, np.array([0.0]))
+    assert lam == pytest.approx(np.median([1.0 / 1, 8.0 / 4, 8.0 / 16]))
+
+
+def test_sampling_all_zero_weights_is_uniform_and_distinct():
+    positions, probs = sample_without_replacement(np.zeros(10), 10, np.random.default_rng(0))
+    assert sorted(positions.tolist()) == list(range(10))
+    np.testing.assert_allclose(probs, 0.1)

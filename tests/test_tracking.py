@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from altrack import report, tracking
+from altrack.config import GridConfig, Settings
+
+
+def _cfg(data_dir, out, **kw) -> GridConfig:
+    base = dict(
+        datasets=("mnist",), methods=("coreset", "random"), budgets=(100,), runs=1,
+        settings=Settings(epochs=2), log_models=False,
+    )  # fmt: skip
+    base.update(kw)
+    return GridConfig(data_dir=str(data_dir), out=None if out is None else str(out), device="cpu", **base)
+
+
+def _children(parent_id: str):
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    return client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", order_by=["attributes.start_time"]
+    )
+
+
+def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_store, tmp_path):
+    outcome = tracking.run_grid(_cfg(data_dir, tmp_path / "out", log_models=True), progress=False)
+    client = MlflowClient()
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["methods"] == "coreset,random"
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {report.PNG_NAME, report.TXT_NAME} <= parent_files
+    assert {p.name for p in outcome.report_paths} >= {report.PNG_NAME, report.TXT_NAME}
+    assert (tmp_path / "out" / report.PNG_NAME).stat().st_size > 10_000
+
+    children = _children(outcome.parent_run_id)
+    assert sorted(c.data.params["method"] for c in children) == ["coreset", "random"]
+    coreset = next(c for c in children if c.data.params["method"] == "coreset")
+    params, metrics = coreset.data.params, coreset.data.metrics
+    assert params["n_seed"] == "20" and params["n_clusters"] == "20" and params["lam"] == "auto"
+    assert float(params["lam_used"]) >= 0 and params["device"] == "cpu"
+    for name in ("test_accuracy", "test_loss", "seed_test_accuracy", "selection_seconds", "final_train_seconds",
+                 "seed_train_seconds"):  # fmt: skip
+        assert np.isfinite(metrics[name]), name
+    history = client.get_metric_history(coreset.info.run_id, "seed_train_loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert len(client.get_metric_history(coreset.info.run_id, "train_loss")) == 2
+
+    files = {a.path for a in client.list_artifacts(coreset.info.run_id)}
+    assert {"seed_losses.npy", "selected_indices.npy", "selection.csv", "selection.png"} <= files
+    local = mlflow.artifacts.download_artifacts(run_id=coreset.info.run_id, dst_path=str(tmp_path / "dl"))
+    selected = np.load(f"{local}/selected_indices.npy")
+    assert selected.dtype == np.int64 and len(np.unique(selected)) == 100
+    assert np.load(f"{local}/seed_losses.npy").shape == (60000,)
+    csv_lines = Path(local, "selection.csv").read_text().splitlines()
+    assert csv_lines[0] == "index,role,probability,weight" and len(csv_lines) == 101
+    roles = [line.split(",")[1] for line in csv_lines[1:]]
+    assert roles.count("seed") == 20 and roles.count("centre") == 20 and roles.count("sampled") == 60
+
+    models = mlflow.search_logged_models(filter_string=f"source_run_id='{coreset.info.run_id}'", output_format="list")
+    assert sorted(m.name for m in models) == ["final_model", "seed_model"]
+    reloaded = mlflow.pytorch.load_model(next(m for m in models if m.name == "final_model").model_uri)
+    assert reloaded.head.out_features == 10
+
+
+def test_report_rebuilds_from_mlflow(data_dir, mlflow_store, tmp_path):
+    outcome = tracking.run_grid(_cfg(data_dir, None, methods=("random",), runs=2), progress=False)
+    rows = tracking.rows_from_mlflow(outcome.parent_run_id)
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("random", 0), ("random", 1)]
+    accuracies = sorted(r["test_accuracy"] for r in rows)
+    assert accuracies == pytest.approx(sorted(r.test_accuracy for r in outcome.results))
+    paths = tracking.rebuild_report(outcome.parent_run_id, None, str(tmp_path / "rebuilt"))
+    text = (tmp_path / "rebuilt" / report.TXT_NAME).read_text()
+    assert "random" in text and " 2" in text
+    assert (tmp_path / "rebuilt" / report.PNG_NAME) in paths
+    assert tracking.rows_from_mlflow(experiment=tracking_name(outcome)) == rows
+
+
+def tracking_name(outcome) -> str:
+    client = MlflowClient()
+    return client.get_experiment(client.get_run(outcome.parent_run_id).info.experiment_id).name
+
+
+def test_failed_run_is_logged_failed_and_left_out_of_the_means(data_dir, mlflow_store, tmp_path):
+    cfg = _cfg(data_dir, tmp_path, methods=("random",), settings=Settings(epochs=1, lr=1e30))
+    outcome = tracking.run_grid(cfg, progress=False)
+    [child] = _children(outcome.parent_run_id)
+    assert child.info.status == "FAILED"
+    assert "loss became" in child.data.tags["altrack.error"]
+    text = (tmp_path / report.TXT_NAME).read_text()
+    assert "1 run(s) failed and are left out of the means" in text
