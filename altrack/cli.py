@@ -125,6 +125,33 @@ def report_cmd(run_id: str | None, experiment: str | None, out: str) -> None:
     click.echo(f"report in {out}/")
 
 
+@cli.command()
+@click.argument("spec_path", metavar="SPEC.yaml")
+@click.option("--n-trials", type=int, default=None, help="Total COMPLETE trials of the study [default: the spec's].")
+@click.option("--storage", default=None, help="Optuna storage URL or journal file [default: altrack-optuna.journal].")
+@click.option("--study-name", default=None, help="[default: the spec's study_name]")
+@click.option("--workers", default=1, show_default=True, help="Processes on this machine sharing the storage.")
+@click.option("--experiment", default=None, help="MLflow experiment [default: the spec's, else altrack].")
+@click.option("--data-dir", default=None, help="Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data].")
+@click.option("--cache-dir", default=None, help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack].")
+def sweep(spec_path: str, n_trials, storage, study_name, workers, experiment, data_dir, cache_dir) -> None:
+    """Optuna study over cluster_ratio, seed_ratio and lam; resumes when re-run."""
+    from altrack import sweep as sweeps
+
+    spec = sweeps.load_spec(spec_path)
+    outcome = sweeps.run_sweep(
+        spec,
+        n_trials=n_trials,
+        storage=storage or None,
+        study_name=study_name or None,
+        workers=workers,
+        experiment=experiment or None,
+        cache_dir=cache_dir or None,
+        data_dir=data_dir or None,
+    )
+    click.echo(sweeps.describe(outcome))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 for bad input, 1 for failures; errors are one line."""
     try:

@@ -35,9 +35,7 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", 60000, 10000, (1, 28, 28), (0.1307,), (0.3081,)),
     "fashion_mnist": DatasetSpec("fashion_mnist", 60000, 10000, (1, 28, 28), (0.2860,), (0.3530,)),
-    "cifar10": DatasetSpec(
-        "cifar10", 50000, 10000, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    ),
+    "cifar10": DatasetSpec("cifar10", 50000, 10000, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 
 _TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}

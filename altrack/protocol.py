@@ -92,14 +92,29 @@ class SeedStage:
     seconds: float
 
 
+def available_indices(n_train: int, holdout: np.ndarray | None) -> np.ndarray:
+    """Train indices that may be labelled: all of them, minus a validation holdout if any."""
+    everything = np.arange(n_train, dtype=np.int64)
+    return everything if holdout is None else np.setdiff1d(everything, holdout)
+
+
 def train_seed_stage(
-    data: Dataset, budget: int, seed: int, settings: Settings, on_epoch: EpochHook | None = None
+    data: Dataset,
+    budget: int,
+    seed: int,
+    settings: Settings,
+    on_epoch: EpochHook | None = None,
+    holdout: np.ndarray | None = None,
 ) -> SeedStage:
+    """Draw the seed set, train M on it, and score the whole train split with M.
+
+    ``holdout`` (a validation split carved from train) is excluded from the seed set and the pool.
+    """
     started = time.perf_counter()
-    n_train = data.x_train.shape[0]
+    available = available_indices(data.x_train.shape[0], holdout)
     rng = np.random.default_rng(stream_seed(seed, SEED_SET))
-    seed_indices = np.sort(rng.choice(n_train, size=settings.n_seed(budget), replace=False)).astype(np.int64)
-    pool_indices = np.setdiff1d(np.arange(n_train, dtype=np.int64), seed_indices)
+    seed_indices = np.sort(rng.choice(available, size=settings.n_seed(budget), replace=False)).astype(np.int64)
+    pool_indices = np.setdiff1d(available, seed_indices)
     model, losses = fit(data, seed_indices, settings, seed, SEED_INIT, SEED_ORDER, on_epoch=on_epoch)
     out = forward_all(model, data.x_train)
     accuracy, _ = evaluate(model, data.x_test, data.y_test)
@@ -131,6 +146,7 @@ class RunResult:
     error: str | None = None
     test_accuracy: float = float("nan")
     test_loss: float = float("nan")
+    val_accuracy: float = float("nan")
     stage: SeedStage | None = None
     selection: SelectionResult | None = None
     final_model: torch.nn.Module | None = None
@@ -154,10 +170,12 @@ def run_method(
     method: str,
     settings: Settings,
     start_training: Callable[[], EpochHook | None] | None = None,
+    holdout: np.ndarray | None = None,
 ) -> RunResult:
     """Select with ``method`` from the stage's pool, then retrain from scratch on all k points.
 
     ``start_training`` is called between selection and retraining (a progress bar hook).
+    With a ``holdout``, the final model's accuracy on it is ``val_accuracy``.
     """
     key = RunKey(data.name, method, stage.budget, stage.seed)
     result = RunResult(key, settings, str(data.x_train.device), stage=stage)
@@ -193,6 +211,9 @@ def run_method(
     result.timings["seed_train_seconds"] = stage.seconds
     result.final_model, result.final_epoch_losses = model, losses
     result.test_accuracy, result.test_loss = evaluate(model, data.x_test, data.y_test)
+    if holdout is not None:
+        idx = torch.from_numpy(holdout).to(data.x_train.device)
+        result.val_accuracy, _ = evaluate(model, data.x_train[idx], data.y_train[idx])
     return result
 
 

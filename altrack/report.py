@@ -112,12 +112,46 @@ def plot_results(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> Path:
+def write_rows_csv(rows: Sequence[dict], path: Path, fieldnames: Sequence[str] | None = None) -> Path:
+    """Rows as csv; columns are ``fieldnames``, else every key in first-seen order."""
+    columns = list(fieldnames) if fieldnames else list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def plot_study(study, folder: Path) -> list[Path]:
+    """Optuna's matplotlib plots (no plotly needed). A plot that needs more trials is skipped."""
+    import warnings
+
+    from optuna.visualization import matplotlib as optuna_plots
+
+    params = sorted({name for t in study.get_trials(deepcopy=False) for name in t.params})
+    ratios = [p for p in ("cluster_ratio", "seed_ratio") if p in params]
+    plots = {
+        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
+        "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
+        "slice.png": lambda: optuna_plots.plot_slice(study, params=params),
+    }
+    if len(ratios) == 2:
+        plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ratios)
+    written = []
+    for name, draw in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = draw()
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue
+        figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
+        figure.set_size_inches(max(6.0, figure.get_size_inches()[0]), max(4.5, figure.get_size_inches()[1]))
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=110)
+        plt.close(figure)
+        written.append(folder / name)
+    return written
 
 
 def write_report(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
@@ -126,7 +160,7 @@ def write_report(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     txt = out / TXT_NAME
     txt.write_text(format_table(rows))
-    paths = [txt, write_csv(rows, out / CSV_NAME)]
+    paths = [txt, write_rows_csv(rows, out / CSV_NAME, ROW_FIELDS)]
     if summarise(rows):
         paths.insert(0, plot_results(rows, out / PNG_NAME))
     return paths

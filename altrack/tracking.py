@@ -61,14 +61,18 @@ def _under_project_run() -> bool:
     return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
-def _start_parent(experiment: str | None, run_name: str) -> mlflow.ActiveRun:
-    if _under_project_run():  # mlflow run: log into the run the launcher created
-        return mlflow.start_run()
+def start_parent(experiment: str | None, run_name: str, tags: dict | None = None) -> mlflow.ActiveRun:
+    """The invocation's parent run; under ``mlflow run``, the run the launcher created."""
+    if _under_project_run():
+        run = mlflow.start_run()
+        if tags:
+            mlflow.set_tags(tags)
+        return run
     mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
-    return mlflow.start_run(run_name=run_name)
+    return mlflow.start_run(run_name=run_name, tags=tags)
 
 
-def _log_new_params(run_id: str, params: dict) -> None:
+def log_new_params(run_id: str, params: dict) -> None:
     """Log params the run does not already have (``mlflow run`` logs its -P values first)."""
     client = MlflowClient()
     existing = client.get_run(run_id).data.params
@@ -116,7 +120,7 @@ def run_params(result: RunResult) -> dict:
 def _run_metrics(result: RunResult) -> list[Metric]:
     now = _now_ms()
     stage = result.stage
-    metrics = [Metric("test_accuracy", result.test_accuracy, now, 0), Metric("test_loss", result.test_loss, now, 0)]
+    metrics = [Metric(name, getattr(result, name), now, 0) for name in ("test_accuracy", "test_loss", "val_accuracy")]
     if stage is not None:
         metrics.append(Metric("seed_test_accuracy", stage.test_accuracy, now, 0))
         metrics += [Metric("seed_train_loss", v, now, i) for i, v in enumerate(stage.epoch_losses)]
@@ -213,10 +217,10 @@ def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
     check_tracking_store()
     results: list[RunResult] = []
     rows: list[dict] = []
-    with _start_parent(cfg.experiment, "grid") as parent:
+    tags = {KIND_TAG: "grid", "altrack.command": " ".join(sys.argv)}
+    with start_parent(cfg.experiment, "grid", tags) as parent:
         parent_id = parent.info.run_id
-        mlflow.set_tags({KIND_TAG: "grid", "altrack.command": " ".join(sys.argv)})
-        _log_new_params(parent_id, grid_params(cfg))
+        log_new_params(parent_id, grid_params(cfg))
         labels: dict[str, np.ndarray] = {}
         for result in iterate_grid(cfg, progress=progress):
             if result.key.dataset not in labels:

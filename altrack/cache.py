@@ -1,0 +1,139 @@
+"""On-disk cache of seed stages (seed set, seed model M and M's outputs).
+
+Trials that differ only in selection settings (cluster_ratio, lam, ...) share a seed stage, so a
+sweep trains each M once. Entries are keyed by a hash of everything that determines them,
+written atomically (temp file, then rename) and read with ``torch.load(weights_only=True)``;
+an unreadable entry is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from altrack import __version__
+from altrack.config import Settings
+from altrack.data import Dataset
+from altrack.protocol import EpochHook, SeedStage, fresh_model, train_seed_stage
+
+FORMAT = 1
+_ARRAYS = ("seed_indices", "pool_indices", "probs", "embeddings", "ce_loss", "grad_loss")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("ALTRACK_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "altrack" / "seed-stages"
+
+
+def stage_key(data: Dataset, budget: int, seed: int, settings: Settings, holdout: np.ndarray | None) -> str:
+    """Hash of every input of ``train_seed_stage``; selection-only settings are left out."""
+    payload = {
+        "format": FORMAT,
+        "altrack": __version__,
+        "torch": torch.__version__,
+        "dataset": data.name,
+        "n_train": int(data.x_train.shape[0]),
+        "device": data.x_train.device.type,
+        "budget": budget,
+        "seed": seed,
+        "n_seed": settings.n_seed(budget),
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "holdout": None if holdout is None else hashlib.sha256(np.ascontiguousarray(holdout).tobytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _to_payload(stage: SeedStage) -> dict:
+    payload = {name: torch.from_numpy(np.ascontiguousarray(getattr(stage, name))) for name in _ARRAYS}
+    payload.update(
+        dataset=stage.dataset,
+        budget=stage.budget,
+        seed=stage.seed,
+        state_dict={k: v.cpu() for k, v in stage.model.state_dict().items()},
+        epoch_losses=list(stage.epoch_losses),
+        test_accuracy=stage.test_accuracy,
+        seconds=stage.seconds,
+    )
+    return payload
+
+
+def _from_payload(payload: dict, data: Dataset) -> SeedStage:
+    device = data.x_train.device
+    model = fresh_model(data.name, device, 0)
+    model.load_state_dict(payload["state_dict"])
+    return SeedStage(
+        dataset=payload["dataset"],
+        budget=int(payload["budget"]),
+        seed=int(payload["seed"]),
+        model=model,
+        epoch_losses=[float(v) for v in payload["epoch_losses"]],
+        test_accuracy=float(payload["test_accuracy"]),
+        seconds=float(payload["seconds"]),
+        **{name: payload[name].numpy() for name in _ARRAYS},
+    )
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class SeedStageCache:
+    """get-or-train for seed stages; ``hits`` and ``misses`` count what happened."""
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        self.folder = Path(folder) if folder else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.pt"
+
+    def load(self, key: str, data: Dataset) -> SeedStage | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            return _from_payload(torch.load(path, map_location="cpu", weights_only=True), data)
+        except Exception:  # truncated or foreign file: rebuild it
+            path.unlink(missing_ok=True)
+            return None
+
+    def get(
+        self,
+        data: Dataset,
+        budget: int,
+        seed: int,
+        settings: Settings,
+        holdout: np.ndarray | None = None,
+        on_epoch: EpochHook | None = None,
+    ) -> SeedStage:
+        key = stage_key(data, budget, seed, settings, holdout)
+        stage = self.load(key, data)
+        if stage is not None:
+            self.hits += 1
+            return stage
+        self.misses += 1
+        stage = train_seed_stage(data, budget, seed, settings, on_epoch=on_epoch, holdout=holdout)
+        atomic_torch_save(_to_payload(stage), self.path(key))
+        return stage

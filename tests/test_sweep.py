@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import textwrap
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from altrack.cli import main
+from altrack.errors import ConfigError
+from altrack.sweep import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR, load_spec, open_storage, run_sweep
+
+TINY_SPEC = """\
+study_name: tiny
+dataset: mnist
+method: coreset
+budget: 100
+epochs: 1
+seeds_per_trial: 1
+n_trials: 3
+sampler: random
+search_space:
+  cluster_ratio: {low: 0.1, high: 0.3}
+  seed_ratio: {low: 0.1, high: 0.3}
+"""
+
+
+def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (TINY_SPEC + "colour: blue\n", "unknown key 'colour'"),
+        (TINY_SPEC.replace("high: 0.3}\n  seed", "high: 0.05}\n  seed"), "search_space.cluster_ratio: low (0.1)"),
+        (TINY_SPEC.replace("method: coreset", "method: badge"), "unknown method 'badge'"),
+        (TINY_SPEC.replace("sampler: random", "sampler: cmaes"), "unknown sampler 'cmaes'"),
+        (TINY_SPEC + "  momentum: {low: 0.1, high: 0.9}\n", "unknown key 'search_space.momentum'"),
+        (TINY_SPEC.replace("{low: 0.1, high: 0.3}\n  seed", "{low: 0.1, hi: 0.3}\n  seed"),
+         "unknown key 'search_space.cluster_ratio.hi'"),
+        (TINY_SPEC.replace("high: 0.3}\n", "high: 0.9}\n"), "seed_ratio + cluster_ratio can reach"),
+        (TINY_SPEC.replace("budget: 100", "budget: 59000"), "budget 59000 exceeds the 54000 train points"),
+        ("study_name: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "a spec must be a YAML mapping"),
+        (TINY_SPEC.replace("dataset: mnist\n", ""), "missing key 'dataset'"),
+    ],
+    ids=lambda value: value if len(value) < 40 else None,
+)  # fmt: skip
+def test_bad_specs_are_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_spec(_spec(tmp_path, text))
+
+
+def test_bad_spec_on_the_cli_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    spec = _spec(tmp_path, TINY_SPEC + "colour: blue\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"altrack: error: {spec}: unknown key 'colour'"]
+    assert not any(work.iterdir())
+
+
+def test_the_shipped_specs_are_valid():
+    for name in ("quick", "coreset_mnist", "coreset_fashion_mnist", "coreset_cifar10"):
+        spec = load_spec(f"sweeps/{name}.yaml")
+        assert {p.name for p in spec.search_space} >= {"cluster_ratio", "seed_ratio"}
+
+
+def _trial_runs(parent_id):
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, tmp_path):
+    spec = load_spec(_spec(tmp_path))
+    storage = str(tmp_path / "study.journal")
+    common = dict(storage=storage, data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"))
+    outcome = run_sweep(spec, n_trials=3, workers=2, **common)
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    numbers = [t.number for t in study.trials]
+    assert len(complete) == 3 == outcome.n_complete
+    assert len(numbers) == len(set(numbers))
+    baseline = study.trials[0]
+    assert baseline.user_attrs[BASELINE_ATTR] and baseline.params == {"cluster_ratio": 0.2, "seed_ratio": 0.2}
+
+    client = MlflowClient()
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.tags["optuna.study"] == "tiny" and "best_value" in parent.data.metrics
+    files = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"trials.csv", "optimization_history.png", "validation_indices.npy", "spec.yaml"} <= files
+    trials = [r for r in _trial_runs(outcome.parent_run_id) if r.info.status == "FINISHED"]
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == sorted(t.number for t in complete)
+    for run in trials:
+        assert {"objective", "val_accuracy", "test_accuracy", "val_accuracy_seed0"} <= set(run.data.metrics)
+        assert len(_trial_runs(run.info.run_id)) == 1  # the protocol run nests under its trial
+
+    again = run_sweep(spec, n_trials=4, workers=1, **common)  # resume: one more, not four more
+    assert again.n_complete == 4
+    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlflow_store, tmp_path):
+    spec = load_spec(_spec(tmp_path))
+    storage = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="tiny", storage=open_storage(storage), direction="maximize")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mlflow.set_experiment(mlflow_store)
+    with mlflow.start_run(run_name="orphan") as orphan:
+        pass
+    MlflowClient().update_run(orphan.info.run_id, status="RUNNING")
+    trial = study.ask({"cluster_ratio": optuna.distributions.FloatDistribution(0.1, 0.3),
+                       "seed_ratio": optuna.distributions.FloatDistribution(0.1, 0.3)})  # fmt: skip
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{dead.pid}")
+    trial.set_user_attr(RUN_ATTR, orphan.info.run_id)
+    lost_params = dict(trial.params)
+
+    run_sweep(spec, n_trials=1, storage=storage, data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"))
+    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    assert study.trials[0].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.user_attrs.get("altrack.retry_of") == 0]
+    assert len(retries) == 1 and retries[0].params == lost_params
+    assert MlflowClient().get_run(orphan.info.run_id).info.status == "KILLED"
