@@ -146,9 +146,9 @@ def plot_study(study, folder: Path) -> list[Path]:
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue
         figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
-        figure.set_size_inches(max(6.0, figure.get_size_inches()[0]), max(4.5, figure.get_size_inches()[1]))
-        figure.tight_layout()
-        figure.savefig(folder / name, dpi=110)
+        panels = axes.size if isinstance(axes, np.ndarray) else 1
+        figure.set_size_inches(max(6.5, 4.8 * panels + 1.5), 4.8)
+        figure.savefig(folder / name, dpi=110, bbox_inches="tight")
         plt.close(figure)
         written.append(folder / name)
     return written

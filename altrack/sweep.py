@@ -300,10 +300,10 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             grace_period=GRACE_SECONDS,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    from optuna.storages.journal import JournalFileBackend
 
-    path = str(Path(url).expanduser())
-    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    # Optuna's default symlink lock, the same one optuna-dashboard takes on this file.
+    return optuna.storages.JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
 
 
 def make_sampler(spec: SweepSpec, worker: int) -> optuna.samplers.BaseSampler:
