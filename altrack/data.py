@@ -98,7 +98,7 @@ def read_idx_gz(path: Path) -> np.ndarray:
         if zero != b"\x00\x00" or dtype_code != 0x08:
             raise ValueError("not an unsigned-byte IDX file")
         shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
     except (OSError, ValueError, EOFError, IndexError) as exc:
         raise DataError(f"{path} is truncated or corrupt: {exc}") from exc
 

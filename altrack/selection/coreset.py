@@ -54,10 +54,20 @@ def sample_without_replacement(
     return np.argsort(-keys, kind="stable")[:size], probs
 
 
+def _kmeans(points: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    result = kmeans(points, k, seed=seed)
+    return result.centres, result.labels
+
+
 class _SensitivitySampling(Selector):
-    """Shared Algorithm 1; subclasses choose the per-point loss l."""
+    """Shared Algorithm 1; subclasses choose the per-point loss l.
+
+    ``cluster(points, k, seed) -> (centres, labels)`` is the k-means; the benchmarks swap in
+    sklearn's to compare.
+    """
 
     loss_name: ClassVar[str]
+    cluster = staticmethod(_kmeans)
 
     def loss(self, ctx: SelectionContext) -> np.ndarray:
         return ctx.ce_loss if self.loss_name == "ce" else ctx.grad_loss
@@ -71,8 +81,8 @@ class _SensitivitySampling(Selector):
 
         n_clusters = min(settings.n_clusters(ctx.budget), ctx.n_select)
         n_sample = ctx.n_select - n_clusters
-        km = kmeans(pool_space, n_clusters, seed=int(ctx.rng.integers(2**31)))
-        centre_pos = nearest_distinct(as_tensor(pool_space), as_tensor(km.centres))
+        centres, cluster_of = self.cluster(pool_space, n_clusters, int(ctx.rng.integers(2**31)))
+        centre_pos = nearest_distinct(as_tensor(pool_space), as_tensor(centres))
         centre_space = pool_space[centre_pos]
         centre_loss = loss[pool[centre_pos]]
 
@@ -81,7 +91,7 @@ class _SensitivitySampling(Selector):
             lam = estimate_lambda(space[ctx.seed_indices], loss[ctx.seed_indices], centre_space, centre_loss)
 
         rest = np.setdiff1d(np.arange(len(pool)), centre_pos)  # sorted pool positions
-        cluster = km.labels[rest]
+        cluster = cluster_of[rest]
         offset = pool_space[rest].astype(np.float64) - centre_space[cluster]
         estimate = centre_loss[cluster] + lam * np.einsum("ij,ij->i", offset, offset)
         drawn, probs = sample_without_replacement(estimate, n_sample, ctx.rng)
@@ -95,8 +105,7 @@ class _SensitivitySampling(Selector):
             "n_sampled": n_sample,
             "lam": float(lam),
             "lam_mode": "auto" if settings.lam is None else "fixed",
-            "kmeans_inertia": km.inertia,
-            "kmeans_iterations": km.n_iter,
+            "kmeans_inertia": float(((pool_space - centres[cluster_of]) ** 2).sum(dtype=np.float64)),
             "probability_sum": float(probs.sum()),
         }
         return SelectionResult(indices, roles, probabilities, weights, info)

@@ -1,0 +1,39 @@
+"""Shared helpers for the benchmark scripts: real MNIST pool embeddings and a timer."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from altrack.config import Settings
+from altrack.data import load_dataset
+from altrack.protocol import SeedStage, train_seed_stage
+
+
+def data_dir() -> str:
+    return os.environ.get("ALTRACK_DATA_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def mnist_stage(budget: int = 2000, seed: int = 0) -> tuple[object, SeedStage]:
+    data = load_dataset("mnist", data_dir())
+    return data, train_seed_stage(data, budget, seed, Settings())
+
+
+def pool_embeddings(budget: int = 2000, seed: int = 0) -> np.ndarray:
+    _, stage = mnist_stage(budget, seed)
+    return np.ascontiguousarray(stage.embeddings[stage.pool_indices], dtype=np.float32)
+
+
+@contextmanager
+def timer(store: dict, key: str):
+    start = time.perf_counter()
+    yield
+    store[key] = time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
