@@ -4,4 +4,11 @@ Reproduces the classification experiment of Axiotis et al., "Data-Efficient Lear
 Clustering-Based Sensitivity Sampling" (ICML 2024, §5.2.2) and sweeps around it.
 """
 
+import os
+
+# MKL's strict conditional numerical reproducibility: matrix products give the same bits whatever
+# the thread count, so `altrack run --workers N` selects exactly what `--workers 1` does. It must be
+# set before torch loads MKL; a user who imports torch first keeps MKL's default.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ Every user error ends as one line on stderr and a non-zero exit, with no traceba
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -73,6 +74,7 @@ def cli() -> None:
     help="Log seed and final models as MLflow models [env: ALTRACK_LOG_MODELS].",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop the grid at the first failed run.")
+@click.option("--workers", default=1, show_default=True, help="Processes running (dataset, k, seed) groups.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(**opts: object) -> None:
     """Run the §5.2.2 protocol over datasets x budgets x seeds x methods."""
@@ -98,6 +100,7 @@ def run(**opts: object) -> None:
         experiment=str(opts["experiment"]) if opts["experiment"] else None,
         log_models=bool(opts["log_models"]),
         fail_fast=bool(opts["fail_fast"]),
+        workers=int(opts["workers"]),  # type: ignore[arg-type]
     )
     from altrack import report, tracking
 
@@ -108,19 +111,30 @@ def run(**opts: object) -> None:
 
 
 @cli.command("report")
-@click.option("--run-id", default=None, help="A parent run of 'altrack run'.")
+@click.option("--run-id", "run_ids", multiple=True, help="A parent run of 'altrack run' (repeatable).")
 @click.option("--experiment", default=None, help="Every altrack run in this experiment.")
 @click.option("--out", default="results", show_default=True)
-def report_cmd(run_id: str | None, experiment: str | None, out: str) -> None:
-    """Rebuild the png and txt from the MLflow runs of a parent run or an experiment."""
+@click.option("--paper", is_flag=True, help="Write the results page beside the paper's table (docs/reproduction.md).")
+@click.option("--docs", default="docs", show_default=True, help="Folder of the --paper page and its pngs.")
+@click.option("--notes", default=None, help="Markdown file inserted into the --paper page.")
+def report_cmd(run_ids: tuple[str, ...], experiment: str | None, out: str, paper: bool, docs: str, notes) -> None:
+    """Rebuild the png and txt from the MLflow runs of parent runs or an experiment."""
     from altrack import tracking
     from altrack.config import _writable_dir_target
 
-    if not run_id and not experiment:
+    run_ids = tuple(r for r in run_ids if r)
+    if not run_ids and not experiment:
         raise click.UsageError("give --run-id or --experiment")
-    if not _writable_dir_target(__import__("pathlib").Path(out)):
-        raise AltrackError(f"--out {out!r} is not a writable directory")
-    paths = tracking.rebuild_report(run_id or None, experiment or None, out)
+    for folder, option in ((out, "--out"), (docs, "--docs")):
+        if not _writable_dir_target(Path(folder)):
+            raise AltrackError(f"{option} {folder!r} is not a writable directory")
+    if paper:
+        page = tracking.paper_page(run_ids, experiment or None, docs, Path(notes).read_text() if notes else None)
+        click.echo(f"wrote {page}")
+        return
+    if len(run_ids) > 1:
+        raise click.UsageError("several --run-id values need --paper")
+    paths = tracking.rebuild_report(run_ids[0] if run_ids else None, experiment or None, out)
     click.echo(paths[-1].parent.joinpath("active_learning_results.txt").read_text(), nl=False)
     click.echo(f"report in {out}/")
 
@@ -150,6 +164,24 @@ def sweep(spec_path: str, n_trials, storage, study_name, workers, experiment, da
         data_dir=data_dir or None,
     )
     click.echo(sweeps.describe(outcome))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--data-dir", default=None, help="Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data].")
+@click.option("--device", type=click.Choice(DEVICES), default=None, help="[default: the run's device]")
+def replay(run_id: str, data_dir: str | None, device: str | None) -> None:
+    """Retrain a run's final model from its logged config and selected indices, and compare."""
+    from altrack import tracking
+
+    outcome = tracking.replay(run_id, data_dir or None, device)
+    verdict = "equal" if outcome.equal else "NOT equal"
+    click.echo(
+        f"logged test accuracy {outcome.logged_accuracy:.6f}, replayed {outcome.replayed_accuracy:.6f}: {verdict}"
+    )
+    click.echo(f"MLflow replay run: {outcome.replay_run_id} (tag altrack.replay_of={run_id})")
+    if not outcome.equal:
+        raise AltrackError("the replayed accuracy differs (another device, torch version or MKL mode?)")
 
 
 def main(argv: list[str] | None = None) -> int:

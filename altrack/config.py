@@ -120,6 +120,7 @@ class GridConfig:
     experiment: str | None = None
     log_models: bool = True
     fail_fast: bool = False
+    workers: int = 1
 
     def __post_init__(self) -> None:
         from altrack.selection import available_methods
@@ -141,6 +142,7 @@ class GridConfig:
             for budget in self.budgets:
                 self.settings.check_budget(dataset, budget)
         _check(self.runs >= 1, f"runs must be >= 1, got {self.runs}")
+        _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.out is not None:

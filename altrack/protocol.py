@@ -11,9 +11,12 @@ the comparison between methods is paired.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -248,36 +251,71 @@ class _Progress:
         self.runs.close()
 
 
+def run_group(
+    cfg: GridConfig, dataset: str, budget: int, seed: int, methods: Sequence[str], bar: _Progress | None = None
+) -> Iterator[RunResult]:
+    """Every method of one (dataset, k, seed): one seed model, shared by all of them.
+
+    A diverged seed model fails every method that depended on it.
+    """
+    device = str(resolve_device(cfg.device))
+    data = load_dataset(dataset, cfg.data_dir, device)
+    bar = bar or _Progress(0, False)
+    hook = bar.start_training(f"seed model {dataset} k={budget} s={seed}", cfg.settings.epochs)
+    try:
+        stage: SeedStage | None = train_seed_stage(data, budget, seed, cfg.settings, hook)
+        stage_error = None
+    except TrainingDiverged as exc:
+        stage, stage_error = None, f"seed model: {exc}"
+    for method in methods:
+        key = RunKey(dataset, method, budget, seed)
+        if stage is None:
+            yield RunResult(key, cfg.settings, device, status="FAILED", error=stage_error)
+            continue
+        start = functools.partial(bar.start_training, f"{method} k={budget} s={seed}", cfg.settings.epochs)
+        yield run_method(data, stage, method, cfg.settings, start)
+
+
+def _group_worker(cfg: GridConfig, dataset: str, budget: int, seed: int, methods: Sequence[str]) -> list[RunResult]:
+    return list(run_group(cfg, dataset, budget, seed, methods))
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _groups(keys: Sequence[RunKey]) -> dict[tuple[str, int, int], list[str]]:
+    groups: dict[tuple[str, int, int], list[str]] = {}
+    for key in keys:
+        groups.setdefault((key.dataset, key.budget, key.seed), []).append(key.method)
+    return groups
+
+
 def iterate_grid(
-    cfg: GridConfig, *, skip: frozenset[RunKey] = frozenset(), progress: bool = True
+    cfg: GridConfig, *, skip: frozenset[RunKey] = frozenset(), progress: bool = True, workers: int = 1
 ) -> Iterator[RunResult]:
     """Yield each run's result as soon as it exists; keys in ``skip`` are not run.
 
     A seed model is trained once per (dataset, k, seed), and only if a method still needs it.
-    A diverged seed model fails every method that depended on it.
+    With ``workers > 1``, (dataset, k, seed) groups run in that many processes, each with its
+    share of the cores; results are the same as with one worker, in completion order.
     """
-    keys = [key for key in cfg.run_keys() if key not in skip]
-    device = str(resolve_device(cfg.device))
-    bar = _Progress(len(keys), progress)
+    groups = _groups([key for key in cfg.run_keys() if key not in skip])
+    bar = _Progress(sum(map(len, groups.values())), progress)
     try:
-        stage_key, stage, stage_error = None, None, None
-        for key in keys:
-            data = load_dataset(key.dataset, cfg.data_dir, device)
-            if stage_key != (key.dataset, key.budget, key.seed):
-                stage_key, stage, stage_error = (key.dataset, key.budget, key.seed), None, None
-                hook = bar.start_training(f"seed model {key.dataset} k={key.budget} s={key.seed}", cfg.settings.epochs)
-                try:
-                    stage = train_seed_stage(data, key.budget, key.seed, cfg.settings, hook)
-                except TrainingDiverged as exc:
-                    stage_error = f"seed model: {exc}"
-            if stage is None:
-                result = RunResult(key, cfg.settings, device, status="FAILED", error=stage_error)
-            else:
-                start = functools.partial(
-                    bar.start_training, f"{key.method} k={key.budget} s={key.seed}", cfg.settings.epochs
-                )
-                result = run_method(data, stage, key.method, cfg.settings, start)
-            bar.finished(result)
-            yield result
+        if workers <= 1:
+            for (dataset, budget, seed), methods in groups.items():
+                for result in run_group(cfg, dataset, budget, seed, methods, bar):
+                    bar.finished(result)
+                    yield result
+            return
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = [pool.submit(_group_worker, cfg, *group, methods) for group, methods in groups.items()]
+            for future in as_completed(futures):
+                for result in future.result():
+                    bar.finished(result)
+                    yield result
     finally:
         bar.close()

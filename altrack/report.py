@@ -7,6 +7,7 @@ Failed runs are listed, never averaged.
 from __future__ import annotations
 
 import csv
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,13 +79,21 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def plot_results(rows: Sequence[dict], path: Path) -> Path:
-    """One panel per (dataset, k): a bar per method, mean ± std, with random as a band and a bar."""
+    """One panel per (dataset, k), a row per dataset: a bar per method, mean ± std, with random
+    as a bar and as a dashed line with its ±1 std band behind the others."""
     stats = summarise(rows)
-    panels = sorted({(d, k) for d, k, _ in stats})
-    if not panels:
+    datasets = sorted({d for d, _, _ in stats})
+    budgets = sorted({k for _, k, _ in stats})
+    if not datasets:
         raise ValueError("no finished runs to plot")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.2), squeeze=False)
-    for ax, (dataset, budget) in zip(axes[0], panels, strict=True):
+    fig, grid = plt.subplots(
+        len(datasets), len(budgets), figsize=(4.2 * len(budgets) + 1, 4.2 * len(datasets)), squeeze=False
+    )
+    for (row, dataset), (col, budget) in itertools.product(enumerate(datasets), enumerate(budgets)):
+        ax = grid[row][col]
+        if (dataset, budget) not in {(d, k) for d, k, _ in stats}:
+            ax.set_visible(False)
+            continue
         methods = method_order(m for d, k, m in stats if (d, k) == (dataset, budget))
         means = [stats[(dataset, budget, m)].mean() for m in methods]
         stds = [_std(stats[(dataset, budget, m)]) for m in methods]
@@ -155,14 +164,19 @@ def plot_study(study, folder: Path) -> list[Path]:
 
 
 def write_report(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
-    """The png, txt and csv of a grid, written into ``out_dir`` (created if needed)."""
+    """The png, txt (table and paired tests) and csv of a grid, plus learning curves when it
+    has several budgets, written into ``out_dir`` (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     txt = out / TXT_NAME
-    txt.write_text(format_table(rows))
+    paired = format_paired(paired_tests(rows))
+    txt.write_text(format_table(rows) + ("\n" + paired if paired else ""))
     paths = [txt, write_rows_csv(rows, out / CSV_NAME, ROW_FIELDS)]
     if summarise(rows):
         paths.insert(0, plot_results(rows, out / PNG_NAME))
+        curves = plot_learning_curves(rows, out / CURVES_NAME)
+        if curves is not None:
+            paths.insert(1, curves)
     return paths
 
 
@@ -203,3 +217,108 @@ def plot_selection(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+CURVES_NAME = "learning_curves.png"
+COMPARATORS = ("random", "kcenter")
+
+
+def plot_learning_curves(rows: Sequence[dict], path: Path) -> Path | None:
+    """Accuracy against k per dataset, mean ± 1 std bands, one line per method (needs 2+ budgets)."""
+    stats = summarise(rows)
+    datasets = sorted({d for d, _, _ in stats})
+    if not datasets or len({k for _, k, _ in stats}) < 2:
+        return None
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.8 * len(datasets), 4.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for method in method_order(m for d, _, m in stats if d == dataset):
+            budgets = sorted(k for d, k, m in stats if d == dataset and m == method)
+            means = np.array([stats[(dataset, k, method)].mean() for k in budgets])
+            stds = np.array([_std(stats[(dataset, k, method)]) for k in budgets])
+            color = _PALETTE.get(method, "#17becf")
+            style = "--" if method == BASELINE else "-"
+            ax.plot(budgets, means, style, marker="o", ms=3.5, color=color, label=method, lw=1.6)
+            ax.fill_between(budgets, means - stds, means + stds, color=color, alpha=0.12, lw=0)
+        n = max(len(v) for (d, _, _), v in stats.items() if d == dataset)
+        ax.set_title(f"{dataset} (mean ± 1 std, up to {n} seeds)", fontsize=10)
+        ax.set_xlabel("label budget k")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone), in input order."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS, alpha: float = 0.05) -> list[dict]:
+    """Each method against each comparator per (dataset, k), paired over the seeds both finished.
+
+    Mean difference with a t 95% CI, paired t-test and Wilcoxon signed-rank p-values, and the
+    Holm-adjusted t-test p over every comparison in the table.
+    """
+    from scipy import stats as st
+
+    by_seed: dict[tuple[str, int, str], dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if row["status"] == "FINISHED":
+            by_seed[(row["dataset"], int(row["budget"]), row["method"])][int(row["seed"])] = float(row["test_accuracy"])
+    tests = []
+    for dataset, budget in sorted({(d, k) for d, k, _ in by_seed}):
+        methods = method_order(m for d, k, m in by_seed if (d, k) == (dataset, budget))
+        for comparator in comparators:
+            base = by_seed.get((dataset, budget, comparator))
+            if base is None:
+                continue
+            for method in methods:
+                if method == comparator or method in comparators[: comparators.index(comparator)]:
+                    continue  # itself, or a pair already tested the other way round
+                ours = by_seed[(dataset, budget, method)]
+                seeds = sorted(set(ours) & set(base))
+                if len(seeds) < 2:
+                    continue
+                diff = np.array([ours[s] - base[s] for s in seeds])
+                mean = float(diff.mean())
+                sem = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+                half = float(st.t.ppf(0.975, len(diff) - 1) * sem) if sem > 0 else 0.0
+                t_p = float(st.ttest_rel([ours[s] for s in seeds], [base[s] for s in seeds]).pvalue) if sem > 0 else 1.0
+                w_p = float(st.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+                tests.append({"dataset": dataset, "budget": budget, "method": method, "vs": comparator,
+                              "n": len(seeds), "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half,
+                              "t_p": t_p, "wilcoxon_p": w_p})  # fmt: skip
+    if tests:
+        for test, adjusted in zip(tests, holm([t["t_p"] for t in tests]), strict=True):
+            test["holm_p"] = float(adjusted)
+            test["significant"] = bool(adjusted < alpha)
+    return tests
+
+
+def format_paired(tests: Sequence[dict]) -> str:
+    if not tests:
+        return ""
+    lines = [
+        "paired comparisons over seeds (difference in test accuracy; * = significant after Holm, alpha 0.05)",
+        f"  {'dataset':<14}{'k':>6}  {'method':<17}{'vs':<9}{'n':>3}{'mean diff':>11}{'95% CI':>21}"
+        f"{'t p':>9}{'wilcoxon p':>12}{'holm p':>9}",
+    ]
+    for t in tests:
+        ci = f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]"
+        mark = " *" if t["significant"] else ""
+        lines.append(
+            f"  {t['dataset']:<14}{t['budget']:>6}  {t['method']:<17}{t['vs']:<9}{t['n']:>3}{t['mean_diff']:>+11.4f}"
+            f"{ci:>21}{t['t_p']:>9.3g}{t['wilcoxon_p']:>12.3g}{t['holm_p']:>9.3g}{mark}"
+        )
+    return "\n".join(lines) + "\n"

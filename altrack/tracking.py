@@ -23,10 +23,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.config import GridConfig
+from altrack.config import GridConfig, Settings
 from altrack.data import DATASETS, load_dataset, resolve_device
 from altrack.errors import AltrackError
-from altrack.protocol import RunResult, iterate_grid
+from altrack.protocol import FINAL_INIT, FINAL_ORDER, RunResult, fit, iterate_grid
+from altrack.train import evaluate
 
 KIND_TAG = "altrack.kind"
 HASH_TAG = "altrack.config_hash"
@@ -222,7 +223,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
         parent_id = parent.info.run_id
         log_new_params(parent_id, grid_params(cfg))
         labels: dict[str, np.ndarray] = {}
-        for result in iterate_grid(cfg, progress=progress):
+        for result in iterate_grid(cfg, progress=progress, workers=cfg.workers):
             if result.key.dataset not in labels:
                 data = load_dataset(result.key.dataset, cfg.data_dir, result.device)
                 labels[result.key.dataset] = data.y_train.cpu().numpy()
@@ -305,3 +306,91 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
         with mlflow.start_run():
             return publish_report(rows, out)
     return report.write_report(rows, out or ".")
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    original_run_id: str
+    replay_run_id: str
+    logged_accuracy: float
+    replayed_accuracy: float
+
+    @property
+    def equal(self) -> bool:
+        return self.logged_accuracy == self.replayed_accuracy
+
+
+def settings_from_params(params: dict) -> Settings:
+    lam = params.get("lam", "auto")
+    return Settings(
+        epochs=int(params["epochs"]),
+        batch_size=int(params["batch_size"]),
+        lr=float(params["lr"]),
+        seed_ratio=float(params["seed_ratio"]),
+        cluster_ratio=float(params["cluster_ratio"]),
+        lam=None if lam == "auto" else float(lam),
+        coreset_space=params.get("coreset_space", "embedding"),
+        weighted=params.get("weighted", "False") == "True",
+    )
+
+
+def _replay_weights(run_id: str, n_seed: int, folder: str) -> np.ndarray:
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selection.csv", dst_path=folder)
+    with open(local) as handle:
+        weights = [float(row["weight"]) if row["weight"] else 1.0 for row in csv.DictReader(handle)]
+    return np.asarray(weights, dtype=np.float64)
+
+
+def replay(run_id: str, data_dir: str | None = None, device: str | None = None) -> ReplayOutcome:
+    """Retrain a run's final model from its logged config and selected_indices.npy alone (no seed
+    model, no selection) and log it as a new run tagged with the original's id."""
+    check_tracking_store()
+    client = MlflowClient()
+    try:
+        original = client.get_run(run_id)
+    except Exception as exc:
+        raise AltrackError(f"no MLflow run with id {run_id!r} at {mlflow.get_tracking_uri()}") from exc
+    params = original.data.params
+    if original.data.tags.get(KIND_TAG) != "protocol" or original.info.status != "FINISHED":
+        raise AltrackError(f"run {run_id} is not a finished altrack protocol run")
+    settings = settings_from_params(params)
+    seed = int(params["seed"])
+    with tempfile.TemporaryDirectory(prefix="altrack-replay-") as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selected_indices.npy", dst_path=tmp)
+        selected = np.load(path, allow_pickle=False).astype(np.int64)
+        weights = _replay_weights(run_id, int(params["n_seed"]), tmp) if settings.weighted else None
+    data = load_dataset(params["dataset"], data_dir, str(resolve_device(device or params["device"])))
+    model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights)
+    accuracy, loss = evaluate(model, data.x_test, data.y_test)
+    logged = float(original.data.metrics["test_accuracy"])
+    tags = {KIND_TAG: "replay", "altrack.replay_of": run_id}
+    if mlflow.active_run() is None and not _under_project_run():
+        mlflow.set_experiment(experiment_id=original.info.experiment_id)
+    name = f"replay-{original.info.run_name}"
+    with mlflow.start_run(run_name=name, tags=tags, nested=mlflow.active_run() is not None) as run:
+        now = _now_ms()
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in params.items()],
+            metrics=[Metric("test_accuracy", accuracy, now, 0), Metric("test_loss", loss, now, 0),
+                     Metric("logged_test_accuracy", logged, now, 0),
+                     Metric("replay_equal", float(accuracy == logged), now, 0)]
+            + [Metric("train_loss", v, now, i) for i, v in enumerate(losses)],
+        )  # fmt: skip
+    return ReplayOutcome(run_id, run.info.run_id, logged, accuracy)
+
+
+def paper_page(parent_ids: Sequence[str], experiment: str | None, docs: str, notes: str | None) -> Path:
+    """docs/reproduction.md from the protocol runs of the given parents (or a whole experiment)."""
+    from altrack.reproduction import write_page
+
+    if parent_ids:
+        rows = [row for parent in parent_ids for row in rows_from_mlflow(parent)]
+    else:
+        rows = rows_from_mlflow(experiment=experiment)
+        client = MlflowClient()
+        ids = _experiment_ids(experiment)
+        parent_ids = [r.info.run_id for r in client.search_runs(ids, f"tags.`{KIND_TAG}` = 'grid'")]
+    if not rows:
+        raise AltrackError("no altrack protocol runs found for those runs")
+    return write_page(rows, parent_ids, docs, notes)

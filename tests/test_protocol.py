@@ -84,3 +84,13 @@ def test_cifar_cnn_path_runs_every_method(cifar_slice):
         assert result.status == "FINISHED", result.error
         assert len(np.unique(result.selected_indices)) == 100
         assert 0.0 <= result.test_accuracy <= 1.0
+
+
+def test_two_workers_give_exactly_the_results_of_one(data_dir):
+    cfg = _grid(data_dir, methods=("coreset", "kcenter", "margin", "random"), runs=2)
+    serial = {r.key: r for r in iterate_grid(cfg, progress=False)}
+    parallel = {r.key: r for r in iterate_grid(cfg, progress=False, workers=2)}
+    assert serial.keys() == parallel.keys() and len(serial) == 8
+    for key, result in serial.items():
+        np.testing.assert_array_equal(result.selected_indices, parallel[key].selected_indices)
+        assert result.test_accuracy == parallel[key].test_accuracy

@@ -95,3 +95,27 @@ def test_failed_run_is_logged_failed_and_left_out_of_the_means(data_dir, mlflow_
     assert "loss became" in child.data.tags["altrack.error"]
     text = (tmp_path / report.TXT_NAME).read_text()
     assert "1 run(s) failed and are left out of the means" in text
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_replay_reproduces_the_logged_accuracy_exactly(data_dir, mlflow_store, tmp_path, weighted):
+    cfg = _cfg(data_dir, None, methods=("coreset",), settings=Settings(epochs=2, weighted=weighted))
+    outcome = tracking.run_grid(cfg, progress=False)
+    [child] = _children(outcome.parent_run_id)
+    replayed = tracking.replay(child.info.run_id, data_dir=str(data_dir))
+    assert replayed.equal
+    assert replayed.replayed_accuracy == child.data.metrics["test_accuracy"]
+    run = MlflowClient().get_run(replayed.replay_run_id)
+    assert run.data.tags["altrack.replay_of"] == child.info.run_id
+    assert run.data.metrics["replay_equal"] == 1.0
+
+
+def test_paper_page_lists_the_table_the_parents_and_the_images(data_dir, mlflow_store, tmp_path):
+    cfg = _cfg(data_dir, None, methods=("coreset", "kcenter", "random"), budgets=(100, 200), runs=2)
+    outcome = tracking.run_grid(cfg, progress=False)
+    page = tracking.paper_page([outcome.parent_run_id], None, str(tmp_path / "docs"), "## Notes\n\nchecked.")
+    text = page.read_text()
+    assert outcome.parent_run_id in text and "## Notes" in text
+    assert "![learning curves](reproduction_curves.png)" in text
+    assert (tmp_path / "docs" / "reproduction_curves.png").exists()
+    assert "| mnist | 100 | coreset | random | 2 |" in text

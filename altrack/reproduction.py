@@ -1,0 +1,177 @@
+"""The results page beside the paper's table: ``altrack report --paper`` writes docs/reproduction.md.
+
+Every number on the page comes from MLflow runs, and the page lists the parent runs it read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from altrack import report
+
+# arXiv 2402.17327 v1, §5.2.2: test accuracy at k = 2000, averaged over 100 runs.
+PAPER_K2000 = {
+    "random": {"mnist": 0.9130, "fashion_mnist": 0.8091, "cifar10": 0.4587},
+    "kcenter": {"mnist": 0.9134, "fashion_mnist": 0.7692, "cifar10": 0.4491},
+    "coreset": {"mnist": 0.9203, "fashion_mnist": 0.8140, "cifar10": 0.4590},
+    "coreset-grad": {"mnist": 0.9207, "fashion_mnist": 0.8107, "cifar10": 0.4598},
+}
+PAPER_NAMES = {
+    "random": "uniform (`random`)",
+    "kcenter": "k-center [SS18] (`kcenter`)",
+    "coreset": "Algorithm 1, loss-based (`coreset`)",
+    "coreset-grad": "Algorithm 1, gradient-based (`coreset-grad`)",
+}
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+TABLE_K = 2000
+
+
+def _cell(values: np.ndarray | None) -> str:
+    if values is None or len(values) == 0:
+        return "—"
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.4f} ± {std:.4f} ({len(values)})"
+
+
+def k2000_table(stats: dict, datasets: Sequence[str]) -> list[str]:
+    header = (
+        "| method | " + " | ".join(f"{DATASET_NAMES[d]} paper | {DATASET_NAMES[d]} altrack" for d in datasets) + " |"
+    )
+    lines = [header, "|" + " --- |" * (1 + 2 * len(datasets))]
+    for method in report.method_order(m for _, k, m in stats if k == TABLE_K):
+        name = PAPER_NAMES.get(method, f"`{method}`")
+        cells = []
+        for dataset in datasets:
+            paper = PAPER_K2000.get(method, {}).get(dataset)
+            cells += [f"{paper:.4f}" if paper is not None else "—", _cell(stats.get((dataset, TABLE_K, method)))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ordering_checks(stats: dict, datasets: Sequence[str]) -> list[str]:
+    """Per dataset: the paper's ordering of its four methods against altrack's, and each gap to
+    the paper's figure in units of altrack's std."""
+    lines = []
+    for dataset in datasets:
+        ours = {m: stats[(dataset, TABLE_K, m)] for m in PAPER_K2000 if (dataset, TABLE_K, m) in stats}
+        if len(ours) < 2:
+            continue
+        paper_order = sorted(ours, key=lambda m: -PAPER_K2000[m][dataset])
+        our_order = sorted(ours, key=lambda m: -ours[m].mean())
+        same = "the same" if paper_order == our_order else "different"
+        lines.append(f"- **{DATASET_NAMES[dataset]}**: paper {' > '.join(paper_order)}; "
+                     f"altrack {' > '.join(our_order)} ({same}).")  # fmt: skip
+        gaps = []
+        for method, values in ours.items():
+            std = values.std(ddof=1) if len(values) > 1 else float("nan")
+            gap = values.mean() - PAPER_K2000[method][dataset]
+            gaps.append(f"{method} {gap:+.4f} ({gap / std:+.1f} std)" if std > 0 else f"{method} {gap:+.4f}")
+        lines.append(f"  Gap to the paper's figure: {'; '.join(gaps)}.")
+    return lines
+
+
+def _tests_table(tests: Sequence[dict]) -> list[str]:
+    lines = ["| dataset | k | method | vs | n | mean diff | 95% CI | t-test p | Wilcoxon p | Holm p |",
+             "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for t in tests:
+        mark = " **\\***" if t["significant"] else ""
+        ci = f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]"
+        lines.append(
+            f"| {t['dataset']} | {t['budget']} | {t['method']} | {t['vs']} | {t['n']} | {t['mean_diff']:+.4f}{mark} "
+            f"| {ci} | {t['t_p']:.3g} | {t['wilcoxon_p']:.3g} | {t['holm_p']:.3g} |"
+        )
+    return lines
+
+
+def _parent_lines(parent_ids: Sequence[str]) -> tuple[list[str], float]:
+    client = MlflowClient()
+    lines = ["| parent run | command | runs | wall time |", "| --- | --- | ---: | ---: |"]
+    total = 0.0
+    for parent_id in parent_ids:
+        run = client.get_run(parent_id)
+        seconds = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
+        total += seconds
+        command = run.data.tags.get("altrack.command", "")
+        command = "altrack " + " ".join(command.split()[1:]) if command else "—"
+        n = int(float(run.data.tags.get("altrack.runs_finished", 0)))
+        lines.append(f"| `{parent_id}` | `{command}` | {n} | {seconds / 60:.1f} min |")
+    return lines, total
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{cpu}, {os.cpu_count()} cores, GPU {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{platform.system()} {platform.release()}")  # fmt: skip
+
+
+def write_page(rows: Sequence[dict], parent_ids: Sequence[str], docs: str | Path, notes: str | None = None) -> Path:
+    """docs/reproduction.md with its pngs beside it."""
+    docs = Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    stats = report.summarise(rows)
+    datasets = [d for d in DATASET_NAMES if any(key[0] == d for key in stats)]
+    curves = report.plot_learning_curves(rows, docs / "reproduction_curves.png")
+    k2000_rows = [r for r in rows if int(r["budget"]) == TABLE_K]
+    bars = report.plot_results(k2000_rows, docs / "reproduction_k2000.png") if k2000_rows else None
+    tests = report.paired_tests(rows)
+    parents, wall = _parent_lines(parent_ids)
+    failed = [r for r in rows if r["status"] != "FINISHED"]
+    lines = [
+        "# Reproducing §5.2.2 of Axiotis et al. (ICML 2024)",
+        "",
+        "*Data-Efficient Learning via Clustering-Based Sensitivity Sampling*, arXiv 2402.17327 v1: the",
+        "classification experiment, reproduced with altrack. Generated by `altrack report --paper` on",
+        f"{dt.date.today().isoformat()} from the MLflow parent runs listed under *How it was made*;",
+        "every number below is computed from their child runs.",
+        "",
+        f"## k = {TABLE_K}: test accuracy, the paper's table beside altrack's",
+        "",
+        "The paper averages 100 runs; altrack cells are mean ± sample std over seeds (number of seeds).",
+        "The paper's table has no margin, entropy or least-confidence column; its figures do.",
+        "",
+        *k2000_table(stats, datasets),
+        "",
+    ]
+    if bars is not None:
+        lines += [f"![k={TABLE_K} bars]({bars.name})", ""]
+    lines += ["## Does the paper's ordering hold?", "", *ordering_checks(stats, datasets), ""]
+    key_tests = [t for t in tests if t["budget"] == TABLE_K and t["method"] in ("coreset", "coreset-grad")]
+    if key_tests:
+        lines += [f"Algorithm 1 against the baselines at k = {TABLE_K}, paired over seeds "
+                  "(shared seed set and seed model); **\\*** = significant after Holm's correction over",
+                  "every comparison on this page:", "", *_tests_table(key_tests), ""]  # fmt: skip
+    if notes:
+        lines += [notes.strip(), ""]
+    if curves is not None:
+        lines += ["## Learning curves", "", "Accuracy against k, mean ± 1 std bands, one line per method.", "",
+                  f"![learning curves]({curves.name})", ""]  # fmt: skip
+    if tests:
+        lines += ["## All paired comparisons", "",
+                  "Each method against `random` and against `kcenter`, per dataset and k, paired over the seeds "
+                  "both finished: mean difference, t 95% CI, paired t-test and Wilcoxon signed-rank p-values, and "
+                  "the Holm-adjusted t-test p.", "", "<details><summary>table</summary>", "",
+                  *_tests_table(tests), "", "</details>", ""]  # fmt: skip
+    if failed:
+        lines += [f"{len(failed)} run(s) failed and are left out of every mean above.", ""]
+    lines += ["## How it was made", "", f"- Hardware: {hardware()}.",
+              f"- Wall time: {wall / 60:.1f} min over {len(parent_ids)} parent run(s); "
+              f"{sum(r['status'] == 'FINISHED' for r in rows)} finished protocol runs.", "", *parents, ""]  # fmt: skip
+    page = docs / "reproduction.md"
+    page.write_text("\n".join(lines))
+    return page

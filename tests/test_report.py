@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from altrack import report
+
+
+def _rows(n_seeds=6, gap=0.02, noise=0.005, budgets=(1000, 2000)):
+    rng = np.random.default_rng(0)
+    rows = []
+    for budget in budgets:
+        for seed in range(n_seeds):
+            base = 0.8 + rng.normal(scale=0.01)
+            for method, shift in (("coreset", gap), ("kcenter", 0.0), ("random", 0.0)):
+                acc = base + shift + rng.normal(scale=noise)
+                rows.append(dict(dataset="mnist", method=method, budget=budget, seed=seed, status="FINISHED",
+                                 test_accuracy=acc, run_id=f"{method}{seed}", error=""))  # fmt: skip
+    return rows
+
+
+def test_holm_matches_the_textbook_example():
+    # p = (0.01, 0.04, 0.03) -> sorted 0.01*3, 0.03*2, 0.04*1 -> monotone (0.03, 0.06, 0.06)
+    np.testing.assert_allclose(report.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+
+
+def test_paired_tests_agree_with_scipy_and_flag_a_real_gap():
+    rows = _rows()
+    tests = report.paired_tests(rows)
+    pairs = {(t["budget"], t["method"], t["vs"]) for t in tests}
+    assert (1000, "coreset", "random") in pairs and (1000, "kcenter", "random") in pairs
+    assert (1000, "random", "kcenter") not in pairs  # already tested the other way round
+    test = next(t for t in tests if (t["budget"], t["method"], t["vs"]) == (1000, "coreset", "random"))
+    ours = [r["test_accuracy"] for r in rows if r["budget"] == 1000 and r["method"] == "coreset"]
+    base = [r["test_accuracy"] for r in rows if r["budget"] == 1000 and r["method"] == "random"]
+    assert test["mean_diff"] == pytest.approx(np.mean(np.subtract(ours, base)))
+    assert test["t_p"] == pytest.approx(stats.ttest_rel(ours, base).pvalue)
+    assert test["wilcoxon_p"] == pytest.approx(stats.wilcoxon(np.subtract(ours, base)).pvalue)
+    assert test["ci_low"] < test["mean_diff"] < test["ci_high"]
+    assert test["significant"]
+    null = next(t for t in tests if (t["budget"], t["method"], t["vs"]) == (1000, "kcenter", "random"))
+    assert not null["significant"]
+
+
+def test_failed_runs_are_listed_and_left_out_of_the_means(tmp_path):
+    rows = _rows(budgets=(1000,))
+    rows.append(dict(dataset="mnist", method="coreset", budget=1000, seed=99, status="FAILED",
+                     test_accuracy=float("nan"), run_id="x", error="training loss became nan"))  # fmt: skip
+    text = report.format_table(rows)
+    assert "coreset" in text and "nan" not in text.split("failed")[0]
+    assert "1 run(s) failed and are left out of the means" in text and "seed=99" in text
+
+
+def test_report_files_include_learning_curves_for_several_budgets(tmp_path):
+    paths = report.write_report(_rows(), tmp_path)
+    names = {p.name for p in paths}
+    assert {report.PNG_NAME, report.TXT_NAME, report.CSV_NAME, report.CURVES_NAME} <= names
+    assert "paired comparisons" in (tmp_path / report.TXT_NAME).read_text()
+    single = report.write_report(_rows(budgets=(1000,)), tmp_path / "single")
+    assert report.CURVES_NAME not in {p.name for p in single}
