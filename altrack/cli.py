@@ -74,6 +74,12 @@ def cli() -> None:
     help="Log seed and final models as MLflow models [env: ALTRACK_LOG_MODELS].",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop the grid at the first failed run.")
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Skip runs this experiment already finished with the same config hash.",
+)
 @click.option("--workers", default=1, show_default=True, help="Processes running (dataset, k, seed) groups.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(**opts: object) -> None:
@@ -101,6 +107,7 @@ def run(**opts: object) -> None:
         log_models=bool(opts["log_models"]),
         fail_fast=bool(opts["fail_fast"]),
         workers=int(opts["workers"]),  # type: ignore[arg-type]
+        resume=bool(opts["resume"]),
     )
     from altrack import report, tracking
 

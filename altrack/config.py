@@ -121,6 +121,7 @@ class GridConfig:
     log_models: bool = True
     fail_fast: bool = False
     workers: int = 1
+    resume: bool = True
 
     def __post_init__(self) -> None:
         from altrack.selection import available_methods

@@ -9,10 +9,12 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from altrack.protocol import FINAL_INIT, FINAL_ORDER, RunResult, fit, iterate_gr
 from altrack.train import evaluate
 
 KIND_TAG = "altrack.kind"
+HOST_TAG = "altrack.host"
+PID_TAG = "altrack.pid"
 HASH_TAG = "altrack.config_hash"
 ERROR_TAG = "altrack.error"
 DEFAULT_EXPERIMENT = "altrack"
@@ -47,15 +51,71 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@contextmanager
+def _quick_http():
+    """No retries and a short timeout for the start-up probe (MLflow's defaults retry for minutes)."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def check_tracking_store() -> str:
-    """Touch the store before any training, so an unreachable server fails in the first second."""
+    """Touch the store before any training, so an unreachable server fails in seconds."""
     uri = mlflow.get_tracking_uri()
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        with _quick_http():
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AltrackError(f"MLflow tracking store {uri} is unreachable: {first[:200]}") from exc
     return uri
+
+
+def _process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(experiment_id: str) -> int:
+    """Mark KILLED the RUNNING runs of this experiment whose process on this host has died
+    (a SIGKILLed grid leaves its parent, and maybe one child, RUNNING)."""
+    client = MlflowClient()
+    host = socket.gethostname()
+    closed = 0
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            client.set_tag(run.info.run_id, ERROR_TAG, f"process {pid} died before the run ended")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed += 1
+    return closed
+
+
+def finished_rows(experiment_id: str, hashes: set[str]) -> dict[str, dict]:
+    """Config hash -> result row of the FINISHED protocol runs of this experiment among ``hashes``."""
+    rows = {}
+    for row, config_hash in _protocol_rows([experiment_id], f"tags.`{KIND_TAG}` = 'protocol'"):
+        if row["status"] == "FINISHED" and config_hash in hashes:
+            rows[config_hash] = row
+    return rows
 
 
 def _under_project_run() -> bool:
@@ -177,7 +237,7 @@ def log_run(result: RunResult, labels: np.ndarray, log_models: bool) -> str:
     """One nested child run; FAILED with the reason when the run failed."""
     key = result.key
     name = f"{key.dataset}-{key.method}-k{key.budget}-s{key.seed}"
-    tags = {KIND_TAG: "protocol", HASH_TAG: result.config_hash}
+    tags = {KIND_TAG: "protocol", HASH_TAG: result.config_hash, **_process_tags()}
     with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
         client = MlflowClient()
         run_id = run.info.run_id
@@ -187,13 +247,20 @@ def log_run(result: RunResult, labels: np.ndarray, log_models: bool) -> str:
             client.log_batch(run_id, tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])
             mlflow.end_run(status="FAILED")
             return run_id
-        with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
-            write_run_artifacts(result, Path(tmp), labels)
-            mlflow.log_artifacts(tmp)
-        if log_models:
-            assert result.stage is not None and result.final_model is not None
-            _log_model(result.stage.model, "seed_model")
-            _log_model(result.final_model, "final_model")
+        try:  # a run is FINISHED only with its artifacts; leaving this block by an error marks it FAILED
+            with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
+                write_run_artifacts(result, Path(tmp), labels)
+                mlflow.log_artifacts(tmp)
+            if log_models:
+                assert result.stage is not None and result.final_model is not None
+                _log_model(result.stage.model, "seed_model")
+                _log_model(result.final_model, "final_model")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            client.set_tag(run_id, ERROR_TAG, f"artifacts not stored: {first[:500]}")
+            raise AltrackError(
+                f"run {run_id}: cannot store its artifacts at {run.info.artifact_uri}: {first[:200]}"
+            ) from exc
     return run_id
 
 
@@ -213,17 +280,26 @@ def result_row(result: RunResult, run_id: str) -> dict:
 
 def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
     """Validate inputs, then run the grid under one parent run and write the report."""
+    check_tracking_store()
     for dataset in cfg.datasets:  # data errors surface before any MLflow run exists
         load_dataset(dataset, cfg.data_dir, str(resolve_device(cfg.device)))
-    check_tracking_store()
     results: list[RunResult] = []
-    rows: list[dict] = []
-    tags = {KIND_TAG: "grid", "altrack.command": " ".join(sys.argv)}
+    tags = {KIND_TAG: "grid", "altrack.command": " ".join(sys.argv), **_process_tags()}
     with start_parent(cfg.experiment, "grid", tags) as parent:
         parent_id = parent.info.run_id
         log_new_params(parent_id, grid_params(cfg))
+        close_dead_runs(parent.info.experiment_id)
+        hashes = {key.config_hash(cfg.settings): key for key in cfg.run_keys()}
+        done = finished_rows(parent.info.experiment_id, set(hashes)) if cfg.resume else {}
+        rows: list[dict] = list(done.values())
+        mlflow.set_tag("altrack.resumed_runs", len(done))
+        if done:
+            with tempfile.TemporaryDirectory(prefix="altrack-resumed-") as tmp:
+                report.write_rows_csv(list(done.values()), Path(tmp) / "resumed_runs.csv", report.ROW_FIELDS)
+                mlflow.log_artifacts(tmp)
+        skip = frozenset(hashes[h] for h in done)
         labels: dict[str, np.ndarray] = {}
-        for result in iterate_grid(cfg, progress=progress, workers=cfg.workers):
+        for result in iterate_grid(cfg, skip=skip, progress=progress, workers=cfg.workers):
             if result.key.dataset not in labels:
                 data = load_dataset(result.key.dataset, cfg.data_dir, result.device)
                 labels[result.key.dataset] = data.y_train.cpu().numpy()
@@ -258,27 +334,14 @@ def _experiment_ids(experiment: str | None) -> list[str]:
     return [found.experiment_id]
 
 
-def rows_from_mlflow(parent_run_id: str | None = None, experiment: str | None = None) -> list[dict]:
-    """Result rows of the protocol runs under a parent run, or in a whole experiment.
-
-    A run logged twice (same config hash) counts once: the latest finished one wins.
-    """
+def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[dict, str]]:
+    """(row, config hash) for the protocol runs matching ``query``, oldest first."""
     client = MlflowClient()
-    query = f"tags.`{KIND_TAG}` = 'protocol'"
-    if parent_run_id is not None:
-        try:
-            parent = client.get_run(parent_run_id)
-        except Exception as exc:
-            raise AltrackError(f"no MLflow run with id {parent_run_id!r} at {mlflow.get_tracking_uri()}") from exc
-        experiment_ids = [parent.info.experiment_id]
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    else:
-        experiment_ids = _experiment_ids(experiment)
     runs = client.search_runs(experiment_ids, query, max_results=50000, order_by=["attributes.start_time ASC"])
-    latest: dict[str, dict] = {}
+    found = []
     for run in runs:
         p = run.data.params
-        if "dataset" not in p or p["dataset"] not in DATASETS:
+        if p.get("dataset") not in DATASETS:
             continue
         row = {
             "dataset": p["dataset"],
@@ -290,12 +353,54 @@ def rows_from_mlflow(parent_run_id: str | None = None, experiment: str | None = 
             "run_id": run.info.run_id,
             "error": run.data.tags.get(ERROR_TAG, ""),
         }
+        found.append((row, run.data.tags.get(HASH_TAG, run.info.run_id)))
+    return found
+
+
+def rows_from_mlflow(parent_run_id: str | None = None, experiment: str | None = None) -> list[dict]:
+    """Result rows of the protocol runs under a parent run, or in a whole experiment.
+
+    A run logged twice (same config hash) counts once: the latest finished one wins. Runs a
+    resumed grid reused from an earlier, killed invocation are listed in the parent's
+    ``resumed_runs.csv`` and counted too.
+    """
+    client = MlflowClient()
+    query = f"tags.`{KIND_TAG}` = 'protocol'"
+    extra: list[str] = []
+    if parent_run_id is not None:
+        try:
+            parent = client.get_run(parent_run_id)
+        except Exception as exc:
+            raise AltrackError(f"no MLflow run with id {parent_run_id!r} at {mlflow.get_tracking_uri()}") from exc
+        experiment_ids = [parent.info.experiment_id]
+        extra = _resumed_ids(parent_run_id)
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    else:
+        experiment_ids = _experiment_ids(experiment)
+    found = _protocol_rows(experiment_ids, query)
+    if extra:
+        wanted = set(extra)
+        found = [pair for pair in _protocol_rows(experiment_ids, f"tags.`{KIND_TAG}` = 'protocol'")
+                 if pair[0]["run_id"] in wanted] + found  # fmt: skip
+    latest: dict[str, dict] = {}
+    for row, key in found:
         if row["status"] == "RUNNING":
             continue
-        key = run.data.tags.get(HASH_TAG, run.info.run_id)
         if key not in latest or row["status"] == "FINISHED" or latest[key]["status"] != "FINISHED":
             latest[key] = row
     return list(latest.values())
+
+
+def _resumed_ids(parent_run_id: str) -> list[str]:
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=parent_run_id, artifact_path="resumed_runs.csv", dst_path=tmp
+            )
+            with open(path) as handle:
+                return [row["run_id"] for row in csv.DictReader(handle)]
+    except Exception:
+        return []
 
 
 def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str | None) -> list[Path]:

@@ -1,0 +1,149 @@
+"""Faults with real processes, a real MLflow store and real Optuna storage (issue: reliability)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from altrack import tracking
+from altrack.cache import SeedStageCache, atomic_torch_save
+from altrack.config import GridConfig, Settings
+from altrack.data import load_dataset
+from altrack.errors import AltrackError
+
+GRID = ["run", "--datasets", "mnist", "--methods", "margin,random", "--budget", "100,200,300", "--runs", "3",
+        "--epochs", "1", "--device", "cpu", "--no-log-models", "--quiet", "--experiment", "grid"]  # fmt: skip
+
+
+def _env(tmp_path: Path, data_dir: Path) -> dict:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "ALTRACK_DATA_DIR": str(data_dir),
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    return env
+
+
+def _protocol_runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
+
+
+def test_sigkilled_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
+    env, uri = _env(tmp_path, data_dir), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "altrack", *GRID, "--out", str(tmp_path / "out")]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    finished_before = []
+    while time.time() < deadline and first.poll() is None:
+        runs = _protocol_runs(uri, "grid")
+        finished_before = [r for r in runs if r.data.tags.get("altrack.kind") == "protocol"
+                           and r.info.status == "FINISHED"]  # fmt: skip
+        if len(finished_before) >= 3:
+            break
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finished_before = [r for r in _protocol_runs(uri, "grid")
+                       if r.data.tags.get("altrack.kind") == "protocol" and r.info.status == "FINISHED"]  # fmt: skip
+    assert 3 <= len(finished_before) < 18, "the grid must be killed in the middle"
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    runs = _protocol_runs(uri, "grid")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parents = [r for r in runs if r.data.tags.get("altrack.kind") == "grid"]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+    finished = [r for r in runs if r.data.tags.get("altrack.kind") == "protocol" and r.info.status == "FINISHED"]
+    hashes = [r.data.tags["altrack.config_hash"] for r in finished]
+    assert len(hashes) == len(set(hashes)) == 18  # nothing redone, nothing lost
+    new_parent = next(r for r in parents if r.info.status == "FINISHED")
+    assert int(new_parent.data.tags["altrack.resumed_runs"]) == len(finished_before)
+    mlflow.set_tracking_uri(uri)
+    rows = tracking.rows_from_mlflow(new_parent.info.run_id)
+    assert len(rows) == 18 and all(r["status"] == "FINISHED" for r in rows)
+    text = (tmp_path / "out" / "active_learning_results.txt").read_text()
+    assert text.count("  margin  ") + text.count("  margin ") >= 3 and "   3 " in text
+
+
+def test_fail_fast_stops_the_grid_at_a_diverged_run(data_dir, mlflow_store, capsys):
+    from altrack.cli import main
+
+    code = main(["run", "--methods", "random,margin", "--budget", "100", "--runs", "2", "--epochs", "1",
+                 "--lr", "1e30", "--data-dir", str(data_dir), "--no-log-models", "--quiet", "--fail-fast"])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("altrack")]
+    assert code == 1 and len(err) == 1 and "failed" in err[0] and "--fail-fast" in err[0]
+    experiment = MlflowClient().get_experiment_by_name(mlflow_store)
+    runs = MlflowClient().search_runs([experiment.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("altrack.kind") == "protocol"]) == 1
+    assert {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_unwritable_artifact_location_fails_the_run_clearly(data_dir, mlflow_store, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    client = MlflowClient()
+    client.create_experiment("blocked", artifact_location=str(blocker / "artifacts"))
+    cfg = GridConfig(
+        datasets=("mnist",), methods=("random",), budgets=(100,), settings=Settings(epochs=1),
+        data_dir=str(data_dir), out=None, experiment="blocked", log_models=False, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(AltrackError, match="cannot store its artifacts"):
+        tracking.run_grid(cfg, progress=False)
+    runs = client.search_runs([client.get_experiment_by_name("blocked").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_unreachable_tracking_server_fails_at_start_up(tmp_path, data_dir):
+    env = {**_env(tmp_path, data_dir), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "altrack", *GRID], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "http://127.0.0.1:9 is unreachable" in lines[0]
+    assert time.time() - started < 60
+    assert not any(p.name != "mlflow.db" for p in tmp_path.iterdir() if p.name not in ("out",))
+
+
+def test_truncated_cache_entry_is_rebuilt_never_trusted(data_dir, tmp_path):
+    data = load_dataset("mnist", data_dir)
+    cache = SeedStageCache(tmp_path / "cache")
+    settings = Settings(epochs=1)
+    first = cache.get(data, 100, 0, settings)
+    again = cache.get(data, 100, 0, settings)
+    assert (cache.misses, cache.hits) == (1, 1)
+    np.testing.assert_array_equal(first.seed_indices, again.seed_indices)
+    np.testing.assert_array_equal(first.embeddings, again.embeddings)
+    [entry] = list((tmp_path / "cache").glob("*.pt"))
+    entry.write_bytes(entry.read_bytes()[:1000])
+    rebuilt = cache.get(data, 100, 0, settings)
+    assert cache.misses == 2
+    np.testing.assert_array_equal(first.seed_indices, rebuilt.seed_indices)
+    assert torch.load(entry, weights_only=True)["budget"] == 100  # rewritten whole, loadable safely
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".tmp"]
+
+
+def test_atomic_save_leaves_no_partial_file_on_error(tmp_path):
+    target = tmp_path / "entry.pt"
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"x": Unpicklable()}, target)
+    assert list(tmp_path.iterdir()) == []
