@@ -172,7 +172,7 @@ def run_params(result: RunResult) -> dict:
         "lam": "auto" if settings.lam is None else settings.lam,
     }
     if key.method.startswith("coreset"):
-        params["n_clusters"] = min(settings.n_clusters(key.budget), params["n_select"])
+        params["n_clusters"] = max(1, min(settings.n_clusters(key.budget), params["n_select"]))
     if result.selection is not None and "lam" in result.selection.info:
         params["lam_used"] = result.selection.info["lam"]
     return params

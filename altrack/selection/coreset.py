@@ -79,7 +79,7 @@ class _SensitivitySampling(Selector):
         space = ctx.embeddings if settings.coreset_space == "embedding" else loss[:, None]
         pool_space = np.ascontiguousarray(space[pool], dtype=np.float32)
 
-        n_clusters = min(settings.n_clusters(ctx.budget), ctx.n_select)
+        n_clusters = max(1, min(settings.n_clusters(ctx.budget), ctx.n_select))  # tiny k: still one centre
         n_sample = ctx.n_select - n_clusters
         centres, cluster_of = self.cluster(pool_space, n_clusters, int(ctx.rng.integers(2**31)))
         centre_pos = nearest_distinct(as_tensor(pool_space), as_tensor(centres))

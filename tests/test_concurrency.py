@@ -1,0 +1,80 @@
+"""Two `altrack run` processes and one `altrack sweep --workers 2` write to one SQLite store at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+from mlflow.tracking import MlflowClient
+
+SPEC = """\
+study_name: conc
+dataset: mnist
+budget: 100
+epochs: 1
+seeds_per_trial: 2
+n_trials: 3
+sampler: random
+experiment: conc
+search_space:
+  cluster_ratio: {low: 0.1, high: 0.3}
+"""
+
+
+def test_concurrent_writers_lose_and_duplicate_nothing(data_dir, tmp_path):
+    (tmp_path / "spec.yaml").write_text(textwrap.dedent(SPEC))
+    env = {**os.environ, "ALTRACK_DATA_DIR": str(data_dir), "ALTRACK_CACHE_DIR": str(tmp_path / "cache")}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)  # MLflow's default store: sqlite:///mlflow.db in the working directory
+    subprocess.run(
+        [sys.executable, "-c", "import mlflow; mlflow.set_experiment('conc')"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )  # fmt: skip  (create the schema once, as a user's first run does)
+    grid = [
+        sys.executable,
+        "-m",
+        "altrack",
+        "run",
+        "--datasets",
+        "mnist",
+        "--methods",
+        "margin,random",
+        "--budget",
+        "100",
+        "--runs",
+        "2",
+        "--epochs",
+        "1",
+        "--no-log-models",
+        "--quiet",
+        "--experiment",
+        "conc",
+    ]
+    commands = [
+        [*grid, "--seed", "0", "--out", "out0"],
+        [*grid, "--seed", "10", "--out", "out1"],
+        [sys.executable, "-m", "altrack", "sweep", "spec.yaml", "--workers", "2"],
+    ]  # fmt: skip
+    procs = [subprocess.Popen(c, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for c in commands]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("conc")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert Counter(r.info.status for r in runs) == Counter({"FINISHED": len(runs)})
+    kinds = Counter(r.data.tags.get("altrack.kind") for r in runs)
+    # 2 grids x (1 parent + 4 children); sweep: 1 parent + 3 trials x (1 + 2 protocol runs)
+    assert kinds == Counter({"grid": 2, "protocol": 8 + 6, "sweep": 1, "trial": 3})
+    protocol = [r for r in runs if r.data.tags.get("altrack.kind") == "protocol"]
+    grid_hashes = [r.data.tags["altrack.config_hash"] for r in protocol if "altrack.config_hash" in r.data.tags]
+    keys = [(r.data.params["method"], r.data.params["seed"], r.data.tags["mlflow.parentRunId"]) for r in protocol]
+    assert len(keys) == len(set(keys)) and len(grid_hashes) == 14
