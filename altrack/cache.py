@@ -19,7 +19,7 @@ import torch
 
 from altrack import __version__
 from altrack.config import Settings
-from altrack.data import Dataset
+from altrack.data import Dataset, user_folder
 from altrack.protocol import EpochHook, SeedStage, fresh_model, train_seed_stage
 
 FORMAT = 1
@@ -27,11 +27,7 @@ _ARRAYS = ("seed_indices", "pool_indices", "probs", "embeddings", "ce_loss", "gr
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("ALTRACK_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "altrack" / "seed-stages"
+    return user_folder("ALTRACK_CACHE_DIR", "seed-stages")
 
 
 def stage_key(data: Dataset, budget: int, seed: int, settings: Settings, holdout: np.ndarray | None) -> str:

@@ -58,13 +58,17 @@ class Dataset:
         return DATASETS[self.name]
 
 
-def default_data_dir() -> Path:
-    """``$ALTRACK_DATA_DIR``, else ``$XDG_CACHE_HOME/altrack/data`` (``~/.cache/altrack/data``)."""
-    env = os.environ.get("ALTRACK_DATA_DIR")
+def user_folder(env_var: str, name: str) -> Path:
+    """``$env_var`` if set, else ``$XDG_CACHE_HOME/altrack/name`` (``~/.cache/altrack/name``)."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "altrack" / "data"
+    return Path(cache) / "altrack" / name
+
+
+def default_data_dir() -> Path:
+    return user_folder("ALTRACK_DATA_DIR", "data")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:

@@ -38,6 +38,7 @@ from altrack.data import DATASETS, load_dataset, resolve_device
 from altrack.errors import AltrackError, ConfigError, TrainingDiverged
 from altrack.protocol import run_method, stream_seed
 from altrack.selection import available_methods
+from altrack.tracking import pid_alive
 
 DEFAULT_STORAGE = "altrack-optuna.journal"
 SEARCHABLE = ("cluster_ratio", "seed_ratio", "lam")
@@ -323,16 +324,6 @@ def validation_indices(spec: SweepSpec) -> np.ndarray:
     return np.sort(rng.choice(n_train, size=spec.validation_size(), replace=False)).astype(np.int64)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -352,7 +343,7 @@ class _Recovery:
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 worker = trial.user_attrs.get(WORKER_ATTR, "")
                 name, _, pid = worker.rpartition(":")
-                if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+                if name == host and pid.isdigit() and not pid_alive(int(pid)):
                     self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
                     self.study.enqueue_trial(
                         trial.params,

@@ -83,7 +83,8 @@ def _process_tags() -> dict[str, str]:
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -102,7 +103,7 @@ def close_dead_runs(experiment_id: str) -> int:
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
         tags = run.data.tags
         pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if tags.get(HOST_TAG) == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             client.set_tag(run.info.run_id, ERROR_TAG, f"process {pid} died before the run ended")
             client.set_terminated(run.info.run_id, status="KILLED")
             closed += 1

@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_sweep import TINY_SPEC
 
 from altrack.sweep import open_storage
 
@@ -63,18 +64,7 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-SPEC = """\
-study_name: pg
-dataset: mnist
-budget: 100
-epochs: 1
-seeds_per_trial: 1
-n_trials: 3
-sampler: random
-search_space:
-  cluster_ratio: {low: 0.1, high: 0.3}
-  seed_ratio: {low: 0.1, high: 0.3}
-"""
+SPEC = TINY_SPEC.replace("study_name: tiny", "study_name: pg")
 
 
 def test_two_machines_share_a_postgres_study(postgres_url, data_dir, tmp_path):
