@@ -10,5 +10,6 @@ import os
 # the thread count, so `altrack run --workers N` selects exactly what `--workers 1` does. It must be
 # set before torch loads MKL; a user who imports torch first keeps MKL's default.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA
 
 __version__ = "0.1.0"

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import click
+from mlflow.exceptions import MlflowException
 
 from altrack.config import CORESET_SPACES, DEVICES, GridConfig, Settings
-from altrack.errors import AltrackError
+from altrack.errors import AltrackError, ConfigError, first_line
 
 ALL = "all"
 
@@ -123,7 +124,9 @@ def run(**opts: object) -> None:
 @click.option("--out", default="results", show_default=True)
 @click.option("--paper", is_flag=True, help="Write the results page beside the paper's table (docs/reproduction.md).")
 @click.option("--docs", default="docs", show_default=True, help="Folder of the --paper page and its pngs.")
-@click.option("--notes", default=None, help="Markdown file inserted into the --paper page.")
+@click.option(
+    "--notes", type=click.Path(exists=True, dir_okay=False), default=None, help="Markdown inserted into the page."
+)
 def report_cmd(run_ids: tuple[str, ...], experiment: str | None, out: str, paper: bool, docs: str, notes) -> None:
     """Rebuild the png and txt from the MLflow runs of parent runs or an experiment."""
     from altrack import tracking
@@ -148,13 +151,17 @@ def report_cmd(run_ids: tuple[str, ...], experiment: str | None, out: str, paper
 
 @cli.command()
 @click.argument("spec_path", metavar="SPEC.yaml")
-@click.option("--n-trials", type=int, default=None, help="Total COMPLETE trials of the study [default: the spec's].")
+@click.option(
+    "--n-trials", type=int, default=None, help="Total COMPLETE trials of the study; 0 or unset: the spec's n_trials."
+)
 @click.option("--storage", default=None, help="Optuna storage URL or journal file [default: altrack-optuna.journal].")
 @click.option("--study-name", default=None, help="[default: the spec's study_name]")
 @click.option("--workers", default=1, show_default=True, help="Processes on this machine sharing the storage.")
 @click.option("--experiment", default=None, help="MLflow experiment [default: the spec's, else altrack].")
 @click.option("--data-dir", default=None, help="Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data].")
-@click.option("--cache-dir", default=None, help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack].")
+@click.option(
+    "--cache-dir", default=None, help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages]."
+)
 def sweep(spec_path: str, n_trials, storage, study_name, workers, experiment, data_dir, cache_dir) -> None:
     """Optuna study over cluster_ratio, seed_ratio and lam; resumes when re-run."""
     from altrack import sweep as sweeps
@@ -162,7 +169,7 @@ def sweep(spec_path: str, n_trials, storage, study_name, workers, experiment, da
     spec = sweeps.load_spec(spec_path)
     outcome = sweeps.run_sweep(
         spec,
-        n_trials=n_trials,
+        n_trials=n_trials or None,
         storage=storage or None,
         study_name=study_name or None,
         workers=workers,
@@ -203,11 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"altrack: error: {exc.format_message()}", err=True)
         return 2
-    except ValueError as exc:  # ConfigError and friends: bad input
+    except ConfigError as exc:  # bad input
         click.echo(f"altrack: error: {exc}", err=True)
         return 2
     except AltrackError as exc:
         click.echo(f"altrack: error: {exc}", err=True)
+        return 1
+    except MlflowException as exc:  # e.g. a deleted experiment, an unknown run
+        click.echo(f"altrack: error: MLflow: {first_line(exc)}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("altrack: interrupted", err=True)

@@ -66,6 +66,11 @@ class Settings:
     def n_clusters(self, budget: int) -> int:
         return int(round(self.cluster_ratio * budget))
 
+    def effective_clusters(self, budget: int, n_select: int | None = None) -> int:
+        """k'' as the coreset uses it: at most the ``n_select`` = k - k' picks, and at least one."""
+        n_select = budget - self.n_seed(budget) if n_select is None else n_select
+        return max(1, min(self.n_clusters(budget), n_select))
+
     def check_budget(self, dataset: str, budget: int) -> None:
         n_train = DATASETS[dataset].n_train
         _check(budget >= 1, f"budget k must be >= 1, got {budget}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from altrack.errors import DataError
+from altrack.errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = True  # same seed, same bits (cuDNN's fastest kernels are not)
+        torch.backends.cudnn.benchmark = False
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -119,8 +122,9 @@ def _load_mnist_like(name: str, root: Path) -> tuple[np.ndarray, ...]:
         try:
             cls(str(root), train=True, download=True)
         except Exception as exc:  # torchvision raises many types; the user needs the location
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"cannot load {name} from {root}: {first} Offline, put the files in {where}") from exc
+            raise DataError(
+                f"cannot load {name} from {root}: {first_line(exc)} Offline, put the files in {where}"
+            ) from exc
     for path, md5 in archives:
         actual = _md5(path)
         if actual != md5:
@@ -173,9 +177,8 @@ def _load_cifar10(root: Path) -> tuple[tuple[np.ndarray, ...], str]:
         train = torchvision.datasets.CIFAR10(str(root), train=True, download=True)
         test = torchvision.datasets.CIFAR10(str(root), train=False, download=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"cannot load cifar10 from {root}: {first}. Offline, put torchvision's cifar-10-batches-py/ "
+            f"cannot load cifar10 from {root}: {first_line(exc)}. Offline, put torchvision's cifar-10-batches-py/ "
             f"or {CIFAR_NPZ['train']} and {CIFAR_NPZ['test']} in {root / 'cifar10'}"
         ) from exc
     return (train.data, np.asarray(train.targets), test.data, np.asarray(test.targets)), str(root)

@@ -1,6 +1,12 @@
 """Exceptions that the CLI turns into one-line messages instead of tracebacks."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first message line (or its type), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class AltrackError(Exception):
     """Base for every error a user can cause and fix."""
 

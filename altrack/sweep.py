@@ -38,7 +38,7 @@ from altrack.data import DATASETS, load_dataset, resolve_device
 from altrack.errors import AltrackError, ConfigError, TrainingDiverged
 from altrack.protocol import run_method, stream_seed
 from altrack.selection import available_methods
-from altrack.tracking import pid_alive
+from altrack.tracking import ERROR_TAG, KIND_TAG, pid_alive
 
 DEFAULT_STORAGE = "altrack-optuna.journal"
 SEARCHABLE = ("cluster_ratio", "seed_ratio", "lam")
@@ -109,6 +109,13 @@ class ParamRange:
             return min(self.choices), max(self.choices)
         assert self.low is not None and self.high is not None
         return self.low, self.high
+
+    def admits(self, value: float) -> bool:
+        """Whether ``value`` lies in this space (the paper's 0.2 may not, and is then not enqueued)."""
+        if self.choices is not None:
+            return value in self.choices
+        assert self.low is not None and self.high is not None
+        return self.low <= value <= self.high
 
     def suggest(self, trial: optuna.Trial) -> float:
         if self.choices is not None:
@@ -344,7 +351,10 @@ class _Recovery:
                 worker = trial.user_attrs.get(WORKER_ATTR, "")
                 name, _, pid = worker.rpartition(":")
                 if name == host and pid.isdigit() and not pid_alive(int(pid)):
-                    self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                    try:
+                        self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        continue  # another live worker recovered it first and enqueued the retry
                     self.study.enqueue_trial(
                         trial.params,
                         user_attrs={
@@ -369,7 +379,7 @@ class _Recovery:
             )
             for child in children:
                 client.set_terminated(child.info.run_id, status="KILLED")
-            client.set_tag(run_id, "altrack.error", "worker died; trial retried with the same params")
+            client.set_tag(run_id, ERROR_TAG, "worker died; trial retried with the same params")
             client.set_terminated(run_id, status="KILLED")
 
 
@@ -422,7 +432,7 @@ class _Worker:
         space = self.spec.space()
         params = {name: space[name].suggest(trial) for name in space if not (baseline and name == "lam")}
         settings = self.spec.settings(params, lam_auto=baseline)
-        tags = {"optuna.trial_number": str(trial.number), "optuna.study": self.study_name, "altrack.kind": "trial"}
+        tags = {"optuna.trial_number": str(trial.number), "optuna.study": self.study_name, KIND_TAG: "trial"}
         nested = mlflow.active_run() is not None  # in-process worker: under the parent run
         with mlflow.start_run(
             run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=nested, tags=tags
@@ -440,7 +450,7 @@ class _Worker:
             for seed in self.spec.seeds:
                 stage = self.cache.get(self.data, self.spec.budget, seed, settings, self.holdout)
                 result = run_method(self.data, stage, self.spec.method, settings, holdout=self.holdout)
-                self.tracking.log_run(result, self.labels, self.spec.log_models)
+                self.tracking.log_run(result, self.labels, self.spec.log_models, kind="sweep-protocol")
                 if result.status != "FINISHED":
                     raise TrainingDiverged(result.error or "training failed")
                 val.append(result.val_accuracy)
@@ -506,10 +516,11 @@ def run_sweep(
         study_name=study_name, storage=open_storage(storage), direction=spec.direction, load_if_exists=True
     )
     if not study.get_trials(deepcopy=False):
-        baseline = {k: v for k, v in PAPER_SETTING.items() if k in spec.space()}
+        space = spec.space()
+        baseline = {k: v for k, v in PAPER_SETTING.items() if k in space and space[k].admits(v)}
         study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     storage_label = storage or str(Path(DEFAULT_STORAGE).resolve())
-    tags = {"altrack.kind": "sweep", "optuna.study": study_name, "optuna.storage": _redact(storage_label)}
+    tags = {KIND_TAG: "sweep", "optuna.study": study_name, "optuna.storage": _redact(storage_label)}
     with tracking.start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags) as parent:
         parent_id = parent.info.run_id
         tracking.log_new_params(

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from altrack import report
 from altrack.config import GridConfig, Settings
 from altrack.data import DATASETS, load_dataset, resolve_device
-from altrack.errors import AltrackError
+from altrack.errors import AltrackError, first_line
 from altrack.protocol import FINAL_INIT, FINAL_ORDER, RunResult, fit, iterate_grid
 from altrack.train import evaluate
 
@@ -74,8 +74,7 @@ def check_tracking_store() -> str:
         with _quick_http():
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise AltrackError(f"MLflow tracking store {uri} is unreachable: {first[:200]}") from exc
+        raise AltrackError(f"MLflow tracking store {uri} is unreachable: {first_line(exc)}") from exc
     return uri
 
 
@@ -173,7 +172,7 @@ def run_params(result: RunResult) -> dict:
         "lam": "auto" if settings.lam is None else settings.lam,
     }
     if key.method.startswith("coreset"):
-        params["n_clusters"] = max(1, min(settings.n_clusters(key.budget), params["n_select"]))
+        params["n_clusters"] = settings.effective_clusters(key.budget)
     if result.selection is not None and "lam" in result.selection.info:
         params["lam_used"] = result.selection.info["lam"]
     return params
@@ -234,11 +233,15 @@ def _log_model(model: torch.nn.Module, name: str) -> None:
     )
 
 
-def log_run(result: RunResult, labels: np.ndarray, log_models: bool) -> str:
-    """One nested child run; FAILED with the reason when the run failed."""
+def log_run(result: RunResult, labels: np.ndarray, log_models: bool, kind: str = "protocol") -> str:
+    """One nested child run; FAILED with the reason when the run failed.
+
+    Sweeps log theirs as ``kind="sweep-protocol"``: they train on a pool without the validation
+    split, so grid resumes and reports must never mistake them for grid runs.
+    """
     key = result.key
     name = f"{key.dataset}-{key.method}-k{key.budget}-s{key.seed}"
-    tags = {KIND_TAG: "protocol", HASH_TAG: result.config_hash, **_process_tags()}
+    tags = {KIND_TAG: kind, HASH_TAG: result.config_hash, **_process_tags()}
     with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
         client = MlflowClient()
         run_id = run.info.run_id
@@ -257,10 +260,9 @@ def log_run(result: RunResult, labels: np.ndarray, log_models: bool) -> str:
                 _log_model(result.stage.model, "seed_model")
                 _log_model(result.final_model, "final_model")
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            client.set_tag(run_id, ERROR_TAG, f"artifacts not stored: {first[:500]}")
+            client.set_tag(run_id, ERROR_TAG, f"artifacts not stored: {first_line(exc, 500)}")
             raise AltrackError(
-                f"run {run_id}: cannot store its artifacts at {run.info.artifact_uri}: {first[:200]}"
+                f"run {run_id}: cannot store its artifacts at {run.info.artifact_uri}: {first_line(exc)}"
             ) from exc
     return run_id
 
@@ -281,9 +283,9 @@ def result_row(result: RunResult, run_id: str) -> dict:
 
 def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
     """Validate inputs, then run the grid under one parent run and write the report."""
-    check_tracking_store()
-    for dataset in cfg.datasets:  # data errors surface before any MLflow run exists
+    for dataset in cfg.datasets:  # data errors surface before the store is touched (no mlflow.db)
         load_dataset(dataset, cfg.data_dir, str(resolve_device(cfg.device)))
+    check_tracking_store()  # then the store, still before any training
     results: list[RunResult] = []
     tags = {KIND_TAG: "grid", "altrack.command": " ".join(sys.argv), **_process_tags()}
     with start_parent(cfg.experiment, "grid", tags) as parent:
@@ -465,7 +467,10 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selected_indices.npy", dst_path=tmp)
         selected = np.load(path, allow_pickle=False).astype(np.int64)
         weights = _replay_weights(run_id, int(params["n_seed"]), tmp) if settings.weighted else None
-    data = load_dataset(params["dataset"], data_dir, str(resolve_device(device or params["device"])))
+    wanted = device or params["device"].split(":")[0]
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise AltrackError(f"run {run_id} trained on CUDA, which this machine lacks; pass --device cpu (not bit-exact)")
+    data = load_dataset(params["dataset"], data_dir, str(resolve_device(wanted)))
     model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights)
     accuracy, loss = evaluate(model, data.x_test, data.y_test)
     logged = float(original.data.metrics["test_accuracy"])
@@ -490,8 +495,8 @@ def paper_page(parent_ids: Sequence[str], experiment: str | None, docs: str, not
     """docs/reproduction.md from the protocol runs of the given parents (or a whole experiment)."""
     from altrack.reproduction import write_page
 
-    if parent_ids:
-        rows = [row for parent in parent_ids for row in rows_from_mlflow(parent)]
+    if parent_ids:  # a resumed parent also lists its predecessor's runs: count each run once
+        rows = list({row["run_id"]: row for parent in parent_ids for row in rows_from_mlflow(parent)}.values())
     else:
         rows = rows_from_mlflow(experiment=experiment)
         client = MlflowClient()

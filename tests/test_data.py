@@ -10,8 +10,14 @@ from altrack.data import load_arrays
 from altrack.errors import DataError
 
 
-def test_mnist_reads_in_place_from_a_read_only_folder():
-    x_train, y_train, x_test, y_test = load_arrays("fashion_mnist", _shared_data())
+def test_mnist_reads_the_archives_in_place_without_writing(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    shutil.copytree(_shared_data() / "FashionMNIST" / "raw", raw, ignore=shutil.ignore_patterns("*ubyte"))
+    before = sorted(p.name for p in raw.iterdir())
+    raw.chmod(0o555)  # read-only (root ignores the bits, so the listing below is the real check)
+    x_train, y_train, x_test, y_test = load_arrays("fashion_mnist", tmp_path)
+    raw.chmod(0o755)
+    assert sorted(p.name for p in raw.iterdir()) == before and len(before) == 4
     assert x_train.shape == (60000, 28, 28) and x_train.dtype == np.uint8
     assert np.bincount(y_train).tolist() == [6000] * 10 and y_test.shape == (10000,)
 

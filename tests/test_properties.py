@@ -54,7 +54,7 @@ def _check(method, problem):
         assert np.isfinite(result.probabilities[sampled]).all() and (result.probabilities[sampled] > 0).all()
         assert np.isfinite(result.weights).all()
         n_centres = (result.roles == "centre").sum()
-        assert n_centres == max(1, min(ctx.settings.n_clusters(ctx.budget), len(chosen)))
+        assert n_centres == ctx.settings.effective_clusters(ctx.budget, len(chosen))
         if len(ctx.pool_indices) > n_centres:  # a distribution over the non-centre pool exists
             assert abs(result.info["probability_sum"] - 1.0) < 1e-9
     again = get_selector(method).select(make_context(**problem)).indices

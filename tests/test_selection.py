@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -127,11 +129,26 @@ def test_coreset_with_fixed_lambda_zero_samples_by_centre_loss():
     assert (sampled >= 100).all()
 
 
-def test_coreset_loss_space_and_grad_variant_run():
-    ctx = make_context(settings=Settings(coreset_space="loss"))
-    for method in ("coreset", "coreset-grad"):
+def test_coreset_grad_samples_by_the_gradient_loss():
+    """CE says cluster B matters, the gradient norm says A: each variant follows its own loss."""
+    emb = np.concatenate([np.zeros((100, 2)), np.full((100, 2), 10.0)]).astype(np.float32)
+    emb += np.random.default_rng(0).normal(scale=0.01, size=emb.shape).astype(np.float32)
+    settings = Settings(seed_ratio=0.3, cluster_ratio=0.1, lam=0.0)
+    ctx = make_context(n_train=200, n_seed=9, budget=30, embeddings=emb, settings=settings,
+                       ce_loss=np.concatenate([np.zeros(100), np.ones(100)]))  # fmt: skip
+    ctx = dataclasses.replace(ctx, grad_loss=np.concatenate([np.ones(100), np.zeros(100)]))
+    for method, cluster in (("coreset", "B"), ("coreset-grad", "A")):
         result = get_selector(method).select(ctx)
-        assert len(np.unique(result.indices)) == ctx.n_select
+        sampled = result.indices[result.roles == "sampled"]
+        assert (sampled >= 100).all() if cluster == "B" else (sampled < 100).all(), method
+
+
+def test_coreset_loss_space_clusters_the_losses():
+    loss = np.concatenate([np.zeros(150), np.full(150, 5.0)])
+    ctx = make_context(n_train=300, n_seed=10, budget=12, ce_loss=loss,
+                       settings=Settings(seed_ratio=0.8, cluster_ratio=0.15, coreset_space="loss"))  # fmt: skip
+    centres = get_selector("coreset").select(ctx).indices[:2]
+    assert sorted(loss[centres].tolist()) == [0.0, 5.0]  # one centre per loss level, whatever the embeddings
 
 
 def test_estimate_lambda_is_the_median_ratio():

@@ -1,7 +1,8 @@
 """The paper's Algorithm 1 (clustering-based sensitivity sampling), as its experiments use it.
 
 1. k-means with k'' clusters on M's pool embeddings (or, with ``coreset_space=loss``, on M's 1-D
-   losses, the reading of the original experiment's README).
+   losses, the reading of the original experiment's README; that reading needs every pool
+   point's true label, which a real labelling budget would not give, so it is for comparison).
 2. Each centre is replaced by its nearest free pool point; those k'' points are selected.
 3. Every other pool point e in cluster i gets the loss estimate l~(e) = l(c_i) + lam * ||e - c_i||^2.
 4. The other s = k - k' - k'' points are drawn with probability proportional to l~,
@@ -79,7 +80,7 @@ class _SensitivitySampling(Selector):
         space = ctx.embeddings if settings.coreset_space == "embedding" else loss[:, None]
         pool_space = np.ascontiguousarray(space[pool], dtype=np.float32)
 
-        n_clusters = max(1, min(settings.n_clusters(ctx.budget), ctx.n_select))  # tiny k: still one centre
+        n_clusters = settings.effective_clusters(ctx.budget, ctx.n_select)
         n_sample = ctx.n_select - n_clusters
         centres, cluster_of = self.cluster(pool_space, n_clusters, int(ctx.rng.integers(2**31)))
         centre_pos = nearest_distinct(as_tensor(pool_space), as_tensor(centres))
