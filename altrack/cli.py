@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from mlflow.exceptions import MlflowException
 
-from altrack.config import CORESET_SPACES, DEVICES, GridConfig, Settings
+from altrack.config import CORESET_SPACES, DEVICES, GridConfig, Settings, parse_lam, writable_dir_target
 from altrack.errors import AltrackError, ConfigError, first_line
 
 ALL = "all"
@@ -35,11 +35,9 @@ def _budgets(value: str) -> tuple[int, ...]:
 
 
 def _lam(value: str) -> float | None:
-    if value.strip().lower() == "auto":
-        return None
     try:
-        return float(value)
-    except ValueError:
+        return parse_lam(value)
+    except ConfigError:
         raise click.BadParameter(f"must be 'auto' or a number, got {value!r}", param_hint="--lam") from None
 
 
@@ -130,13 +128,12 @@ def run(**opts: object) -> None:
 def report_cmd(run_ids: tuple[str, ...], experiment: str | None, out: str, paper: bool, docs: str, notes) -> None:
     """Rebuild the png and txt from the MLflow runs of parent runs or an experiment."""
     from altrack import tracking
-    from altrack.config import _writable_dir_target
 
     run_ids = tuple(r for r in run_ids if r)
     if not run_ids and not experiment:
         raise click.UsageError("give --run-id or --experiment")
     for folder, option in ((out, "--out"), (docs, "--docs")):
-        if not _writable_dir_target(Path(folder)):
+        if not writable_dir_target(Path(folder)):
             raise AltrackError(f"{option} {folder!r} is not a writable directory")
     if paper:
         page = tracking.paper_page(run_ids, experiment or None, docs, Path(notes).read_text() if notes else None)

@@ -28,6 +28,19 @@ def _ratio(name: str, value: float) -> None:
     _check(0.0 < value < 1.0, f"{name} must be in (0, 1), got {value}")
 
 
+AUTO = "auto"
+
+
+def parse_lam(value: str | float | None) -> float | None:
+    """'auto' (or None) -> None, else a float; the one place the string form is read."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"lam must be 'auto' or a number, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """The knobs of one protocol run besides dataset, method, budget and seed (paper defaults)."""
@@ -59,6 +72,11 @@ class Settings:
             self.coreset_space in CORESET_SPACES,
             f"coreset_space must be one of {', '.join(CORESET_SPACES)}, got {self.coreset_space!r}",
         )
+
+    @property
+    def lam_label(self) -> str | float:
+        """How lam is logged: 'auto' or the fixed value."""
+        return AUTO if self.lam is None else self.lam
 
     def n_seed(self, budget: int) -> int:
         return int(round(self.seed_ratio * budget))
@@ -99,7 +117,7 @@ class RunKey:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _writable_dir_target(path: Path) -> bool:
+def writable_dir_target(path: Path) -> bool:
     """True when ``path`` is a directory we can write, or could be created as one."""
     probe = path
     while not probe.exists():
@@ -152,7 +170,7 @@ class GridConfig:
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.out is not None:
-            _check(_writable_dir_target(Path(self.out)), f"--out {self.out!r} is not a writable directory")
+            _check(writable_dir_target(Path(self.out)), f"--out {self.out!r} is not a writable directory")
 
     @property
     def seeds(self) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from altrack.cache import SeedStageCache
-from altrack.config import DEVICES, Settings
+from altrack.config import DEVICES, Settings, parse_lam
 from altrack.data import DATASETS, load_dataset, resolve_device
 from altrack.errors import AltrackError, ConfigError, TrainingDiverged
 from altrack.protocol import run_method, stream_seed
@@ -262,8 +262,8 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     _check(isinstance(raw["search_space"], dict), where, "search_space must be a mapping")
     space = tuple(ParamRange.parse(str(name), value, where) for name, value in raw["search_space"].items())
     values = {k: v for k, v in raw.items() if k != "search_space"}
-    if values.get("lam") == "auto":
-        values["lam"] = None
+    if isinstance(values.get("lam"), str):
+        values["lam"] = parse_lam(values["lam"])
     types = {
         "budget": int,
         "epochs": int,
@@ -441,7 +441,7 @@ class _Worker:
             mlflow.log_params(
                 {
                     **params,
-                    "lam": "auto" if settings.lam is None else settings.lam,
+                    "lam": settings.lam_label,
                     "paper_baseline": baseline,
                     "seeds": ",".join(map(str, self.spec.seeds)),
                 }

@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.config import GridConfig, Settings
+from altrack.config import GridConfig, Settings, parse_lam
 from altrack.data import DATASETS, load_dataset, resolve_device
 from altrack.errors import AltrackError, first_line
 from altrack.protocol import FINAL_INIT, FINAL_ORDER, RunResult, fit, iterate_grid
@@ -144,7 +144,7 @@ def log_new_params(run_id: str, params: dict) -> None:
 
 def grid_params(cfg: GridConfig) -> dict:
     settings = asdict(cfg.settings)
-    settings["lam"] = "auto" if cfg.settings.lam is None else cfg.settings.lam
+    settings["lam"] = cfg.settings.lam_label
     return {
         "datasets": ",".join(cfg.datasets),
         "methods": ",".join(cfg.methods),
@@ -169,7 +169,7 @@ def run_params(result: RunResult) -> dict:
         "config_hash": result.config_hash,
         "torch_version": torch.__version__,
         **{k: v for k, v in asdict(settings).items() if k != "lam"},
-        "lam": "auto" if settings.lam is None else settings.lam,
+        "lam": settings.lam_label,
     }
     if key.method.startswith("coreset"):
         params["n_clusters"] = settings.effective_clusters(key.budget)
@@ -429,14 +429,13 @@ class ReplayOutcome:
 
 
 def settings_from_params(params: dict) -> Settings:
-    lam = params.get("lam", "auto")
     return Settings(
         epochs=int(params["epochs"]),
         batch_size=int(params["batch_size"]),
         lr=float(params["lr"]),
         seed_ratio=float(params["seed_ratio"]),
         cluster_ratio=float(params["cluster_ratio"]),
-        lam=None if lam == "auto" else float(lam),
+        lam=parse_lam(params.get("lam")),
         coreset_space=params.get("coreset_space", "embedding"),
         weighted=params.get("weighted", "False") == "True",
     )
