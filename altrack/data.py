@@ -222,6 +222,11 @@ def _load_cached(name: str, root: str, device: str) -> Dataset:
     )
 
 
+def release_datasets() -> None:
+    """Drop the per-process dataset cache (a parent whose workers hold their own copies)."""
+    _load_cached.cache_clear()
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, device: str = "cpu") -> Dataset:
     """Load once per process; callers must treat the tensors as read-only."""
     return _load_cached(name, str(resolve_data_dir(data_dir).resolve()), str(resolve_device(device)))

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from altrack import report
 from altrack.config import GridConfig, Settings, parse_lam
-from altrack.data import DATASETS, load_dataset, resolve_device
+from altrack.data import DATASETS, load_dataset, release_datasets, resolve_device
 from altrack.errors import AltrackError, first_line
 from altrack.protocol import FINAL_INIT, FINAL_ORDER, RunResult, fit, iterate_grid
 from altrack.train import evaluate
@@ -41,8 +41,12 @@ DEFAULT_EXPERIMENT = "altrack"
 
 @dataclass(frozen=True)
 class GridOutcome:
+    """The parent run, one row per run (finished here or resumed), and the report files.
+
+    Results themselves are not kept: each holds its seed stage (tens of MB), and a grid of
+    hundreds of runs must not grow with its length."""
+
     parent_run_id: str
-    results: list[RunResult]
     rows: list[dict]
     report_paths: list[Path]
 
@@ -283,10 +287,12 @@ def result_row(result: RunResult, run_id: str) -> dict:
 
 def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
     """Validate inputs, then run the grid under one parent run and write the report."""
-    for dataset in cfg.datasets:  # data errors surface before the store is touched (no mlflow.db)
-        load_dataset(dataset, cfg.data_dir, str(resolve_device(cfg.device)))
+    labels = {}  # data errors surface before the store is touched (no mlflow.db)
+    for dataset in cfg.datasets:
+        labels[dataset] = load_dataset(dataset, cfg.data_dir, str(resolve_device(cfg.device))).y_train.cpu().numpy()
+    if cfg.workers > 1:  # the workers load their own copies; this process only needs the labels
+        release_datasets()
     check_tracking_store()  # then the store, still before any training
-    results: list[RunResult] = []
     tags = {KIND_TAG: "grid", "altrack.command": " ".join(sys.argv), **_process_tags()}
     with start_parent(cfg.experiment, "grid", tags) as parent:
         parent_id = parent.info.run_id
@@ -301,20 +307,15 @@ def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
                 report.write_rows_csv(list(done.values()), Path(tmp) / "resumed_runs.csv", report.ROW_FIELDS)
                 mlflow.log_artifacts(tmp)
         skip = frozenset(hashes[h] for h in done)
-        labels: dict[str, np.ndarray] = {}
         for result in iterate_grid(cfg, skip=skip, progress=progress, workers=cfg.workers):
-            if result.key.dataset not in labels:
-                data = load_dataset(result.key.dataset, cfg.data_dir, result.device)
-                labels[result.key.dataset] = data.y_train.cpu().numpy()
             run_id = log_run(result, labels[result.key.dataset], cfg.log_models)
-            results.append(result)
             rows.append(result_row(result, run_id))
             if result.status != "FINISHED" and cfg.fail_fast:
                 raise AltrackError(f"{run_id} failed: {result.error} (--fail-fast)")
         paths = publish_report(rows, cfg.out)
         n_failed = sum(r["status"] != "FINISHED" for r in rows)
         mlflow.set_tags({"altrack.runs_finished": len(rows) - n_failed, "altrack.runs_failed": n_failed})
-    return GridOutcome(parent_id, results, rows, paths)
+    return GridOutcome(parent_id, rows, paths)
 
 
 def publish_report(rows: Sequence[dict], out: str | None) -> list[Path]:

@@ -74,7 +74,8 @@ def test_report_rebuilds_from_mlflow(data_dir, mlflow_store, tmp_path):
     rows = tracking.rows_from_mlflow(outcome.parent_run_id)
     assert sorted((r["method"], r["seed"]) for r in rows) == [("random", 0), ("random", 1)]
     accuracies = sorted(r["test_accuracy"] for r in rows)
-    assert accuracies == pytest.approx(sorted(r.test_accuracy for r in outcome.results))
+    assert accuracies == pytest.approx(sorted(r["test_accuracy"] for r in outcome.rows))
+    assert {r["run_id"] for r in rows} == {r["run_id"] for r in outcome.rows}
     paths = tracking.rebuild_report(outcome.parent_run_id, None, str(tmp_path / "rebuilt"))
     text = (tmp_path / "rebuilt" / report.TXT_NAME).read_text()
     assert "random" in text and " 2" in text
