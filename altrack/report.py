@@ -86,11 +86,11 @@ def plot_results(rows: Sequence[dict], path: Path) -> Path:
     budgets = sorted({k for _, k, _ in stats})
     if not datasets:
         raise ValueError("no finished runs to plot")
-    fig, grid = plt.subplots(
-        len(datasets), len(budgets), figsize=(4.2 * len(budgets) + 1, 4.2 * len(datasets)), squeeze=False
-    )
+    single = len(budgets) == 1  # one budget: the datasets side by side in one row
+    shape = (1, len(datasets)) if single else (len(datasets), len(budgets))
+    fig, grid = plt.subplots(*shape, figsize=(4.2 * shape[1] + 1, 4.2 * shape[0]), squeeze=False)
     for (row, dataset), (col, budget) in itertools.product(enumerate(datasets), enumerate(budgets)):
-        ax = grid[row][col]
+        ax = grid[0][row] if single else grid[row][col]
         if (dataset, budget) not in {(d, k) for d, k, _ in stats}:
             ax.set_visible(False)
             continue
@@ -225,9 +225,11 @@ COMPARATORS = ("random", "kcenter")
 
 def plot_learning_curves(rows: Sequence[dict], path: Path) -> Path | None:
     """Accuracy against k per dataset, mean ± 1 std bands, one line per method (needs 2+ budgets)."""
+    from altrack.data import DATASETS
+
     stats = summarise(rows)
-    datasets = sorted({d for d, _, _ in stats})
-    if not datasets or len({k for _, k, _ in stats}) < 2:
+    datasets = [d for d in DATASETS if len({k for dd, k, _ in stats if dd == d}) >= 2]  # a curve needs 2 points
+    if not datasets:
         return None
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.8 * len(datasets), 4.4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
