@@ -199,11 +199,11 @@ def load_arrays(name: str, data_dir: str | os.PathLike | None = None) -> tuple[n
 
 def _to_tensor(name: str, images: np.ndarray, device: torch.device) -> torch.Tensor:
     spec = DATASETS[name]
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device=device, dtype=torch.float32)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    x = (x.float() / 255.0 - mean) / std
+    x = x.div_(255.0).sub_(mean).div_(std)  # in place: no split-sized temporaries
     if spec.image_shape[0] > 1:  # convolutions run faster in NHWC on CPU and GPU
         x = x.contiguous(memory_format=torch.channels_last)
     return x
