@@ -280,6 +280,11 @@ def _group_worker(cfg: GridConfig, dataset: str, budget: int, seed: int, methods
     return list(run_group(cfg, dataset, budget, seed, methods))
 
 
+def threads_per_worker(workers: int) -> int:
+    """Each of ``workers`` processes gets its share of the cores, so they do not oversubscribe."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -309,7 +314,7 @@ def iterate_grid(
                     bar.finished(result)
                     yield result
             return
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = threads_per_worker(workers)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
             futures = [pool.submit(_group_worker, cfg, *group, methods) for group, methods in groups.items()]

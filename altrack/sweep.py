@@ -36,7 +36,7 @@ from altrack.cache import SeedStageCache
 from altrack.config import DEVICES, Settings, parse_lam
 from altrack.data import DATASETS, load_dataset, resolve_device
 from altrack.errors import AltrackError, ConfigError, TrainingDiverged
-from altrack.protocol import run_method, stream_seed
+from altrack.protocol import run_method, stream_seed, threads_per_worker
 from altrack.selection import available_methods
 from altrack.tracking import ERROR_TAG, KIND_TAG, pid_alive
 
@@ -541,7 +541,7 @@ def run_sweep(
             Path(tmp, "spec.yaml").write_text(Path(spec.source).read_text() if Path(spec.source).exists() else "")
             mlflow.log_artifacts(tmp)
         jobs = [_Worker(spec, study_name, storage, n_trials, parent_id, i, cache_dir, data_dir) for i in range(workers)]
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = threads_per_worker(workers)
         if workers == 1:
             jobs[0].run()
         else:
