@@ -125,7 +125,26 @@ def run(**opts: object) -> None:
 @click.option(
     "--notes", type=click.Path(exists=True, dir_okay=False), default=None, help="Markdown inserted into the page."
 )
-def report_cmd(run_ids: tuple[str, ...], experiment: str | None, out: str, paper: bool, docs: str, notes) -> None:
+@click.option(
+    "--setting-run-id",
+    "setting_ids",
+    multiple=True,
+    help="--paper: a parent run of 'altrack run' on fresh seeds whose settings the page compares with the "
+    "paper's 0.2/0.2, paired by seed (repeatable).",
+)
+@click.option(
+    "--sweep-run-id", "sweep_ids", multiple=True, help="--paper: a parent run of 'altrack sweep' (repeatable)."
+)
+def report_cmd(
+    run_ids: tuple[str, ...],
+    experiment: str | None,
+    out: str,
+    paper: bool,
+    docs: str,
+    notes,
+    setting_ids: tuple[str, ...],
+    sweep_ids: tuple[str, ...],
+) -> None:
     """Rebuild the png and txt from the MLflow runs of parent runs or an experiment."""
     from altrack import tracking
 
@@ -135,8 +154,11 @@ def report_cmd(run_ids: tuple[str, ...], experiment: str | None, out: str, paper
     for folder, option in ((out, "--out"), (docs, "--docs")):
         if not writable_dir_target(Path(folder)):
             raise AltrackError(f"{option} {folder!r} is not a writable directory")
+    if (setting_ids or sweep_ids) and not paper:
+        raise click.UsageError("--setting-run-id and --sweep-run-id need --paper")
     if paper:
-        page = tracking.paper_page(run_ids, experiment or None, docs, Path(notes).read_text() if notes else None)
+        text = Path(notes).read_text() if notes else None
+        page = tracking.paper_page(run_ids, experiment or None, docs, text, setting_ids, sweep_ids)
         click.echo(f"wrote {page}")
         return
     if len(run_ids) > 1:

@@ -41,6 +41,15 @@ def parse_lam(value: str | float | None) -> float | None:
         raise ConfigError(f"lam must be 'auto' or a number, got {value!r}") from None
 
 
+def setting_label(seed_ratio: float, cluster_ratio: float, lam: str | float | None) -> str:
+    """The knobs a sweep tunes, as one string: how reports tell settings apart."""
+    lam = parse_lam(lam)
+    return f"seed_ratio={seed_ratio:g} cluster_ratio={cluster_ratio:g} lam={AUTO if lam is None else f'{lam:.4g}'}"
+
+
+PAPER_SETTING_LABEL = setting_label(0.2, 0.2, AUTO)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The knobs of one protocol run besides dataset, method, budget and seed (paper defaults)."""
@@ -77,6 +86,10 @@ class Settings:
     def lam_label(self) -> str | float:
         """How lam is logged: 'auto' or the fixed value."""
         return AUTO if self.lam is None else self.lam
+
+    @property
+    def label(self) -> str:
+        return setting_label(self.seed_ratio, self.cluster_ratio, self.lam)
 
     def n_seed(self, budget: int) -> int:
         return int(round(self.seed_ratio * budget))

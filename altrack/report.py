@@ -18,13 +18,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from altrack.config import PAPER_SETTING_LABEL  # noqa: E402
 from altrack.selection import available_methods  # noqa: E402
 
 PNG_NAME = "active_learning_results.png"
 TXT_NAME = "active_learning_results.txt"
 CSV_NAME = "active_learning_results.csv"
 BASELINE = "random"
-ROW_FIELDS = ("dataset", "method", "budget", "seed", "status", "test_accuracy", "run_id", "error")
+ROW_FIELDS = ("dataset", "method", "budget", "seed", "status", "test_accuracy", "run_id", "error", "setting")
 
 _PALETTE = {
     "coreset": "#d62728",
@@ -266,18 +267,47 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return adjusted
 
 
+def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict | None:
+    """ours - base over the seeds both have: mean, t 95% CI, paired t-test and Wilcoxon p."""
+    from scipy import stats as st
+
+    seeds = sorted(set(ours) & set(base))
+    if len(seeds) < 2:
+        return None
+    diff = np.array([ours[s] - base[s] for s in seeds])
+    mean = float(diff.mean())
+    sem = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    half = float(st.t.ppf(0.975, len(diff) - 1) * sem) if sem > 0 else 0.0
+    t_p = float(st.ttest_rel([ours[s] for s in seeds], [base[s] for s in seeds]).pvalue) if sem > 0 else 1.0
+    w_p = float(st.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+    return {"n": len(seeds), "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half,
+            "t_p": t_p, "wilcoxon_p": w_p}  # fmt: skip
+
+
+def _holm_mark(tests: list[dict], alpha: float) -> list[dict]:
+    if tests:
+        for test, adjusted in zip(tests, holm([t["t_p"] for t in tests]), strict=True):
+            test["holm_p"] = float(adjusted)
+            test["significant"] = bool(adjusted < alpha)
+    return tests
+
+
+def _accuracy_by_seed(rows: Sequence[dict], *key_fields: str) -> dict[tuple, dict[int, float]]:
+    by_seed: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if row["status"] == "FINISHED":
+            key = tuple(int(row[f]) if f == "budget" else row[f] for f in key_fields)
+            by_seed[key][int(row["seed"])] = float(row["test_accuracy"])
+    return by_seed
+
+
 def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS, alpha: float = 0.05) -> list[dict]:
     """Each method against each comparator per (dataset, k), paired over the seeds both finished.
 
     Mean difference with a t 95% CI, paired t-test and Wilcoxon signed-rank p-values, and the
     Holm-adjusted t-test p over every comparison in the table.
     """
-    from scipy import stats as st
-
-    by_seed: dict[tuple[str, int, str], dict[int, float]] = defaultdict(dict)
-    for row in rows:
-        if row["status"] == "FINISHED":
-            by_seed[(row["dataset"], int(row["budget"]), row["method"])][int(row["seed"])] = float(row["test_accuracy"])
+    by_seed = _accuracy_by_seed(rows, "dataset", "budget", "method")
     tests = []
     for dataset, budget in sorted({(d, k) for d, k, _ in by_seed}):
         methods = method_order(m for d, k, m in by_seed if (d, k) == (dataset, budget))
@@ -288,24 +318,26 @@ def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS,
             for method in methods:
                 if method == comparator or method in comparators[: comparators.index(comparator)]:
                     continue  # itself, or a pair already tested the other way round
-                ours = by_seed[(dataset, budget, method)]
-                seeds = sorted(set(ours) & set(base))
-                if len(seeds) < 2:
-                    continue
-                diff = np.array([ours[s] - base[s] for s in seeds])
-                mean = float(diff.mean())
-                sem = float(diff.std(ddof=1) / np.sqrt(len(diff)))
-                half = float(st.t.ppf(0.975, len(diff) - 1) * sem) if sem > 0 else 0.0
-                t_p = float(st.ttest_rel([ours[s] for s in seeds], [base[s] for s in seeds]).pvalue) if sem > 0 else 1.0
-                w_p = float(st.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
-                tests.append({"dataset": dataset, "budget": budget, "method": method, "vs": comparator,
-                              "n": len(seeds), "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half,
-                              "t_p": t_p, "wilcoxon_p": w_p})  # fmt: skip
-    if tests:
-        for test, adjusted in zip(tests, holm([t["t_p"] for t in tests]), strict=True):
-            test["holm_p"] = float(adjusted)
-            test["significant"] = bool(adjusted < alpha)
-    return tests
+                test = paired_difference(by_seed[(dataset, budget, method)], base)
+                if test is not None:
+                    tests.append({"dataset": dataset, "budget": budget, "method": method, "vs": comparator, **test})
+    return _holm_mark(tests, alpha)
+
+
+def setting_tests(rows: Sequence[dict], reference: str = PAPER_SETTING_LABEL, alpha: float = 0.05) -> list[dict]:
+    """Each setting against ``reference`` (the paper's 0.2/0.2, lam auto) per (dataset, k, method),
+    paired over seeds: a tuned setting must beat the paper's on seeds it was not tuned on."""
+    by_seed = _accuracy_by_seed(rows, "dataset", "budget", "method", "setting")
+    tests = []
+    for dataset, budget, method, setting in sorted(by_seed):
+        base = by_seed.get((dataset, budget, method, reference))
+        if setting == reference or base is None:
+            continue
+        test = paired_difference(by_seed[(dataset, budget, method, setting)], base)
+        if test is not None:
+            tests.append({"dataset": dataset, "budget": budget, "method": method, "setting": setting,
+                          "vs": reference, **test})  # fmt: skip
+    return _holm_mark(tests, alpha)
 
 
 def format_paired(tests: Sequence[dict]) -> str:

@@ -16,6 +16,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from altrack import report
+from altrack.config import AUTO, PAPER_SETTING_LABEL, setting_label
+from altrack.tracking import COMMAND_TAG, KIND_TAG
 
 # arXiv 2402.17327 v1, §5.2.2: test accuracy at k = 2000, averaged over 100 runs.
 PAPER_K2000 = {
@@ -99,11 +101,94 @@ def _parent_lines(parent_ids: Sequence[str]) -> tuple[list[str], float]:
         run = client.get_run(parent_id)
         seconds = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
         total += seconds
-        command = run.data.tags.get("altrack.command", "")
-        command = "altrack " + " ".join(command.split()[1:]) if command else "—"
-        n = int(float(run.data.tags.get("altrack.runs_finished", 0)))
-        lines.append(f"| `{parent_id}` | `{command}` | {n} | {seconds / 60:.1f} min |")
+        command = run.data.tags.get(COMMAND_TAG, "")
+        if command:
+            command = "altrack " + " ".join(command.split()[1:])
+        elif "optuna.study" in run.data.tags:
+            command = f"altrack sweep (study {run.data.tags['optuna.study']})"
+        if run.data.tags.get(KIND_TAG) == "sweep":
+            count = f"{int(run.data.metrics.get('n_complete', 0))} trials"
+        else:
+            count = str(int(float(run.data.tags.get("altrack.runs_finished", 0))))
+        lines.append(f"| `{parent_id}` | `{command or '—'}` | {count} | {seconds / 60:.1f} min |")
     return lines, total
+
+
+def sweep_summary(parent_id: str) -> dict:
+    """What one ``altrack sweep`` parent found: its best setting and where the paper's setting
+    (trial 0, lam auto) ranked among the study's complete trials, by validation accuracy."""
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    params, study = parent.data.params, parent.data.tags.get("optuna.study", "")
+    trials = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{KIND_TAG}` = 'trial' and tags.`optuna.study` = '{study}' and tags.`optuna.state` = 'COMPLETE'",
+        max_results=50000,
+    )
+    values = {int(t.data.tags["optuna.trial_number"]): t.data.metrics["val_accuracy"] for t in trials}
+    paper = next((int(t.data.tags["optuna.trial_number"]) for t in trials
+                  if t.data.params.get("paper_baseline") == "True"), None)  # fmt: skip
+    rank = None if paper is None else 1 + sum(v > values[paper] for v in values.values())
+    best = {k.removeprefix("best_"): v for k, v in params.items() if k.startswith("best_")}
+    return {
+        "parent_id": parent_id,
+        "study": study,
+        "dataset": params.get("dataset", ""),
+        "budget": params.get("budget", ""),
+        "seeds_per_trial": params.get("seeds_per_trial", ""),
+        "n_trials": len(values),
+        "best_value": parent.data.metrics.get("best_value", float("nan")),
+        "best_setting": setting_label(
+            float(best.get("seed_ratio", 0.2)), float(best.get("cluster_ratio", 0.2)), best.get("lam", AUTO)
+        ),
+        "paper_value": values.get(paper, float("nan")) if paper is not None else float("nan"),
+        "paper_rank": rank,
+    }
+
+
+def settings_section(rows: Sequence[dict], sweeps: Sequence[dict]) -> list[str]:
+    """The sweep's best setting against the paper's on fresh seeds, paired by seed."""
+    lines = [f"## The sweep's best setting against the paper's ({PAPER_SETTING_LABEL})", ""]
+    if sweeps:
+        lines += ["What each Optuna study found on its validation split (10% of train, never labelled or "
+                  "tested on), by mean validation accuracy over its seeds:", "",
+                  "| dataset | k | study | trials x seeds | best setting | best val | paper's setting val (rank) |",
+                  "| --- | ---: | --- | --- | --- | ---: | ---: |"]  # fmt: skip
+        for sw in sweeps:
+            rank = f"{sw['paper_value']:.4f} ({sw['paper_rank']} of {sw['n_trials']})" if sw["paper_rank"] else "—"
+            lines.append(f"| {DATASET_NAMES.get(sw['dataset'], sw['dataset'])} | {sw['budget']} | `{sw['study']}` "
+                         f"| {sw['n_trials']} x {sw['seeds_per_trial']} | `{sw['best_setting']}` "
+                         f"| {sw['best_value']:.4f} | {rank} |")  # fmt: skip
+        lines.append("")
+    groups: dict[tuple, dict[int, float]] = {}
+    for row in rows:
+        if row["status"] == "FINISHED":
+            key = (row["dataset"], int(row["budget"]), row["method"], row["setting"])
+            groups.setdefault(key, {})[int(row["seed"])] = float(row["test_accuracy"])
+    if groups:
+        seeds = sorted({s for values in groups.values() for s in values})
+        lines += [f"Test accuracy on fresh seeds {seeds[0]}..{seeds[-1]} (the studies tuned on other seeds), "
+                  "mean ± std (n):", "", "| dataset | k | method | setting | test accuracy |",
+                  "| --- | ---: | --- | --- | ---: |"]  # fmt: skip
+        for (dataset, budget, method, setting), values in sorted(groups.items()):
+            acc = np.array(list(values.values()))
+            lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `{method}` | `{setting}` "
+                         f"| {_cell(acc)} |")  # fmt: skip
+        lines.append("")
+    tests = report.setting_tests(rows)
+    if tests:
+        lines += ["Each setting minus the paper's, paired by seed (same seed, same random streams; a different "
+                  "seed_ratio draws a different seed set, so the seed models differ too); **\\*** = "
+                  "significant after Holm's correction over these rows:", "",
+                  "| dataset | k | method | setting | n | mean diff | 95% CI | t-test p | Wilcoxon p | Holm p |",
+                  "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+        for t in tests:
+            mark = " **\\***" if t["significant"] else ""
+            lines.append(f"| {t['dataset']} | {t['budget']} | `{t['method']}` | `{t['setting']}` | {t['n']} "
+                         f"| {t['mean_diff']:+.4f}{mark} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] "
+                         f"| {t['t_p']:.3g} | {t['wilcoxon_p']:.3g} | {t['holm_p']:.3g} |")  # fmt: skip
+        lines.append("")
+    return lines
 
 
 def hardware() -> str:
@@ -120,8 +205,18 @@ def hardware() -> str:
             f"{platform.system()} {platform.release()}")  # fmt: skip
 
 
-def write_page(rows: Sequence[dict], parent_ids: Sequence[str], docs: str | Path, notes: str | None = None) -> Path:
-    """docs/reproduction.md with its pngs beside it."""
+def write_page(
+    rows: Sequence[dict],
+    parent_ids: Sequence[str],
+    docs: str | Path,
+    notes: str | None = None,
+    setting_rows: Sequence[dict] = (),
+    sweeps: Sequence[dict] = (),
+) -> Path:
+    """docs/reproduction.md with its pngs beside it.
+
+    ``setting_rows`` (runs of other settings on fresh seeds) and ``sweeps`` (``sweep_summary``
+    of each study) feed their own section only, so they never mix into the paper's table."""
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
     stats = report.summarise(rows)
@@ -156,6 +251,8 @@ def write_page(rows: Sequence[dict], parent_ids: Sequence[str], docs: str | Path
         lines += [f"Algorithm 1 against the baselines at k = {TABLE_K}, paired over seeds "
                   "(shared seed set and seed model); **\\*** = significant after Holm's correction over",
                   "every comparison on this page:", "", *_tests_table(key_tests), ""]  # fmt: skip
+    if setting_rows or sweeps:
+        lines += settings_section(setting_rows, sweeps)
     if notes:
         lines += [notes.strip(), ""]
     if curves is not None:
@@ -171,7 +268,8 @@ def write_page(rows: Sequence[dict], parent_ids: Sequence[str], docs: str | Path
         lines += [f"{len(failed)} run(s) failed and are left out of every mean above.", ""]
     lines += ["## How it was made", "", f"- Hardware: {hardware()}.",
               f"- Wall time: {wall / 60:.1f} min over {len(parent_ids)} parent run(s); "
-              f"{sum(r['status'] == 'FINISHED' for r in rows)} finished protocol runs.", "", *parents, ""]  # fmt: skip
+              f"{sum(r['status'] == 'FINISHED' for r in [*rows, *setting_rows])} finished protocol runs "
+              "(sweep trials not counted).", "", *parents, ""]  # fmt: skip
     page = docs / "reproduction.md"
     page.write_text("\n".join(lines))
     return page

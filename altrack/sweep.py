@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from altrack.data import DATASETS, load_dataset, resolve_device
 from altrack.errors import AltrackError, ConfigError, TrainingDiverged
 from altrack.protocol import run_method, stream_seed, threads_per_worker
 from altrack.selection import available_methods
-from altrack.tracking import ERROR_TAG, KIND_TAG, pid_alive
+from altrack.tracking import COMMAND_TAG, ERROR_TAG, KIND_TAG, pid_alive
 
 DEFAULT_STORAGE = "altrack-optuna.journal"
 SEARCHABLE = ("cluster_ratio", "seed_ratio", "lam")
@@ -520,7 +521,12 @@ def run_sweep(
         baseline = {k: v for k, v in PAPER_SETTING.items() if k in space and space[k].admits(v)}
         study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     storage_label = storage or str(Path(DEFAULT_STORAGE).resolve())
-    tags = {KIND_TAG: "sweep", "optuna.study": study_name, "optuna.storage": _redact(storage_label)}
+    tags = {
+        KIND_TAG: "sweep",
+        COMMAND_TAG: " ".join(_redact(arg) for arg in sys.argv),
+        "optuna.study": study_name,
+        "optuna.storage": _redact(storage_label),
+    }
     with tracking.start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags) as parent:
         parent_id = parent.info.run_id
         tracking.log_new_params(

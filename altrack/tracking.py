@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.config import GridConfig, Settings, parse_lam
+from altrack.config import GridConfig, Settings, parse_lam, setting_label
 from altrack.data import DATASETS, load_dataset, release_datasets, resolve_device
 from altrack.errors import AltrackError, first_line
 from altrack.protocol import FINAL_INIT, FINAL_ORDER, RunResult, fit, iterate_grid
@@ -36,6 +36,7 @@ HOST_TAG = "altrack.host"
 PID_TAG = "altrack.pid"
 HASH_TAG = "altrack.config_hash"
 ERROR_TAG = "altrack.error"
+COMMAND_TAG = "altrack.command"  # the command line that made a parent run, for the results page
 DEFAULT_EXPERIMENT = "altrack"
 
 
@@ -282,6 +283,7 @@ def result_row(result: RunResult, run_id: str) -> dict:
         "test_accuracy": result.test_accuracy,
         "run_id": run_id,
         "error": result.error or "",
+        "setting": result.settings.label,
     }
 
 
@@ -293,7 +295,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
     if cfg.workers > 1:  # the workers load their own copies; this process only needs the labels
         release_datasets()
     check_tracking_store()  # then the store, still before any training
-    tags = {KIND_TAG: "grid", "altrack.command": " ".join(sys.argv), **_process_tags()}
+    tags = {KIND_TAG: "grid", COMMAND_TAG: " ".join(sys.argv), **_process_tags()}
     with start_parent(cfg.experiment, "grid", tags) as parent:
         parent_id = parent.info.run_id
         log_new_params(parent_id, grid_params(cfg))
@@ -356,9 +358,17 @@ def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[dict, st
             "test_accuracy": run.data.metrics.get("test_accuracy", float("nan")),
             "run_id": run.info.run_id,
             "error": run.data.tags.get(ERROR_TAG, ""),
+            "setting": setting_label(float(p["seed_ratio"]), float(p["cluster_ratio"]), p["lam"]),
         }
         found.append((row, run.data.tags.get(HASH_TAG, run.info.run_id)))
     return found
+
+
+def _get_run(client: MlflowClient, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except Exception as exc:
+        raise AltrackError(f"no MLflow run with id {run_id!r} at {mlflow.get_tracking_uri()}") from exc
 
 
 def rows_from_mlflow(parent_run_id: str | None = None, experiment: str | None = None) -> list[dict]:
@@ -372,10 +382,7 @@ def rows_from_mlflow(parent_run_id: str | None = None, experiment: str | None = 
     query = f"tags.`{KIND_TAG}` = 'protocol'"
     extra: list[str] = []
     if parent_run_id is not None:
-        try:
-            parent = client.get_run(parent_run_id)
-        except Exception as exc:
-            raise AltrackError(f"no MLflow run with id {parent_run_id!r} at {mlflow.get_tracking_uri()}") from exc
+        parent = _get_run(client, parent_run_id)
         experiment_ids = [parent.info.experiment_id]
         extra = _resumed_ids(parent_run_id)
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
@@ -454,10 +461,7 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     model, no selection) and log it as a new run tagged with the original's id."""
     check_tracking_store()
     client = MlflowClient()
-    try:
-        original = client.get_run(run_id)
-    except Exception as exc:
-        raise AltrackError(f"no MLflow run with id {run_id!r} at {mlflow.get_tracking_uri()}") from exc
+    original = _get_run(client, run_id)
     params = original.data.params
     if original.data.tags.get(KIND_TAG) != "protocol" or original.info.status != "FINISHED":
         raise AltrackError(f"run {run_id} is not a finished altrack protocol run")
@@ -491,17 +495,34 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     return ReplayOutcome(run_id, run.info.run_id, logged, accuracy)
 
 
-def paper_page(parent_ids: Sequence[str], experiment: str | None, docs: str, notes: str | None) -> Path:
-    """docs/reproduction.md from the protocol runs of the given parents (or a whole experiment)."""
-    from altrack.reproduction import write_page
+def paper_page(
+    parent_ids: Sequence[str],
+    experiment: str | None,
+    docs: str,
+    notes: str | None,
+    setting_ids: Sequence[str] = (),
+    sweep_ids: Sequence[str] = (),
+) -> Path:
+    """docs/reproduction.md from the protocol runs of the given parents (or a whole experiment),
+    with the runs of ``setting_ids`` compared setting against setting and the studies of ``sweep_ids``."""
+    from altrack.reproduction import sweep_summary, write_page
 
-    if parent_ids:  # a resumed parent also lists its predecessor's runs: count each run once
-        rows = list({row["run_id"]: row for parent in parent_ids for row in rows_from_mlflow(parent)}.values())
+    def rows_of(parents: Sequence[str]) -> list[dict]:  # a resumed parent also lists its predecessor's runs
+        return list({row["run_id"]: row for parent in parents for row in rows_from_mlflow(parent)}.values())
+
+    client = MlflowClient()
+    for sweep_id in sweep_ids:
+        if _get_run(client, sweep_id).data.tags.get(KIND_TAG) != "sweep":
+            raise AltrackError(f"run {sweep_id} is not the parent run of an 'altrack sweep'")
+    if parent_ids:
+        rows = rows_of(parent_ids)
     else:
         rows = rows_from_mlflow(experiment=experiment)
-        client = MlflowClient()
         ids = _experiment_ids(experiment)
         parent_ids = [r.info.run_id for r in client.search_runs(ids, f"tags.`{KIND_TAG}` = 'grid'")]
     if not rows:
         raise AltrackError("no altrack protocol runs found for those runs")
-    return write_page(rows, parent_ids, docs, notes)
+    setting_rows = rows_of(setting_ids)
+    sweeps = [sweep_summary(sweep_id) for sweep_id in sweep_ids]
+    parents = [*parent_ids, *setting_ids, *sweep_ids]
+    return write_page(rows, parents, docs, notes, setting_rows=setting_rows, sweeps=sweeps)

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from altrack.cli import main
 from altrack.errors import ConfigError
+from altrack.reproduction import sweep_summary
 from altrack.sweep import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR, load_spec, open_storage, run_sweep
 
 TINY_SPEC = """\
@@ -111,6 +112,12 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert again.n_complete == 4
     study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+    summary = sweep_summary(again.parent_run_id)  # what the results page reports of a study
+    values = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert summary["n_trials"] == 4 and summary["best_value"] == again.best_value == max(values.values())
+    assert summary["paper_value"] == values[0]
+    assert summary["paper_rank"] == 1 + sum(v > values[0] for v in values.values())
 
 
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlflow_store, tmp_path):

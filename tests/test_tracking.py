@@ -120,3 +120,20 @@ def test_paper_page_lists_the_table_the_parents_and_the_images(data_dir, mlflow_
     assert "![learning curves](reproduction_curves.png)" in text
     assert (tmp_path / "docs" / "reproduction_curves.png").exists()
     assert "| mnist | 100 | coreset | random | 2 |" in text
+
+
+def test_paper_page_compares_a_tuned_setting_with_the_papers_paired_by_seed(data_dir, mlflow_store, tmp_path):
+    grid = tracking.run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
+    fresh = dict(methods=("coreset",), runs=2, seed=100)
+    paper = tracking.run_grid(_cfg(data_dir, None, **fresh), progress=False)
+    tuned_settings = Settings(epochs=2, seed_ratio=0.1, cluster_ratio=0.3, lam=0.01)
+    tuned = tracking.run_grid(_cfg(data_dir, None, settings=tuned_settings, **fresh), progress=False)
+    ids = [paper.parent_run_id, tuned.parent_run_id]
+    text = tracking.paper_page([grid.parent_run_id], None, str(tmp_path / "docs"), None, ids).read_text()
+
+    acc = {(r["setting"], r["seed"]): r["test_accuracy"] for r in paper.rows + tuned.rows}
+    label = "seed_ratio=0.1 cluster_ratio=0.3 lam=0.01"
+    diff = np.mean([acc[(label, s)] - acc[(report.PAPER_SETTING_LABEL, s)] for s in (100, 101)])
+    assert f"| mnist | 100 | `coreset` | `{label}` | 2 | {diff:+.4f}" in text
+    assert "| mnist | 100 | coreset |" not in text  # the fresh-seed runs stay out of the paper's tables
+    assert all(parent in text for parent in [grid.parent_run_id, *ids])
