@@ -184,7 +184,8 @@ def settings_section(rows: Sequence[dict], sweeps: Sequence[dict]) -> list[str]:
                   "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
         for t in tests:
             mark = " **\\***" if t["significant"] else ""
-            lines.append(f"| {t['dataset']} | {t['budget']} | `{t['method']}` | `{t['setting']}` | {t['n']} "
+            dataset = DATASET_NAMES.get(t["dataset"], t["dataset"])
+            lines.append(f"| {dataset} | {t['budget']} | `{t['method']}` | `{t['setting']}` | {t['n']} "
                          f"| {t['mean_diff']:+.4f}{mark} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] "
                          f"| {t['t_p']:.3g} | {t['wilcoxon_p']:.3g} | {t['holm_p']:.3g} |")  # fmt: skip
         lines.append("")

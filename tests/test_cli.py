@@ -55,6 +55,20 @@ def test_bad_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_pa
     _assert_refused(code, err, expected, tmp_path)
 
 
+REPORT_BAD_INPUT = [
+    (["--setting-run-id", "abc"], "give --run-id or --experiment"),
+    (["--run-id", "abc", "--sweep-run-id", "def"], "--setting-run-id and --sweep-run-id need --paper"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), REPORT_BAD_INPUT, ids=["no-run-id", "sweep-without-paper"])
+def test_bad_report_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, _, err = _run_cli(["report", *args], capsys)
+    _assert_refused(code, err, expected, tmp_path)
+
+
 def test_unwritable_out_is_refused(capsys, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
