@@ -284,7 +284,8 @@ def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict | 
             "t_p": t_p, "wilcoxon_p": w_p}  # fmt: skip
 
 
-def _holm_mark(tests: list[dict], alpha: float) -> list[dict]:
+def mark_holm(tests: list[dict], alpha: float = 0.05) -> list[dict]:
+    """Holm-adjust the t-test p of ``tests`` as one family, in place."""
     if tests:
         for test, adjusted in zip(tests, holm([t["t_p"] for t in tests]), strict=True):
             test["holm_p"] = float(adjusted)
@@ -321,7 +322,7 @@ def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS,
                 test = paired_difference(by_seed[(dataset, budget, method)], base)
                 if test is not None:
                     tests.append({"dataset": dataset, "budget": budget, "method": method, "vs": comparator, **test})
-    return _holm_mark(tests, alpha)
+    return mark_holm(tests, alpha)
 
 
 def setting_tests(rows: Sequence[dict], reference: str = PAPER_SETTING_LABEL, alpha: float = 0.05) -> list[dict]:
@@ -337,7 +338,7 @@ def setting_tests(rows: Sequence[dict], reference: str = PAPER_SETTING_LABEL, al
         if test is not None:
             tests.append({"dataset": dataset, "budget": budget, "method": method, "setting": setting,
                           "vs": reference, **test})  # fmt: skip
-    return _holm_mark(tests, alpha)
+    return mark_holm(tests, alpha)
 
 
 def format_paired(tests: Sequence[dict]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.config import AUTO, PAPER_SETTING_LABEL, setting_label
-from altrack.tracking import COMMAND_TAG, KIND_TAG
+from altrack.config import PAPER_SETTING_LABEL, setting_label
+from altrack.tracking import COMMAND_TAG, KIND_TAG, _get_run
 
 # arXiv 2402.17327 v1, §5.2.2: test accuracy at k = 2000, averaged over 100 runs.
 PAPER_K2000 = {
@@ -115,78 +115,115 @@ def _parent_lines(parent_ids: Sequence[str]) -> tuple[list[str], float]:
 
 
 def sweep_summary(parent_id: str) -> dict:
-    """What one ``altrack sweep`` parent found: its best setting and where the paper's setting
-    (trial 0, lam auto) ranked among the study's complete trials, by validation accuracy."""
+    """What one ``altrack sweep`` parent found, by mean validation accuracy: its best setting,
+    the best setting other than the paper's, and where the paper's setting (trial 0) ranked.
+
+    Settings are read from the protocol runs under each trial, which log every knob, including
+    those the spec fixes rather than searches."""
     client = MlflowClient()
-    parent = client.get_run(parent_id)
+    parent = _get_run(client, parent_id)
     params, study = parent.data.params, parent.data.tags.get("optuna.study", "")
+    experiment = [parent.info.experiment_id]
     trials = client.search_runs(
-        [parent.info.experiment_id],
+        experiment,
         f"tags.`{KIND_TAG}` = 'trial' and tags.`optuna.study` = '{study}' and tags.`optuna.state` = 'COMPLETE'",
         max_results=50000,
     )
-    values = {int(t.data.tags["optuna.trial_number"]): t.data.metrics["val_accuracy"] for t in trials}
-    paper = next((int(t.data.tags["optuna.trial_number"]) for t in trials
-                  if t.data.params.get("paper_baseline") == "True"), None)  # fmt: skip
-    rank = None if paper is None else 1 + sum(v > values[paper] for v in values.values())
-    best = {k.removeprefix("best_"): v for k, v in params.items() if k.startswith("best_")}
+    setting_of = {}
+    for run in client.search_runs(experiment, f"tags.`{KIND_TAG}` = 'sweep-protocol'", max_results=50000):
+        p = run.data.params
+        setting_of[run.data.tags.get("mlflow.parentRunId")] = setting_label(
+            float(p["seed_ratio"]), float(p["cluster_ratio"]), p["lam"]
+        )
+    ranked = sorted(
+        ((t.data.metrics["val_accuracy"], t.data.params.get("paper_baseline") == "True", setting_of[t.info.run_id])
+         for t in trials if t.info.run_id in setting_of),
+        key=lambda trial: -trial[0],
+    )  # fmt: skip
+    paper = next((i for i, trial in enumerate(ranked) if trial[1]), None)
+    other = next((trial for trial in ranked if not trial[1]), None)
     return {
         "parent_id": parent_id,
         "study": study,
         "dataset": params.get("dataset", ""),
         "budget": params.get("budget", ""),
         "seeds_per_trial": params.get("seeds_per_trial", ""),
-        "n_trials": len(values),
-        "best_value": parent.data.metrics.get("best_value", float("nan")),
-        "best_setting": setting_label(
-            float(best.get("seed_ratio", 0.2)), float(best.get("cluster_ratio", 0.2)), best.get("lam", AUTO)
-        ),
-        "paper_value": values.get(paper, float("nan")) if paper is not None else float("nan"),
-        "paper_rank": rank,
+        "seeds": sorted({int(seed) for t in trials for seed in t.data.params.get("seeds", "").split(",") if seed}),
+        "n_trials": len(ranked),
+        "best_value": ranked[0][0] if ranked else float("nan"),
+        "best_setting": ranked[0][2] if ranked else "",
+        "paper_value": ranked[paper][0] if paper is not None else float("nan"),
+        "paper_rank": None if paper is None else 1 + sum(v > ranked[paper][0] for v, _, _ in ranked),
+        "other_value": other[0] if other else float("nan"),
+        "other_setting": other[2] if other else "",
     }
 
 
-def settings_section(rows: Sequence[dict], sweeps: Sequence[dict]) -> list[str]:
-    """The sweep's best setting against the paper's on fresh seeds, paired by seed."""
-    lines = [f"## The sweep's best setting against the paper's ({PAPER_SETTING_LABEL})", ""]
+def _dataset_order(dataset: str) -> int:
+    return list(DATASET_NAMES).index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
+
+
+def settings_section(rows: Sequence[dict], sweeps: Sequence[dict], used_seeds: Iterable[int] = ()) -> list[str]:
+    """The sweeps' best settings against the paper's on fresh seeds, paired by seed.
+
+    ``used_seeds``: the seeds of the page's other runs; the studies' own come with ``sweeps``."""
+    used_seeds = {*used_seeds, *(seed for sw in sweeps for seed in sw["seeds"])}
+    lines = ["## The sweep's best setting against the paper's (k'/k = k''/k = 0.2, λ auto)", ""]
     if sweeps:
-        lines += ["What each Optuna study found on its validation split (10% of train, never labelled or "
-                  "tested on), by mean validation accuracy over its seeds:", "",
-                  "| dataset | k | study | trials x seeds | best setting | best val | paper's setting val (rank) |",
-                  "| --- | ---: | --- | --- | --- | ---: | ---: |"]  # fmt: skip
-        for sw in sweeps:
-            rank = f"{sw['paper_value']:.4f} ({sw['paper_rank']} of {sw['n_trials']})" if sw["paper_rank"] else "—"
+        lines += ["What each Optuna study found, by mean validation accuracy over its seeds. The validation "
+                  "split (10% of train) is held out of every seed set and pool, so no model trains on it, and "
+                  "the test split is never used for tuning. Rank 1 = best.", "",
+                  "| dataset | k | study | trials x seeds | best setting (val) | paper's setting: val, rank "
+                  "| best setting other than the paper's (val) |",
+                  "| --- | ---: | --- | --- | --- | ---: | --- |"]  # fmt: skip
+        for sw in sorted(sweeps, key=lambda sw: _dataset_order(sw["dataset"])):
+            paper = f"{sw['paper_value']:.4f}, {sw['paper_rank']} of {sw['n_trials']}" if sw["paper_rank"] else "—"
             lines.append(f"| {DATASET_NAMES.get(sw['dataset'], sw['dataset'])} | {sw['budget']} | `{sw['study']}` "
                          f"| {sw['n_trials']} x {sw['seeds_per_trial']} | `{sw['best_setting']}` "
-                         f"| {sw['best_value']:.4f} | {rank} |")  # fmt: skip
+                         f"({sw['best_value']:.4f}) | {paper} "
+                         f"| `{sw['other_setting']}` ({sw['other_value']:.4f}) |")  # fmt: skip
         lines.append("")
     groups: dict[tuple, dict[int, float]] = {}
     for row in rows:
         if row["status"] == "FINISHED":
             key = (row["dataset"], int(row["budget"]), row["method"], row["setting"])
             groups.setdefault(key, {})[int(row["seed"])] = float(row["test_accuracy"])
+
+    def order(key: tuple) -> tuple:  # datasets as elsewhere on the page, the paper's setting first
+        dataset, budget, method, setting = key
+        return _dataset_order(dataset), budget, method, setting != PAPER_SETTING_LABEL, setting
+
     if groups:
         seeds = sorted({s for values in groups.values() for s in values})
-        lines += [f"Test accuracy on fresh seeds {seeds[0]}..{seeds[-1]} (the studies tuned on other seeds), "
-                  "mean ± std (n):", "", "| dataset | k | method | setting | test accuracy |",
+        reused = sorted(set(seeds) & set(used_seeds))
+        fresh = f"{len(reused)} of them also used" if reused else "fresh: none of them used"
+        lines += [f"Test accuracy on seeds {seeds[0]}..{seeds[-1]} ({fresh} above or by the studies), mean ± std "
+                  "(n). Methods other than the coreset ignore cluster_ratio and λ.", "",
+                  "| dataset | k | method | setting | test accuracy |",
                   "| --- | ---: | --- | --- | ---: |"]  # fmt: skip
-        for (dataset, budget, method, setting), values in sorted(groups.items()):
-            acc = np.array(list(values.values()))
+        for key in sorted(groups, key=order):
+            dataset, budget, method, setting = key
             lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `{method}` | `{setting}` "
-                         f"| {_cell(acc)} |")  # fmt: skip
+                         f"| {_cell(np.array(list(groups[key].values())))} |")  # fmt: skip
         lines.append("")
-    tests = report.setting_tests(rows)
+    reference = [r for r in rows if r["setting"] == PAPER_SETTING_LABEL]
+    tests = [{**t, "comparison": f"`{t['method']}`: `{t['setting']}` − the paper's"}
+             for t in report.setting_tests(rows)]  # fmt: skip
+    tests += [{**t, "comparison": f"`{t['method']}` − `random`, both in the paper's setting"}
+              for t in report.paired_tests(reference, comparators=("random",))]  # fmt: skip
     if tests:
-        lines += ["Each setting minus the paper's, paired by seed (same seed, same random streams; a different "
-                  "seed_ratio draws a different seed set, so the seed models differ too); **\\*** = "
-                  "significant after Holm's correction over these rows:", "",
-                  "| dataset | k | method | setting | n | mean diff | 95% CI | t-test p | Wilcoxon p | Holm p |",
-                  "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+        report.mark_holm(tests)
+        tests.sort(key=lambda t: (_dataset_order(t["dataset"]), t["budget"]))
+        lines += ["Paired differences in test accuracy: each seed runs under both arms and the per-seed "
+                  "differences are averaged. With one seed both arms start from the same random streams; a "
+                  "different seed_ratio labels a different number of seed points, so the seed models differ. "
+                  "**\\*** = significant after Holm's correction over the rows of this table.", "",
+                  "| dataset | k | comparison | n | mean diff | 95% CI | paired t-test p | Wilcoxon p | Holm p |",
+                  "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
         for t in tests:
             mark = " **\\***" if t["significant"] else ""
-            dataset = DATASET_NAMES.get(t["dataset"], t["dataset"])
-            lines.append(f"| {dataset} | {t['budget']} | `{t['method']}` | `{t['setting']}` | {t['n']} "
-                         f"| {t['mean_diff']:+.4f}{mark} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] "
+            lines.append(f"| {DATASET_NAMES.get(t['dataset'], t['dataset'])} | {t['budget']} | {t['comparison']} "
+                         f"| {t['n']} | {t['mean_diff']:+.4f}{mark} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] "
                          f"| {t['t_p']:.3g} | {t['wilcoxon_p']:.3g} | {t['holm_p']:.3g} |")  # fmt: skip
         lines.append("")
     return lines
@@ -251,9 +288,9 @@ def write_page(
     if key_tests:
         lines += [f"Algorithm 1 against the baselines at k = {TABLE_K}, paired over seeds "
                   "(shared seed set and seed model); **\\*** = significant after Holm's correction over",
-                  "every comparison on this page:", "", *_tests_table(key_tests), ""]  # fmt: skip
+                  "every comparison in *All paired comparisons*:", "", *_tests_table(key_tests), ""]  # fmt: skip
     if setting_rows or sweeps:
-        lines += settings_section(setting_rows, sweeps)
+        lines += settings_section(setting_rows, sweeps, used_seeds={int(r["seed"]) for r in rows})
     if notes:
         lines += [notes.strip(), ""]
     if curves is not None:

@@ -135,7 +135,7 @@ def test_paper_page_compares_a_tuned_setting_with_the_papers_paired_by_seed(data
     acc = {(r["setting"], r["seed"]): r["test_accuracy"] for r in paper.rows + tuned.rows}
     label = "seed_ratio=0.1 cluster_ratio=0.3 lam=0.01"
     diff = np.mean([acc[(label, s)] - acc[(report.PAPER_SETTING_LABEL, s)] for s in (100, 101)])
-    assert f"| MNIST | 100 | `coreset` | `{label}` | 2 | {diff:+.4f}" in text
+    assert f"| MNIST | 100 | `coreset`: `{label}` − the paper's | 2 | {diff:+.4f}" in text
     assert "| mnist | 100 | coreset |" not in text  # the fresh-seed runs stay out of the paper's tables
     assert all(parent in text for parent in [grid.parent_run_id, *ids])
     with pytest.raises(AltrackError, match="is not the parent run of an 'altrack sweep'"):
