@@ -293,7 +293,8 @@ def mark_holm(tests: list[dict], alpha: float = 0.05) -> list[dict]:
     return tests
 
 
-def _accuracy_by_seed(rows: Sequence[dict], *key_fields: str) -> dict[tuple, dict[int, float]]:
+def accuracy_by_seed(rows: Sequence[dict], *key_fields: str) -> dict[tuple, dict[int, float]]:
+    """Finished runs grouped by ``key_fields``: key -> {seed: test accuracy}, ready for pairing."""
     by_seed: dict[tuple, dict[int, float]] = defaultdict(dict)
     for row in rows:
         if row["status"] == "FINISHED":
@@ -308,7 +309,7 @@ def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS,
     Mean difference with a t 95% CI, paired t-test and Wilcoxon signed-rank p-values, and the
     Holm-adjusted t-test p over every comparison in the table.
     """
-    by_seed = _accuracy_by_seed(rows, "dataset", "budget", "method")
+    by_seed = accuracy_by_seed(rows, "dataset", "budget", "method")
     tests = []
     for dataset, budget in sorted({(d, k) for d, k, _ in by_seed}):
         methods = method_order(m for d, k, m in by_seed if (d, k) == (dataset, budget))
@@ -328,7 +329,7 @@ def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS,
 def setting_tests(rows: Sequence[dict], reference: str = PAPER_SETTING_LABEL, alpha: float = 0.05) -> list[dict]:
     """Each setting against ``reference`` (the paper's 0.2/0.2, lam auto) per (dataset, k, method),
     paired over seeds: a tuned setting must beat the paper's on seeds it was not tuned on."""
-    by_seed = _accuracy_by_seed(rows, "dataset", "budget", "method", "setting")
+    by_seed = accuracy_by_seed(rows, "dataset", "budget", "method", "setting")
     tests = []
     for dataset, budget, method, setting in sorted(by_seed):
         base = by_seed.get((dataset, budget, method, reference))

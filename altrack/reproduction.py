@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from altrack import report
 from altrack.config import PAPER_SETTING_LABEL, setting_label
+from altrack.errors import AltrackError
 from altrack.tracking import COMMAND_TAG, KIND_TAG, _get_run
 
 # arXiv 2402.17327 v1, §5.2.2: test accuracy at k = 2000, averaged over 100 runs.
@@ -122,6 +123,8 @@ def sweep_summary(parent_id: str) -> dict:
     those the spec fixes rather than searches."""
     client = MlflowClient()
     parent = _get_run(client, parent_id)
+    if parent.data.tags.get(KIND_TAG) != "sweep":
+        raise AltrackError(f"run {parent_id} is not the parent run of an 'altrack sweep'")
     params, study = parent.data.params, parent.data.tags.get("optuna.study", "")
     experiment = [parent.info.experiment_id]
     trials = client.search_runs(
@@ -183,11 +186,7 @@ def settings_section(rows: Sequence[dict], sweeps: Sequence[dict], used_seeds: I
                          f"({sw['best_value']:.4f}) | {paper} "
                          f"| `{sw['other_setting']}` ({sw['other_value']:.4f}) |")  # fmt: skip
         lines.append("")
-    groups: dict[tuple, dict[int, float]] = {}
-    for row in rows:
-        if row["status"] == "FINISHED":
-            key = (row["dataset"], int(row["budget"]), row["method"], row["setting"])
-            groups.setdefault(key, {})[int(row["seed"])] = float(row["test_accuracy"])
+    groups = report.accuracy_by_seed(rows, "dataset", "budget", "method", "setting")
 
     def order(key: tuple) -> tuple:  # datasets as elsewhere on the page, the paper's setting first
         dataset, budget, method, setting = key

@@ -510,19 +510,15 @@ def paper_page(
     def rows_of(parents: Sequence[str]) -> list[dict]:  # a resumed parent also lists its predecessor's runs
         return list({row["run_id"]: row for parent in parents for row in rows_from_mlflow(parent)}.values())
 
-    client = MlflowClient()
-    for sweep_id in sweep_ids:
-        if _get_run(client, sweep_id).data.tags.get(KIND_TAG) != "sweep":
-            raise AltrackError(f"run {sweep_id} is not the parent run of an 'altrack sweep'")
+    sweeps = [sweep_summary(sweep_id) for sweep_id in sweep_ids]  # a wrong id fails before any other read
     if parent_ids:
         rows = rows_of(parent_ids)
     else:
         rows = rows_from_mlflow(experiment=experiment)
         ids = _experiment_ids(experiment)
-        parent_ids = [r.info.run_id for r in client.search_runs(ids, f"tags.`{KIND_TAG}` = 'grid'")]
+        parent_ids = [r.info.run_id for r in MlflowClient().search_runs(ids, f"tags.`{KIND_TAG}` = 'grid'")]
     if not rows:
         raise AltrackError("no altrack protocol runs found for those runs")
     setting_rows = rows_of(setting_ids)
-    sweeps = [sweep_summary(sweep_id) for sweep_id in sweep_ids]
     parents = [*parent_ids, *setting_ids, *sweep_ids]
     return write_page(rows, parents, docs, notes, setting_rows=setting_rows, sweeps=sweeps)
