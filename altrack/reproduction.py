@@ -16,9 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.config import PAPER_SETTING_LABEL, setting_label
+from altrack.config import PAPER_SETTING_LABEL
 from altrack.errors import AltrackError
-from altrack.tracking import COMMAND_TAG, KIND_TAG, _get_run
+from altrack.tracking import COMMAND_TAG, KIND_TAG, _get_run, settings_from_params
 
 # arXiv 2402.17327 v1, §5.2.2: test accuracy at k = 2000, averaged over 100 runs.
 PAPER_K2000 = {
@@ -134,10 +134,7 @@ def sweep_summary(parent_id: str) -> dict:
     )
     setting_of = {}
     for run in client.search_runs(experiment, f"tags.`{KIND_TAG}` = 'sweep-protocol'", max_results=50000):
-        p = run.data.params
-        setting_of[run.data.tags.get("mlflow.parentRunId")] = setting_label(
-            float(p["seed_ratio"]), float(p["cluster_ratio"]), p["lam"]
-        )
+        setting_of[run.data.tags.get("mlflow.parentRunId")] = settings_from_params(run.data.params).label
     ranked = sorted(
         ((t.data.metrics["val_accuracy"], t.data.params.get("paper_baseline") == "True", setting_of[t.info.run_id])
          for t in trials if t.info.run_id in setting_of),

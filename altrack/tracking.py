@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.config import GridConfig, Settings, parse_lam, setting_label
+from altrack.config import GridConfig, Settings, parse_lam
 from altrack.data import DATASETS, load_dataset, release_datasets, resolve_device
 from altrack.errors import AltrackError, first_line
 from altrack.protocol import FINAL_INIT, FINAL_ORDER, RunResult, fit, iterate_grid
@@ -147,9 +147,12 @@ def log_new_params(run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=fresh)
 
 
+def settings_params(settings: Settings) -> dict:
+    """Settings as MLflow params, lam as 'auto' or its value; ``settings_from_params`` reads them back."""
+    return {**asdict(settings), "lam": settings.lam_label}
+
+
 def grid_params(cfg: GridConfig) -> dict:
-    settings = asdict(cfg.settings)
-    settings["lam"] = cfg.settings.lam_label
     return {
         "datasets": ",".join(cfg.datasets),
         "methods": ",".join(cfg.methods),
@@ -157,7 +160,7 @@ def grid_params(cfg: GridConfig) -> dict:
         "runs": cfg.runs,
         "base_seed": cfg.seed,
         "device": str(resolve_device(cfg.device)),
-        **settings,
+        **settings_params(cfg.settings),
     }
 
 
@@ -173,8 +176,7 @@ def run_params(result: RunResult) -> dict:
         "device": result.device,
         "config_hash": result.config_hash,
         "torch_version": torch.__version__,
-        **{k: v for k, v in asdict(settings).items() if k != "lam"},
-        "lam": settings.lam_label,
+        **settings_params(settings),
     }
     if key.method.startswith("coreset"):
         params["n_clusters"] = settings.effective_clusters(key.budget)
@@ -358,7 +360,7 @@ def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[dict, st
             "test_accuracy": run.data.metrics.get("test_accuracy", float("nan")),
             "run_id": run.info.run_id,
             "error": run.data.tags.get(ERROR_TAG, ""),
-            "setting": setting_label(float(p["seed_ratio"]), float(p["cluster_ratio"]), p["lam"]),
+            "setting": settings_from_params(p).label,
         }
         found.append((row, run.data.tags.get(HASH_TAG, run.info.run_id)))
     return found
@@ -437,6 +439,7 @@ class ReplayOutcome:
 
 
 def settings_from_params(params: dict) -> Settings:
+    """The Settings a run logged with ``settings_params``."""
     return Settings(
         epochs=int(params["epochs"]),
         batch_size=int(params["batch_size"]),
@@ -449,7 +452,7 @@ def settings_from_params(params: dict) -> Settings:
     )
 
 
-def _replay_weights(run_id: str, n_seed: int, folder: str) -> np.ndarray:
+def _replay_weights(run_id: str, folder: str) -> np.ndarray:
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selection.csv", dst_path=folder)
     with open(local) as handle:
         weights = [float(row["weight"]) if row["weight"] else 1.0 for row in csv.DictReader(handle)]
@@ -470,7 +473,7 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     with tempfile.TemporaryDirectory(prefix="altrack-replay-") as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selected_indices.npy", dst_path=tmp)
         selected = np.load(path, allow_pickle=False).astype(np.int64)
-        weights = _replay_weights(run_id, int(params["n_seed"]), tmp) if settings.weighted else None
+        weights = _replay_weights(run_id, tmp) if settings.weighted else None
     wanted = device or params["device"].split(":")[0]
     if wanted == "cuda" and not torch.cuda.is_available():
         raise AltrackError(f"run {run_id} trained on CUDA, which this machine lacks; pass --device cpu (not bit-exact)")
