@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from altrack import __version__
-from altrack.config import Settings
 from altrack.data import Dataset, user_folder
 from altrack.protocol import EpochHook, SeedStage, fresh_model, train_seed_stage
+from altrack.settings import Settings
 
-FORMAT = 1
-_ARRAYS = ("seed_indices", "pool_indices", "probs", "embeddings", "ce_loss", "grad_loss")
+FORMAT = 2  # 2: stages carry the train labels
+_ARRAYS = ("seed_indices", "pool_indices", "labels", "probs", "embeddings", "ce_loss", "grad_loss")
 
 
 def default_cache_dir() -> Path:

@@ -1,20 +1,23 @@
-"""The ``altrack`` command: a thin click shell over ``altrack.tracking`` and friends.
+"""The ``altrack`` command: a thin click shell over ``grid``, ``sweep``, ``replay`` and ``paper``.
 
-Every user error ends as one line on stderr and a non-zero exit, with no traceback.
+Every user error ends as one line on stderr and a non-zero exit, with no traceback. Only click
+and the light ``settings`` module load up front; each command imports its engine (torch, MLflow,
+Optuna) when it runs, so ``--help`` and refusals of bad options stay quick.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
-from mlflow.exceptions import MlflowException
 
-from altrack.config import CORESET_SPACES, DEVICES, GridConfig, Settings, parse_lam, writable_dir_target
 from altrack.errors import AltrackError, ConfigError, first_line
+from altrack.settings import CORESET_SPACES, DEVICES, SETTINGS_RULES, Settings, parse_lam
 
 ALL = "all"
+DATA_HELP = "Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data]."
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -22,23 +25,42 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 def _methods(value: str) -> tuple[str, ...]:
-    from altrack.selection import available_methods
+    from altrack.selection import available_methods  # lazy: the registry imports torch
 
     return available_methods() if value == ALL else _split(value)
 
 
-def _budgets(value: str) -> tuple[int, ...]:
+def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in _split(value))
     except ValueError:
         raise click.BadParameter(f"budgets must be integers, got {value!r}", param_hint="--budget") from None
 
 
-def _lam(value: str) -> float | None:
+def _lam(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
     try:
         return parse_lam(value)
     except ConfigError:
         raise click.BadParameter(f"must be 'auto' or a number, got {value!r}", param_hint="--lam") from None
+
+
+def _blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``mlflow run`` passes unset string parameters as ''."""
+    return value or None
+
+
+def data_dir_option(f: Callable) -> Callable:
+    return click.option("--data-dir", default=None, callback=_blank_is_none, help=DATA_HELP)(f)
+
+
+def experiment_option(help: str) -> Callable[[Callable], Callable]:
+    return click.option("--experiment", default=None, callback=_blank_is_none, help=help)
+
+
+def device_option(default: str | None, help: str | None = None) -> Callable[[Callable], Callable]:
+    return click.option(
+        "--device", type=click.Choice(DEVICES), default=default, show_default=default is not None, help=help
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,21 +72,24 @@ def cli() -> None:
 @cli.command()
 @click.option("--datasets", default="mnist", show_default=True, help="Comma list: mnist, fashion_mnist, cifar10.")
 @click.option("--methods", default=ALL, show_default=True, help="Comma list of selection methods, or 'all'.")
-@click.option("--budget", "budgets", default="2000", show_default=True, help="Label budget k, or a comma list.")
-@click.option("--runs", default=1, show_default=True, help="Seeds per (dataset, k): seed, seed+1, ...")
-@click.option("--seed", default=0, show_default=True, help="First seed.")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--seed-ratio", default=0.2, show_default=True, help="k'/k, the random seed set.")
-@click.option("--cluster-ratio", default=0.2, show_default=True, help="k''/k, the coreset's k-means clusters.")
-@click.option("--lam", default="auto", show_default=True, help="Coreset Holder constant: a float or 'auto'.")
+@click.option("--budget", "budgets", default="2000", show_default=True, callback=_budgets,
+              help="Label budget k, or a comma list.")  # fmt: skip
+@click.option("--runs", type=int, default=1, show_default=True, help="Seeds per (dataset, k): seed, seed+1, ...")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed-ratio", type=float, default=0.2, show_default=True, help="k'/k, the random seed set.")
+@click.option("--cluster-ratio", type=float, default=0.2, show_default=True,
+              help="k''/k, the coreset's k-means clusters.")  # fmt: skip
+@click.option("--lam", default="auto", show_default=True, callback=_lam,
+              help="Coreset Holder constant: a float or 'auto'.")  # fmt: skip
 @click.option("--coreset-space", type=click.Choice(CORESET_SPACES), default="embedding", show_default=True)
 @click.option("--weighted/--unweighted", default=False, show_default=True, help="Retrain with coreset weights.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--data-dir", default=None, help="Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data].")
+@device_option("auto")
+@data_dir_option
 @click.option("--out", default="results", show_default=True, help="Folder for the png, txt and csv report.")
-@click.option("--experiment", default=None, help="MLflow experiment [default: altrack].")
+@experiment_option("MLflow experiment [default: altrack].")
 @click.option(
     "--log-models/--no-log-models",
     default=True,
@@ -79,38 +104,17 @@ def cli() -> None:
     show_default=True,
     help="Skip runs this experiment already finished with the same config hash.",
 )
-@click.option("--workers", default=1, show_default=True, help="Processes running (dataset, k, seed) groups.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes running (dataset, k, seed) groups.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(**opts: object) -> None:
+def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     """Run the §5.2.2 protocol over datasets x budgets x seeds x methods."""
-    cfg = GridConfig(
-        datasets=_split(str(opts["datasets"])),
-        methods=_methods(str(opts["methods"])),
-        budgets=_budgets(str(opts["budgets"])),
-        runs=int(opts["runs"]),  # type: ignore[arg-type]
-        seed=int(opts["seed"]),  # type: ignore[arg-type]
-        settings=Settings(
-            epochs=int(opts["epochs"]),  # type: ignore[arg-type]
-            batch_size=int(opts["batch_size"]),  # type: ignore[arg-type]
-            lr=float(opts["lr"]),  # type: ignore[arg-type]
-            seed_ratio=float(opts["seed_ratio"]),  # type: ignore[arg-type]
-            cluster_ratio=float(opts["cluster_ratio"]),  # type: ignore[arg-type]
-            lam=_lam(str(opts["lam"])),
-            coreset_space=str(opts["coreset_space"]),
-            weighted=bool(opts["weighted"]),
-        ),
-        device=str(opts["device"]),
-        data_dir=str(opts["data_dir"]) if opts["data_dir"] else None,
-        out=str(opts["out"]),
-        experiment=str(opts["experiment"]) if opts["experiment"] else None,
-        log_models=bool(opts["log_models"]),
-        fail_fast=bool(opts["fail_fast"]),
-        workers=int(opts["workers"]),  # type: ignore[arg-type]
-        resume=bool(opts["resume"]),
-    )
-    from altrack import report, tracking
+    from altrack import report  # lazy: torch, matplotlib and MLflow load only for a real run
+    from altrack.config import GridConfig
+    from altrack.grid import run_grid
 
-    outcome = tracking.run_grid(cfg, progress=not opts["quiet"])
+    settings = Settings(**{name: opts.pop(name) for name in SETTINGS_RULES})  # type: ignore[arg-type]
+    cfg = GridConfig(datasets=_split(datasets), methods=_methods(methods), settings=settings, **opts)  # type: ignore[arg-type]
+    outcome = run_grid(cfg, progress=not quiet)
     click.echo(report.format_table(outcome.rows), nl=False)
     click.echo(f"report: {cfg.out}/")
     click.echo(f"MLflow parent run: {outcome.parent_run_id}")
@@ -118,7 +122,7 @@ def run(**opts: object) -> None:
 
 @cli.command("report")
 @click.option("--run-id", "run_ids", multiple=True, help="A parent run of 'altrack run' (repeatable).")
-@click.option("--experiment", default=None, help="Every altrack run in this experiment.")
+@experiment_option("Every altrack run in this experiment.")
 @click.option("--out", default="results", show_default=True)
 @click.option("--paper", is_flag=True, help="Write the results page beside the paper's table (docs/reproduction.md).")
 @click.option("--docs", default="docs", show_default=True, help="Folder of the --paper page and its pngs.")
@@ -141,12 +145,12 @@ def report_cmd(
     out: str,
     paper: bool,
     docs: str,
-    notes,
+    notes: str | None,
     setting_ids: tuple[str, ...],
     sweep_ids: tuple[str, ...],
 ) -> None:
     """Rebuild the png and txt from the MLflow runs of parent runs or an experiment."""
-    from altrack import tracking
+    from altrack.config import writable_dir_target  # lazy: the config imports torch
 
     run_ids = tuple(r for r in run_ids if r)
     if not run_ids and not experiment:
@@ -157,13 +161,17 @@ def report_cmd(
     if (setting_ids or sweep_ids) and not paper:
         raise click.UsageError("--setting-run-id and --sweep-run-id need --paper")
     if paper:
+        from altrack.paper import paper_page  # lazy: MLflow
+
         text = Path(notes).read_text() if notes else None
-        page = tracking.paper_page(run_ids, experiment or None, docs, text, setting_ids, sweep_ids)
+        page = paper_page(run_ids, experiment, docs, text, setting_ids, sweep_ids)
         click.echo(f"wrote {page}")
         return
     if len(run_ids) > 1:
         raise click.UsageError("several --run-id values need --paper")
-    paths = tracking.rebuild_report(run_ids[0] if run_ids else None, experiment or None, out)
+    from altrack.grid import rebuild_report  # lazy: MLflow
+
+    paths = rebuild_report(run_ids[0] if run_ids else None, experiment, out)
     click.echo(paths[-1].parent.joinpath("active_learning_results.txt").read_text(), nl=False)
     click.echo(f"report in {out}/")
 
@@ -173,41 +181,51 @@ def report_cmd(
 @click.option(
     "--n-trials", type=int, default=None, help="Total COMPLETE trials of the study; 0 or unset: the spec's n_trials."
 )
-@click.option("--storage", default=None, help="Optuna storage URL or journal file [default: altrack-optuna.journal].")
-@click.option("--study-name", default=None, help="[default: the spec's study_name]")
-@click.option("--workers", default=1, show_default=True, help="Processes on this machine sharing the storage.")
-@click.option("--experiment", default=None, help="MLflow experiment [default: the spec's, else altrack].")
-@click.option("--data-dir", default=None, help="Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data].")
-@click.option(
-    "--cache-dir", default=None, help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages]."
-)
-def sweep(spec_path: str, n_trials, storage, study_name, workers, experiment, data_dir, cache_dir) -> None:
+@click.option("--storage", default=None, callback=_blank_is_none,
+              help="Optuna storage URL or journal file [default: altrack-optuna.journal].")  # fmt: skip
+@click.option("--study-name", default=None, callback=_blank_is_none, help="[default: the spec's study_name]")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes on this machine sharing the storage.")  # fmt: skip
+@experiment_option("MLflow experiment [default: the spec's, else altrack].")
+@data_dir_option
+@click.option("--cache-dir", default=None, callback=_blank_is_none,
+              help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages].")  # fmt: skip
+def sweep(
+    spec_path: str,
+    n_trials: int | None,
+    storage: str | None,
+    study_name: str | None,
+    workers: int,
+    experiment: str | None,
+    data_dir: str | None,
+    cache_dir: str | None,
+) -> None:
     """Optuna study over cluster_ratio, seed_ratio and lam; resumes when re-run."""
-    from altrack import sweep as sweeps
+    from altrack.sweep import describe, load_spec, run_sweep  # lazy: Optuna, MLflow and torch
 
-    spec = sweeps.load_spec(spec_path)
-    outcome = sweeps.run_sweep(
+    spec = load_spec(spec_path)
+    outcome = run_sweep(
         spec,
         n_trials=n_trials or None,
-        storage=storage or None,
-        study_name=study_name or None,
+        storage=storage,
+        study_name=study_name,
         workers=workers,
-        experiment=experiment or None,
-        cache_dir=cache_dir or None,
-        data_dir=data_dir or None,
+        experiment=experiment,
+        cache_dir=cache_dir,
+        data_dir=data_dir,
     )
-    click.echo(sweeps.describe(outcome))
+    click.echo(describe(outcome))
 
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--data-dir", default=None, help="Dataset folder [default: $ALTRACK_DATA_DIR or ~/.cache/altrack/data].")
-@click.option("--device", type=click.Choice(DEVICES), default=None, help="[default: the run's device]")
+@data_dir_option
+@device_option(None, "[default: the run's device]")
 def replay(run_id: str, data_dir: str | None, device: str | None) -> None:
     """Retrain a run's final model from its logged config and selected indices, and compare."""
-    from altrack import tracking
+    from altrack.replay import replay as replay_run  # lazy: MLflow and torch
 
-    outcome = tracking.replay(run_id, data_dir or None, device)
+    outcome = replay_run(run_id, data_dir, device)
     verdict = "equal" if outcome.equal else "NOT equal"
     click.echo(
         f"logged test accuracy {outcome.logged_accuracy:.6f}, replayed {outcome.replayed_accuracy:.6f}: {verdict}"
@@ -215,6 +233,12 @@ def replay(run_id: str, data_dir: str | None, device: str | None) -> None:
     click.echo(f"MLflow replay run: {outcome.replay_run_id} (tag altrack.replay_of={run_id})")
     if not outcome.equal:
         raise AltrackError("the replayed accuracy differs (another device, torch version or MKL mode?)")
+
+
+def _mlflow_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is MLflow's, without importing MLflow when it was never loaded."""
+    module = sys.modules.get("mlflow.exceptions")
+    return module is not None and isinstance(exc, module.MlflowException)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,12 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     except AltrackError as exc:
         click.echo(f"altrack: error: {exc}", err=True)
         return 1
-    except MlflowException as exc:  # e.g. a deleted experiment, an unknown run
-        click.echo(f"altrack: error: MLflow: {first_line(exc)}", err=True)
-        return 1
     except KeyboardInterrupt:
         click.echo("altrack: interrupted", err=True)
         return 130
+    except Exception as exc:
+        if not _mlflow_error(exc):  # e.g. a deleted experiment, an unknown run
+            raise
+        click.echo(f"altrack: error: MLflow: {first_line(exc)}", err=True)
+        return 1
     return 0
 
 

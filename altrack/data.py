@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from altrack.errors import DataError, first_line
+from altrack.errors import ConfigError, DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,33 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(data_dir).expanduser() if data_dir else default_data_dir()
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.backends.cudnn.deterministic = True  # same seed, same bits (cuDNN's fastest kernels are not)
-        torch.backends.cudnn.benchmark = False
+    """'auto' -> cuda, else mps, else cpu; an explicit device must exist (``ConfigError`` if not).
+
+    Call once per entry point and pass the result down; it has no side effects
+    (``set_determinism`` is the explicit call that sets the backend flags).
+    """
+    kind = device.split(":")[0]
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if kind == "mps" and not _mps_available():
+        raise ConfigError("--device mps: this machine has no MPS device (torch.backends.mps.is_available() is False)")
     return torch.device(device)
+
+
+def set_determinism(device: torch.device | str) -> None:
+    """Same seed, same bits: cuDNN's fastest kernels are not deterministic, so pick the others."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def _md5(path: Path) -> str:
@@ -112,7 +128,7 @@ def read_idx_gz(path: Path) -> np.ndarray:
 
 def _load_mnist_like(name: str, root: Path) -> tuple[np.ndarray, ...]:
     """The four official archives, md5-checked; torchvision downloads them when they are absent."""
-    import torchvision
+    import torchvision  # lazy: only archives need it, and it costs a second to import
 
     cls = getattr(torchvision.datasets, _TORCHVISION_CLASS[name])
     raw = root / cls.__name__ / "raw"
@@ -158,7 +174,7 @@ def _load_cifar_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_cifar10(root: Path) -> tuple[tuple[np.ndarray, ...], str]:
-    import torchvision
+    import torchvision  # lazy: only archives need it, and it costs a second to import
 
     batches = root / "cifar-10-batches-py"
     if all((batches / name).exists() for name in CIFAR_BATCHES):
@@ -228,5 +244,6 @@ def release_datasets() -> None:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, device: str = "cpu") -> Dataset:
-    """Load once per process; callers must treat the tensors as read-only."""
-    return _load_cached(name, str(resolve_data_dir(data_dir).resolve()), str(resolve_device(device)))
+    """Both splits of ``name`` on ``device`` (a resolved device, not 'auto'), loaded once per
+    process; callers must treat the tensors as read-only. Raises ``DataError``."""
+    return _load_cached(name, str(resolve_data_dir(data_dir).resolve()), str(torch.device(device)))

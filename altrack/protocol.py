@@ -17,17 +17,19 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from altrack.config import GridConfig, RunKey, Settings
-from altrack.data import Dataset, load_dataset, resolve_device
+from altrack.config import GridConfig
+from altrack.data import Dataset, load_dataset, resolve_device, set_determinism
 from altrack.errors import TrainingDiverged
 from altrack.models import build_model
+from altrack.results import FAILED, FINISHED, ResultRow
 from altrack.selection import SelectionContext, SelectionResult, get_selector
+from altrack.settings import RunKey, Settings
 from altrack.train import evaluate, forward_all, train
 
 SEED_SET, SEED_INIT, SEED_ORDER, SELECT, FINAL_INIT, FINAL_ORDER = range(6)
@@ -85,6 +87,7 @@ class SeedStage:
     seed: int
     seed_indices: np.ndarray
     pool_indices: np.ndarray
+    labels: np.ndarray  # (n_train,) the train labels, for selection and the selection plot
     model: torch.nn.Module
     epoch_losses: list[float]
     probs: np.ndarray
@@ -127,6 +130,7 @@ def train_seed_stage(
         seed=seed,
         seed_indices=seed_indices,
         pool_indices=pool_indices,
+        labels=data.y_train.cpu().numpy(),
         model=model,
         epoch_losses=losses,
         probs=out.probs.cpu().numpy(),
@@ -145,7 +149,7 @@ class RunResult:
     key: RunKey
     settings: Settings
     device: str
-    status: str = "FINISHED"
+    status: str = FINISHED
     error: str | None = None
     test_accuracy: float = float("nan")
     test_loss: float = float("nan")
@@ -165,6 +169,11 @@ class RunResult:
     @property
     def config_hash(self) -> str:
         return self.key.config_hash(self.settings)
+
+    def row(self, run_id: str) -> ResultRow:
+        """This result as the report's row, logged as MLflow run ``run_id``."""
+        return ResultRow(**asdict(self.key), status=self.status, test_accuracy=self.test_accuracy, run_id=run_id,
+                         error=self.error or "", setting=self.settings.label)  # fmt: skip
 
 
 def run_method(
@@ -189,7 +198,7 @@ def run_method(
         budget=stage.budget,
         probs=stage.probs,
         embeddings=stage.embeddings,
-        labels=data.y_train.cpu().numpy(),
+        labels=stage.labels,
         ce_loss=stage.ce_loss,
         grad_loss=stage.grad_loss,
         settings=settings,
@@ -208,7 +217,7 @@ def run_method(
     try:
         model, losses = fit(data, selected, settings, stage.seed, FINAL_INIT, FINAL_ORDER, weights, on_epoch)
     except TrainingDiverged as exc:
-        result.status, result.error = "FAILED", str(exc)
+        result.status, result.error = FAILED, str(exc)
         return result
     result.timings["final_train_seconds"] = time.perf_counter() - started
     result.timings["seed_train_seconds"] = stage.seconds
@@ -242,7 +251,7 @@ class _Progress:
 
     def finished(self, result: RunResult) -> None:
         self.runs.update(1)
-        if result.status == "FINISHED":
+        if result.status == FINISHED:
             self.runs.set_postfix(last=f"{result.key.method} {result.test_accuracy:.4f}")
 
     def close(self) -> None:
@@ -252,13 +261,18 @@ class _Progress:
 
 
 def run_group(
-    cfg: GridConfig, dataset: str, budget: int, seed: int, methods: Sequence[str], bar: _Progress | None = None
+    cfg: GridConfig,
+    device: str,
+    dataset: str,
+    budget: int,
+    seed: int,
+    methods: Sequence[str],
+    bar: _Progress | None = None,
 ) -> Iterator[RunResult]:
-    """Every method of one (dataset, k, seed): one seed model, shared by all of them.
+    """Every method of one (dataset, k, seed) on ``device``: one seed model, shared by all of them.
 
     A diverged seed model fails every method that depended on it.
     """
-    device = str(resolve_device(cfg.device))
     data = load_dataset(dataset, cfg.data_dir, device)
     bar = bar or _Progress(0, False)
     hook = bar.start_training(f"seed model {dataset} k={budget} s={seed}", cfg.settings.epochs)
@@ -270,14 +284,17 @@ def run_group(
     for method in methods:
         key = RunKey(dataset, method, budget, seed)
         if stage is None:
-            yield RunResult(key, cfg.settings, device, status="FAILED", error=stage_error)
+            yield RunResult(key, cfg.settings, device, status=FAILED, error=stage_error)
             continue
         start = functools.partial(bar.start_training, f"{method} k={budget} s={seed}", cfg.settings.epochs)
         yield run_method(data, stage, method, cfg.settings, start)
 
 
-def _group_worker(cfg: GridConfig, dataset: str, budget: int, seed: int, methods: Sequence[str]) -> list[RunResult]:
-    return list(run_group(cfg, dataset, budget, seed, methods))
+def _group_worker(
+    cfg: GridConfig, device: str, dataset: str, budget: int, seed: int, methods: Sequence[str]
+) -> list[RunResult]:
+    set_determinism(device)  # a spawned process starts with torch's defaults
+    return list(run_group(cfg, device, dataset, budget, seed, methods))
 
 
 def threads_per_worker(workers: int) -> int:
@@ -297,27 +314,36 @@ def _groups(keys: Sequence[RunKey]) -> dict[tuple[str, int, int], list[str]]:
 
 
 def iterate_grid(
-    cfg: GridConfig, *, skip: frozenset[RunKey] = frozenset(), progress: bool = True, workers: int = 1
+    cfg: GridConfig,
+    *,
+    device: str | None = None,
+    skip: frozenset[RunKey] = frozenset(),
+    progress: bool = True,
+    workers: int = 1,
 ) -> Iterator[RunResult]:
     """Yield each run's result as soon as it exists; keys in ``skip`` are not run.
 
-    A seed model is trained once per (dataset, k, seed), and only if a method still needs it.
-    With ``workers > 1``, (dataset, k, seed) groups run in that many processes, each with its
-    share of the cores; results are the same as with one worker, in completion order.
+    ``device`` is a resolved device (``resolve_device(cfg.device)`` when omitted). A seed model
+    is trained once per (dataset, k, seed), and only if a method still needs it. With
+    ``workers > 1``, (dataset, k, seed) groups run in that many processes, each with its share
+    of the cores; results are the same as with one worker, in completion order.
     """
+    if device is None:
+        device = str(resolve_device(cfg.device))
+        set_determinism(device)
     groups = _groups([key for key in cfg.run_keys() if key not in skip])
     bar = _Progress(sum(map(len, groups.values())), progress)
     try:
         if workers <= 1:
             for (dataset, budget, seed), methods in groups.items():
-                for result in run_group(cfg, dataset, budget, seed, methods, bar):
+                for result in run_group(cfg, device, dataset, budget, seed, methods, bar):
                     bar.finished(result)
                     yield result
             return
         threads = threads_per_worker(workers)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = [pool.submit(_group_worker, cfg, *group, methods) for group, methods in groups.items()]
+            futures = [pool.submit(_group_worker, cfg, device, *group, methods) for group, methods in groups.items()]
             for future in as_completed(futures):
                 for result in future.result():
                     bar.finished(result)

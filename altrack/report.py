@@ -1,7 +1,6 @@
 """Tables, plots and statistics from plain result rows (no MLflow here).
 
-A row is a dict with at least dataset, method, budget, seed, status and test_accuracy.
-Failed runs are listed, never averaged.
+Rows are ``altrack.results.ResultRow``s. Failed runs are listed, never averaged.
 """
 
 from __future__ import annotations
@@ -17,15 +16,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats as st  # noqa: E402
 
-from altrack.config import PAPER_SETTING_LABEL  # noqa: E402
+from altrack.data import DATASETS  # noqa: E402
+from altrack.results import ROW_FIELDS, ResultRow  # noqa: E402
 from altrack.selection import available_methods  # noqa: E402
+from altrack.settings import PAPER_SETTING_LABEL  # noqa: E402
 
 PNG_NAME = "active_learning_results.png"
 TXT_NAME = "active_learning_results.txt"
 CSV_NAME = "active_learning_results.csv"
 BASELINE = "random"
-ROW_FIELDS = ("dataset", "method", "budget", "seed", "status", "test_accuracy", "run_id", "error", "setting")
 
 _PALETTE = {
     "coreset": "#d62728",
@@ -43,22 +44,19 @@ def method_order(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods), key=lambda m: (known.index(m) if m in known else len(known), m))
 
 
-def summarise(rows: Sequence[dict]) -> dict[tuple[str, int, str], np.ndarray]:
+def summarise(rows: Sequence[ResultRow]) -> dict[tuple[str, int, str], np.ndarray]:
     """(dataset, budget, method) -> accuracies of finished runs, ordered by seed."""
-    groups: dict[tuple[str, int, str], list[tuple[int, float]]] = defaultdict(list)
-    for row in rows:
-        if row["status"] == "FINISHED":
-            groups[(row["dataset"], int(row["budget"]), row["method"])].append(
-                (int(row["seed"]), float(row["test_accuracy"]))
-            )
-    return {key: np.array([acc for _, acc in sorted(vals)]) for key, vals in groups.items()}
+    return {
+        key: np.array([acc for _, acc in sorted(by_seed.items())])
+        for key, by_seed in accuracy_by_seed(rows, "dataset", "budget", "method").items()
+    }
 
 
 def _std(values: np.ndarray) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def format_table(rows: Sequence[dict]) -> str:
+def format_table(rows: Sequence[ResultRow]) -> str:
     stats = summarise(rows)
     lines = ["altrack: test accuracy, mean ± std over seeds (n = finished runs)", ""]
     for dataset, budget in sorted({(d, k) for d, k, _ in stats}):
@@ -70,16 +68,15 @@ def format_table(rows: Sequence[dict]) -> str:
             delta = f"{acc.mean() - base.mean():+.4f}" if base is not None and method != BASELINE else ""
             lines.append(f"  {method:<18}{acc.mean():>8.4f}{_std(acc):>8.4f}{len(acc):>4}{delta:>11}")
         lines.append("")
-    failed = [r for r in rows if r["status"] != "FINISHED"]
+    failed = [r for r in rows if not r.finished]
     if failed:
         lines.append(f"{len(failed)} run(s) failed and are left out of the means:")
         for r in failed:
-            reason = r.get("error") or r["status"]
-            lines.append(f"  {r['dataset']} {r['method']} k={r['budget']} seed={r['seed']}: {reason}")
+            lines.append(f"  {r.dataset} {r.method} k={r.budget} seed={r.seed}: {r.error or r.status}")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot_results(rows: Sequence[dict], path: Path) -> Path:
+def plot_results(rows: Sequence[ResultRow], path: Path) -> Path:
     """One panel per (dataset, k), a row per dataset: a bar per method, mean ± std, with random
     as a bar and as a dashed line with its ±1 std band behind the others."""
     stats = summarise(rows)
@@ -122,9 +119,10 @@ def plot_results(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def write_rows_csv(rows: Sequence[dict], path: Path, fieldnames: Sequence[str] | None = None) -> Path:
-    """Rows as csv; columns are ``fieldnames``, else every key in first-seen order."""
-    columns = list(fieldnames) if fieldnames else list(dict.fromkeys(k for row in rows for k in row))
+def write_rows_csv(rows: Sequence[ResultRow] | Sequence[dict], path: Path) -> Path:
+    """Result rows (``ROW_FIELDS``) or plain dicts (every key in first-seen order) as csv."""
+    rows = [row.as_dict() if isinstance(row, ResultRow) else row for row in rows]
+    columns = list(dict.fromkeys(k for row in rows for k in row)) if rows else list(ROW_FIELDS)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -132,39 +130,7 @@ def write_rows_csv(rows: Sequence[dict], path: Path, fieldnames: Sequence[str] |
     return path
 
 
-def plot_study(study, folder: Path) -> list[Path]:
-    """Optuna's matplotlib plots (no plotly needed). A plot that needs more trials is skipped."""
-    import warnings
-
-    from optuna.visualization import matplotlib as optuna_plots
-
-    params = sorted({name for t in study.get_trials(deepcopy=False) for name in t.params})
-    ratios = [p for p in ("cluster_ratio", "seed_ratio") if p in params]
-    plots = {
-        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
-        "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
-        "slice.png": lambda: optuna_plots.plot_slice(study, params=params),
-    }
-    if len(ratios) == 2:
-        plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ratios)
-    written = []
-    for name, draw in plots.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                axes = draw()
-            except (ValueError, RuntimeError, ZeroDivisionError):
-                continue
-        figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
-        panels = axes.size if isinstance(axes, np.ndarray) else 1
-        figure.set_size_inches(max(6.5, 4.8 * panels + 1.5), 4.8)
-        figure.savefig(folder / name, dpi=110, bbox_inches="tight")
-        plt.close(figure)
-        written.append(folder / name)
-    return written
-
-
-def write_report(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
+def write_report(rows: Sequence[ResultRow], out_dir: str | Path) -> list[Path]:
     """The png, txt (table and paired tests) and csv of a grid, plus learning curves when it
     has several budgets, written into ``out_dir`` (created if needed)."""
     out = Path(out_dir)
@@ -172,7 +138,7 @@ def write_report(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
     txt = out / TXT_NAME
     paired = format_paired(paired_tests(rows))
     txt.write_text(format_table(rows) + ("\n" + paired if paired else ""))
-    paths = [txt, write_rows_csv(rows, out / CSV_NAME, ROW_FIELDS)]
+    paths = [txt, write_rows_csv(rows, out / CSV_NAME)]
     if summarise(rows):
         paths.insert(0, plot_results(rows, out / PNG_NAME))
         curves = plot_learning_curves(rows, out / CURVES_NAME)
@@ -224,10 +190,8 @@ CURVES_NAME = "learning_curves.png"
 COMPARATORS = ("random", "kcenter")
 
 
-def plot_learning_curves(rows: Sequence[dict], path: Path) -> Path | None:
+def plot_learning_curves(rows: Sequence[ResultRow], path: Path) -> Path | None:
     """Accuracy against k per dataset, mean ± 1 std bands, one line per method (needs 2+ budgets)."""
-    from altrack.data import DATASETS
-
     stats = summarise(rows)
     datasets = [d for d in DATASETS if len({k for dd, k, _ in stats if dd == d}) >= 2]  # a curve needs 2 points
     if not datasets:
@@ -269,8 +233,6 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict | None:
     """ours - base over the seeds both have: mean, t 95% CI, paired t-test and Wilcoxon p."""
-    from scipy import stats as st
-
     seeds = sorted(set(ours) & set(base))
     if len(seeds) < 2:
         return None
@@ -293,17 +255,18 @@ def mark_holm(tests: list[dict], alpha: float = 0.05) -> list[dict]:
     return tests
 
 
-def accuracy_by_seed(rows: Sequence[dict], *key_fields: str) -> dict[tuple, dict[int, float]]:
+def accuracy_by_seed(rows: Sequence[ResultRow], *key_fields: str) -> dict[tuple, dict[int, float]]:
     """Finished runs grouped by ``key_fields``: key -> {seed: test accuracy}, ready for pairing."""
     by_seed: dict[tuple, dict[int, float]] = defaultdict(dict)
     for row in rows:
-        if row["status"] == "FINISHED":
-            key = tuple(int(row[f]) if f == "budget" else row[f] for f in key_fields)
-            by_seed[key][int(row["seed"])] = float(row["test_accuracy"])
+        if row.finished:
+            by_seed[tuple(getattr(row, f) for f in key_fields)][row.seed] = float(row.test_accuracy)
     return by_seed
 
 
-def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS, alpha: float = 0.05) -> list[dict]:
+def paired_tests(
+    rows: Sequence[ResultRow], comparators: Sequence[str] = COMPARATORS, alpha: float = 0.05
+) -> list[dict]:
     """Each method against each comparator per (dataset, k), paired over the seeds both finished.
 
     Mean difference with a t 95% CI, paired t-test and Wilcoxon signed-rank p-values, and the
@@ -326,7 +289,7 @@ def paired_tests(rows: Sequence[dict], comparators: Sequence[str] = COMPARATORS,
     return mark_holm(tests, alpha)
 
 
-def setting_tests(rows: Sequence[dict], reference: str = PAPER_SETTING_LABEL, alpha: float = 0.05) -> list[dict]:
+def setting_tests(rows: Sequence[ResultRow], reference: str = PAPER_SETTING_LABEL, alpha: float = 0.05) -> list[dict]:
     """Each setting against ``reference`` (the paper's 0.2/0.2, lam auto) per (dataset, k, method),
     paired over seeds: a tuned setting must beat the paper's on seeds it was not tuned on."""
     by_seed = accuracy_by_seed(rows, "dataset", "budget", "method", "setting")

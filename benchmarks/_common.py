@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from altrack.config import Settings
 from altrack.data import load_dataset
 from altrack.protocol import SeedStage, train_seed_stage
+from altrack.settings import Settings
 
 
 def data_dir() -> str:

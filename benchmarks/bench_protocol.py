@@ -22,11 +22,11 @@ from _common import data_dir
 from sklearn.cluster import KMeans
 from torch.utils.data import DataLoader, Subset
 
-from altrack.config import Settings
 from altrack.data import load_dataset
 from altrack.protocol import SEED_SET, SELECT, run_method, stream_seed, train_seed_stage
 from altrack.selection import SelectionContext
 from altrack.selection.coreset import CoresetSelector
+from altrack.settings import Settings
 
 BUDGET = 2000
 

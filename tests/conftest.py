@@ -10,8 +10,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from altrack.config import Settings
 from altrack.selection import SelectionContext
+from altrack.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from altrack.config import GridConfig, Settings
+from altrack.config import GridConfig
 from altrack.errors import ConfigError
+from altrack.settings import Settings
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ from conftest import make_context
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from altrack.config import Settings
 from altrack.selection import available_methods, get_selector
+from altrack.settings import Settings
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -54,7 +54,7 @@ def _check(method, problem):
         assert np.isfinite(result.probabilities[sampled]).all() and (result.probabilities[sampled] > 0).all()
         assert np.isfinite(result.weights).all()
         n_centres = (result.roles == "centre").sum()
-        assert n_centres == ctx.settings.effective_clusters(ctx.budget, len(chosen))
+        assert n_centres == ctx.settings.n_clusters(ctx.budget, len(chosen))
         if len(ctx.pool_indices) > n_centres:  # a distribution over the non-centre pool exists
             assert abs(result.info["probability_sum"] - 1.0) < 1e-9
     again = get_selector(method).select(make_context(**problem)).indices

@@ -3,10 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from altrack.config import GridConfig, RunKey, Settings
+from altrack.config import GridConfig
 from altrack.data import Dataset, load_dataset
 from altrack.protocol import iterate_grid, run_method, train_seed_stage
 from altrack.selection import available_methods
+from altrack.settings import RunKey, Settings
 
 TINY = Settings(epochs=2, batch_size=32)
 

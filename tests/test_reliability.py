@@ -15,11 +15,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from altrack import tracking
 from altrack.cache import SeedStageCache, atomic_torch_save
-from altrack.config import GridConfig, Settings
+from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import AltrackError
+from altrack.grid import run_grid
+from altrack.settings import Settings
+from altrack.tracking.query import rows_from_mlflow
 
 GRID = ["run", "--datasets", "mnist", "--methods", "margin,random", "--budget", "100,200,300", "--runs", "3",
         "--epochs", "1", "--device", "cpu", "--no-log-models", "--quiet", "--experiment", "grid"]  # fmt: skip
@@ -73,8 +75,8 @@ def test_sigkilled_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path
     new_parent = next(r for r in parents if r.info.status == "FINISHED")
     assert int(new_parent.data.tags["altrack.resumed_runs"]) == len(finished_before)
     mlflow.set_tracking_uri(uri)
-    rows = tracking.rows_from_mlflow(new_parent.info.run_id)
-    assert len(rows) == 18 and all(r["status"] == "FINISHED" for r in rows)
+    rows = rows_from_mlflow(new_parent.info.run_id)
+    assert len(rows) == 18 and all(r.status == "FINISHED" for r in rows)
     table = (tmp_path / "out" / "active_learning_results.txt").read_text().split("paired comparisons")[0]
     counts = [line.split()[3] for line in table.splitlines() if line.strip().startswith(("margin ", "random "))]
     assert counts == ["3"] * 6  # 2 methods x 3 budgets, each over exactly its 3 seeds
@@ -103,7 +105,7 @@ def test_unwritable_artifact_location_fails_the_run_clearly(data_dir, mlflow_sto
         data_dir=str(data_dir), out=None, experiment="blocked", log_models=False, device="cpu",
     )  # fmt: skip
     with pytest.raises(AltrackError, match="cannot store its artifacts"):
-        tracking.run_grid(cfg, progress=False)
+        run_grid(cfg, progress=False)
     runs = client.search_runs([client.get_experiment_by_name("blocked").experiment_id])
     assert runs and {r.info.status for r in runs} == {"FAILED"}
 

@@ -5,6 +5,7 @@ import pytest
 from scipy import stats
 
 from altrack import report
+from altrack.results import ResultRow
 
 
 def _rows(n_seeds=6, gap=0.02, noise=0.005, budgets=(1000, 2000)):
@@ -15,7 +16,7 @@ def _rows(n_seeds=6, gap=0.02, noise=0.005, budgets=(1000, 2000)):
             base = 0.8 + rng.normal(scale=0.01)
             for method, shift in (("coreset", gap), ("kcenter", 0.0), ("random", 0.0)):
                 acc = base + shift + rng.normal(scale=noise)
-                rows.append(dict(dataset="mnist", method=method, budget=budget, seed=seed, status="FINISHED",
+                rows.append(ResultRow(dataset="mnist", method=method, budget=budget, seed=seed, status="FINISHED",
                                  test_accuracy=acc, run_id=f"{method}{seed}", error=""))  # fmt: skip
     return rows
 
@@ -32,8 +33,8 @@ def test_paired_tests_agree_with_scipy_and_flag_a_real_gap():
     assert (1000, "coreset", "random") in pairs and (1000, "kcenter", "random") in pairs
     assert (1000, "random", "kcenter") not in pairs  # already tested the other way round
     test = next(t for t in tests if (t["budget"], t["method"], t["vs"]) == (1000, "coreset", "random"))
-    ours = [r["test_accuracy"] for r in rows if r["budget"] == 1000 and r["method"] == "coreset"]
-    base = [r["test_accuracy"] for r in rows if r["budget"] == 1000 and r["method"] == "random"]
+    ours = [r.test_accuracy for r in rows if r.budget == 1000 and r.method == "coreset"]
+    base = [r.test_accuracy for r in rows if r.budget == 1000 and r.method == "random"]
     assert test["mean_diff"] == pytest.approx(np.mean(np.subtract(ours, base)))
     assert test["t_p"] == pytest.approx(stats.ttest_rel(ours, base).pvalue)
     assert test["wilcoxon_p"] == pytest.approx(stats.wilcoxon(np.subtract(ours, base)).pvalue)
@@ -45,7 +46,7 @@ def test_paired_tests_agree_with_scipy_and_flag_a_real_gap():
 
 def test_failed_runs_are_listed_and_left_out_of_the_means(tmp_path):
     rows = _rows(budgets=(1000,))
-    rows.append(dict(dataset="mnist", method="coreset", budget=1000, seed=99, status="FAILED",
+    rows.append(ResultRow(dataset="mnist", method="coreset", budget=1000, seed=99, status="FAILED",
                      test_accuracy=float("nan"), run_id="x", error="training loss became nan"))  # fmt: skip
     text = report.format_table(rows)
     assert "coreset" in text and "nan" not in text.split("failed")[0]

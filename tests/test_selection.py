@@ -8,12 +8,12 @@ import torch
 from conftest import make_context
 from sklearn.cluster import KMeans
 
-from altrack.config import Settings
 from altrack.selection import available_methods, get_selector
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
 from altrack.selection.geometry import nearest_distinct
 from altrack.selection.kcenter import kcenter_greedy
 from altrack.selection.kmeans import kmeans
+from altrack.settings import Settings
 
 ALL_METHODS = available_methods()
 

@@ -13,8 +13,9 @@ from optuna.trial import TrialState
 
 from altrack.cli import main
 from altrack.errors import ConfigError
-from altrack.reproduction import sweep_summary
-from altrack.sweep import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR, load_spec, open_storage, run_sweep
+from altrack.paper import sweep_summary
+from altrack.sweep import load_spec, open_storage, run_sweep
+from altrack.tracking.tags import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR
 
 TINY_SPEC = """\
 study_name: tiny
@@ -115,9 +116,9 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
 
     summary = sweep_summary(again.parent_run_id)  # what the results page reports of a study
     values = {t.number: t.value for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert summary["n_trials"] == 4 and summary["best_value"] == again.best_value == max(values.values())
-    assert summary["paper_value"] == values[0]
-    assert summary["paper_rank"] == 1 + sum(v > values[0] for v in values.values())
+    assert summary.n_trials == 4 and summary.best_value == again.best_value == max(values.values())
+    assert summary.paper_value == values[0]
+    assert summary.paper_rank == 1 + sum(v > values[0] for v in values.values())
 
 
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlflow_store, tmp_path):

@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from altrack import report, tracking
-from altrack.config import GridConfig, Settings
+from altrack import report
+from altrack.config import GridConfig
 from altrack.errors import AltrackError
+from altrack.grid import rebuild_report, run_grid
+from altrack.paper import paper_page
+from altrack.replay import replay
+from altrack.settings import Settings
+from altrack.tracking.query import rows_from_mlflow
 
 
 def _cfg(data_dir, out, **kw) -> GridConfig:
@@ -30,7 +35,7 @@ def _children(parent_id: str):
 
 
 def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_store, tmp_path):
-    outcome = tracking.run_grid(_cfg(data_dir, tmp_path / "out", log_models=True), progress=False)
+    outcome = run_grid(_cfg(data_dir, tmp_path / "out", log_models=True), progress=False)
     client = MlflowClient()
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -71,17 +76,17 @@ def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_stor
 
 
 def test_report_rebuilds_from_mlflow(data_dir, mlflow_store, tmp_path):
-    outcome = tracking.run_grid(_cfg(data_dir, None, methods=("random",), runs=2), progress=False)
-    rows = tracking.rows_from_mlflow(outcome.parent_run_id)
-    assert sorted((r["method"], r["seed"]) for r in rows) == [("random", 0), ("random", 1)]
-    accuracies = sorted(r["test_accuracy"] for r in rows)
-    assert accuracies == pytest.approx(sorted(r["test_accuracy"] for r in outcome.rows))
-    assert {r["run_id"] for r in rows} == {r["run_id"] for r in outcome.rows}
-    paths = tracking.rebuild_report(outcome.parent_run_id, None, str(tmp_path / "rebuilt"))
+    outcome = run_grid(_cfg(data_dir, None, methods=("random",), runs=2), progress=False)
+    rows = rows_from_mlflow(outcome.parent_run_id)
+    assert sorted((r.method, r.seed) for r in rows) == [("random", 0), ("random", 1)]
+    accuracies = sorted(r.test_accuracy for r in rows)
+    assert accuracies == pytest.approx(sorted(r.test_accuracy for r in outcome.rows))
+    assert {r.run_id for r in rows} == {r.run_id for r in outcome.rows}
+    paths = rebuild_report(outcome.parent_run_id, None, str(tmp_path / "rebuilt"))
     text = (tmp_path / "rebuilt" / report.TXT_NAME).read_text()
     assert "random" in text and " 2" in text
     assert (tmp_path / "rebuilt" / report.PNG_NAME) in paths
-    assert tracking.rows_from_mlflow(experiment=tracking_name(outcome)) == rows
+    assert rows_from_mlflow(experiment=tracking_name(outcome)) == rows
 
 
 def tracking_name(outcome) -> str:
@@ -91,7 +96,7 @@ def tracking_name(outcome) -> str:
 
 def test_failed_run_is_logged_failed_and_left_out_of_the_means(data_dir, mlflow_store, tmp_path):
     cfg = _cfg(data_dir, tmp_path, methods=("random",), settings=Settings(epochs=1, lr=1e30))
-    outcome = tracking.run_grid(cfg, progress=False)
+    outcome = run_grid(cfg, progress=False)
     [child] = _children(outcome.parent_run_id)
     assert child.info.status == "FAILED"
     assert "loss became" in child.data.tags["altrack.error"]
@@ -102,9 +107,9 @@ def test_failed_run_is_logged_failed_and_left_out_of_the_means(data_dir, mlflow_
 @pytest.mark.parametrize("weighted", [False, True])
 def test_replay_reproduces_the_logged_accuracy_exactly(data_dir, mlflow_store, tmp_path, weighted):
     cfg = _cfg(data_dir, None, methods=("coreset",), settings=Settings(epochs=2, weighted=weighted))
-    outcome = tracking.run_grid(cfg, progress=False)
+    outcome = run_grid(cfg, progress=False)
     [child] = _children(outcome.parent_run_id)
-    replayed = tracking.replay(child.info.run_id, data_dir=str(data_dir))
+    replayed = replay(child.info.run_id, data_dir=str(data_dir))
     assert replayed.equal
     assert replayed.replayed_accuracy == child.data.metrics["test_accuracy"]
     run = MlflowClient().get_run(replayed.replay_run_id)
@@ -114,8 +119,8 @@ def test_replay_reproduces_the_logged_accuracy_exactly(data_dir, mlflow_store, t
 
 def test_paper_page_lists_the_table_the_parents_and_the_images(data_dir, mlflow_store, tmp_path):
     cfg = _cfg(data_dir, None, methods=("coreset", "kcenter", "random"), budgets=(100, 200), runs=2)
-    outcome = tracking.run_grid(cfg, progress=False)
-    page = tracking.paper_page([outcome.parent_run_id], None, str(tmp_path / "docs"), "## Notes\n\nchecked.")
+    outcome = run_grid(cfg, progress=False)
+    page = paper_page([outcome.parent_run_id], None, str(tmp_path / "docs"), "## Notes\n\nchecked.")
     text = page.read_text()
     assert outcome.parent_run_id in text and "## Notes" in text
     assert "![learning curves](reproduction_curves.png)" in text
@@ -124,19 +129,19 @@ def test_paper_page_lists_the_table_the_parents_and_the_images(data_dir, mlflow_
 
 
 def test_paper_page_compares_a_tuned_setting_with_the_papers_paired_by_seed(data_dir, mlflow_store, tmp_path):
-    grid = tracking.run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
+    grid = run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
     fresh = dict(methods=("coreset",), runs=2, seed=100)
-    paper = tracking.run_grid(_cfg(data_dir, None, **fresh), progress=False)
+    paper = run_grid(_cfg(data_dir, None, **fresh), progress=False)
     tuned_settings = Settings(epochs=2, seed_ratio=0.1, cluster_ratio=0.3, lam=0.01)
-    tuned = tracking.run_grid(_cfg(data_dir, None, settings=tuned_settings, **fresh), progress=False)
+    tuned = run_grid(_cfg(data_dir, None, settings=tuned_settings, **fresh), progress=False)
     ids = [paper.parent_run_id, tuned.parent_run_id]
-    text = tracking.paper_page([grid.parent_run_id], None, str(tmp_path / "docs"), None, ids).read_text()
+    text = paper_page([grid.parent_run_id], None, str(tmp_path / "docs"), None, ids).read_text()
 
-    acc = {(r["setting"], r["seed"]): r["test_accuracy"] for r in paper.rows + tuned.rows}
+    acc = {(r.setting, r.seed): r.test_accuracy for r in paper.rows + tuned.rows}
     label = "seed_ratio=0.1 cluster_ratio=0.3 lam=0.01"
     diff = np.mean([acc[(label, s)] - acc[(report.PAPER_SETTING_LABEL, s)] for s in (100, 101)])
     assert f"| MNIST | 100 | `coreset`: `{label}` − the paper's | 2 | {diff:+.4f}" in text
     assert "| mnist | 100 | coreset |" not in text  # the fresh-seed runs stay out of the paper's tables
     assert all(parent in text for parent in [grid.parent_run_id, *ids])
     with pytest.raises(AltrackError, match="is not the parent run of an 'altrack sweep'"):
-        tracking.paper_page([grid.parent_run_id], None, str(tmp_path / "docs"), None, sweep_ids=[grid.parent_run_id])
+        paper_page([grid.parent_run_id], None, str(tmp_path / "docs"), None, sweep_ids=[grid.parent_run_id])

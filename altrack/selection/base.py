@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from altrack.config import Settings
+from altrack.settings import Settings
 
 ROLES = ("seed", "centre", "sampled", "picked")
 

@@ -80,7 +80,7 @@ class _SensitivitySampling(Selector):
         space = ctx.embeddings if settings.coreset_space == "embedding" else loss[:, None]
         pool_space = np.ascontiguousarray(space[pool], dtype=np.float32)
 
-        n_clusters = settings.effective_clusters(ctx.budget, ctx.n_select)
+        n_clusters = settings.n_clusters(ctx.budget, ctx.n_select)
         n_sample = ctx.n_select - n_clusters
         centres, cluster_of = self.cluster(pool_space, n_clusters, int(ctx.rng.integers(2**31)))
         centre_pos = nearest_distinct(as_tensor(pool_space), as_tensor(centres))

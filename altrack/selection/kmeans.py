@@ -99,6 +99,9 @@ def kmeans(
 
     ``warm_start_per_cluster=None, inertia_tol=0`` runs both on all points with sklearn's
     stopping rule alone, as sklearn does.
+
+    ``x``: (n, d) points. Returns centres (k, d) float32, labels (n,) int64, the inertia and the
+    Lloyd iterations run. Raises ``ValueError`` unless 1 <= k <= n.
     """
     if not 1 <= k <= len(x):
         raise ValueError(f"k-means needs 1 <= k <= n points, got k={k}, n={len(x)}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,22 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.config import PAPER_SETTING_LABEL
 from altrack.errors import AltrackError
-from altrack.tracking import COMMAND_TAG, KIND_TAG, _get_run, settings_from_params
+from altrack.results import ResultRow
+from altrack.settings import PAPER_SETTING_LABEL, Settings
+from altrack.tracking.query import experiment_ids, get_run, rows_from_mlflow, search
+from altrack.tracking.tags import (
+    COMMAND_TAG,
+    KIND_GRID,
+    KIND_SWEEP,
+    KIND_SWEEP_PROTOCOL,
+    KIND_TAG,
+    KIND_TRIAL,
+    MLFLOW_PARENT_RUN_ID,
+    RUNS_FINISHED_TAG,
+    STUDY_TAG,
+    TRIAL_STATE_TAG,
+)
 
 # arXiv 2402.17327 v1, §5.2.2: test accuracy at k = 2000, averaged over 100 runs.
 PAPER_K2000 = {
@@ -81,14 +95,24 @@ def ordering_checks(stats: dict, datasets: Sequence[str]) -> list[str]:
     return lines
 
 
-def _tests_table(tests: Sequence[dict]) -> list[str]:
-    lines = ["| dataset | k | method | vs | n | mean diff | 95% CI | t-test p | Wilcoxon p | Holm p |",
-             "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+Labels = dict[str, Callable[[dict], object]]
+METHOD_VS: Labels = {"dataset": lambda t: t["dataset"], "k": lambda t: t["budget"],
+                     "method": lambda t: t["method"], "vs": lambda t: t["vs"]}  # fmt: skip
+COMPARISON: Labels = {"dataset": lambda t: DATASET_NAMES.get(t["dataset"], t["dataset"]),
+                      "k": lambda t: t["budget"], "comparison": lambda t: t["comparison"]}  # fmt: skip
+
+
+def _tests_table(tests: Sequence[dict], labels: Labels = METHOD_VS) -> list[str]:
+    """Paired tests as a markdown table: the ``labels`` columns, then n, the difference and its p-values."""
+    numbers = ["n", "mean diff", "95% CI", "paired t-test p", "Wilcoxon p", "Holm p"]
+    lines = ["| " + " | ".join([*labels, *numbers]) + " |",
+             "|" + " --- |" * len(labels) + " ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
     for t in tests:
         mark = " **\\***" if t["significant"] else ""
         ci = f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]"
+        cells = [str(label(t)) for label in labels.values()]
         lines.append(
-            f"| {t['dataset']} | {t['budget']} | {t['method']} | {t['vs']} | {t['n']} | {t['mean_diff']:+.4f}{mark} "
+            f"| {' | '.join(cells)} | {t['n']} | {t['mean_diff']:+.4f}{mark} "
             f"| {ci} | {t['t_p']:.3g} | {t['wilcoxon_p']:.3g} | {t['holm_p']:.3g} |"
         )
     return lines
@@ -105,36 +129,55 @@ def _parent_lines(parent_ids: Sequence[str]) -> tuple[list[str], float]:
         command = run.data.tags.get(COMMAND_TAG, "")
         if command:
             command = "altrack " + " ".join(command.split()[1:])
-        elif "optuna.study" in run.data.tags:
-            command = f"altrack sweep (study {run.data.tags['optuna.study']})"
-        if run.data.tags.get(KIND_TAG) == "sweep":
+        elif STUDY_TAG in run.data.tags:
+            command = f"altrack sweep (study {run.data.tags[STUDY_TAG]})"
+        if run.data.tags.get(KIND_TAG) == KIND_SWEEP:
             count = f"{int(run.data.metrics.get('n_complete', 0))} trials"
         else:
-            count = str(int(float(run.data.tags.get("altrack.runs_finished", 0))))
+            count = str(int(float(run.data.tags.get(RUNS_FINISHED_TAG, 0))))
         lines.append(f"| `{parent_id}` | `{command or '—'}` | {count} | {seconds / 60:.1f} min |")
     return lines, total
 
 
-def sweep_summary(parent_id: str) -> dict:
-    """What one ``altrack sweep`` parent found, by mean validation accuracy: its best setting,
-    the best setting other than the paper's, and where the paper's setting (trial 0) ranked.
+@dataclass(frozen=True)
+class SweepSummary:
+    """What one ``altrack sweep`` parent found, by mean validation accuracy (rank 1 = best)."""
+
+    parent_id: str
+    study: str
+    dataset: str
+    budget: str
+    seeds_per_trial: str
+    seeds: list[int]
+    n_trials: int
+    best_value: float
+    best_setting: str
+    paper_value: float
+    paper_rank: int | None
+    other_value: float
+    other_setting: str
+
+
+def sweep_summary(parent_id: str) -> SweepSummary:
+    """One ``altrack sweep`` parent's best setting, the best setting other than the paper's, and
+    where the paper's setting (trial 0) ranked.
 
     Settings are read from the protocol runs under each trial, which log every knob, including
-    those the spec fixes rather than searches."""
-    client = MlflowClient()
-    parent = _get_run(client, parent_id)
-    if parent.data.tags.get(KIND_TAG) != "sweep":
+    those the spec fixes rather than searches. Raises ``AltrackError`` for a run that is not a
+    sweep parent."""
+    parent = get_run(parent_id)
+    if parent.data.tags.get(KIND_TAG) != KIND_SWEEP:
         raise AltrackError(f"run {parent_id} is not the parent run of an 'altrack sweep'")
-    params, study = parent.data.params, parent.data.tags.get("optuna.study", "")
+    params, study = parent.data.params, parent.data.tags.get(STUDY_TAG, "")
     experiment = [parent.info.experiment_id]
-    trials = client.search_runs(
+    trials = search(
         experiment,
-        f"tags.`{KIND_TAG}` = 'trial' and tags.`optuna.study` = '{study}' and tags.`optuna.state` = 'COMPLETE'",
-        max_results=50000,
+        f"tags.`{KIND_TAG}` = '{KIND_TRIAL}' and tags.`{STUDY_TAG}` = '{study}' "
+        f"and tags.`{TRIAL_STATE_TAG}` = 'COMPLETE'",
     )
     setting_of = {}
-    for run in client.search_runs(experiment, f"tags.`{KIND_TAG}` = 'sweep-protocol'", max_results=50000):
-        setting_of[run.data.tags.get("mlflow.parentRunId")] = settings_from_params(run.data.params).label
+    for run in search(experiment, f"tags.`{KIND_TAG}` = '{KIND_SWEEP_PROTOCOL}'"):
+        setting_of[run.data.tags.get(MLFLOW_PARENT_RUN_ID)] = Settings.from_params(run.data.params).label
     ranked = sorted(
         ((t.data.metrics["val_accuracy"], t.data.params.get("paper_baseline") == "True", setting_of[t.info.run_id])
          for t in trials if t.info.run_id in setting_of),
@@ -142,32 +185,34 @@ def sweep_summary(parent_id: str) -> dict:
     )  # fmt: skip
     paper = next((i for i, trial in enumerate(ranked) if trial[1]), None)
     other = next((trial for trial in ranked if not trial[1]), None)
-    return {
-        "parent_id": parent_id,
-        "study": study,
-        "dataset": params.get("dataset", ""),
-        "budget": params.get("budget", ""),
-        "seeds_per_trial": params.get("seeds_per_trial", ""),
-        "seeds": sorted({int(seed) for t in trials for seed in t.data.params.get("seeds", "").split(",") if seed}),
-        "n_trials": len(ranked),
-        "best_value": ranked[0][0] if ranked else float("nan"),
-        "best_setting": ranked[0][2] if ranked else "",
-        "paper_value": ranked[paper][0] if paper is not None else float("nan"),
-        "paper_rank": None if paper is None else 1 + sum(v > ranked[paper][0] for v, _, _ in ranked),
-        "other_value": other[0] if other else float("nan"),
-        "other_setting": other[2] if other else "",
-    }
+    return SweepSummary(
+        parent_id=parent_id,
+        study=study,
+        dataset=params.get("dataset", ""),
+        budget=params.get("budget", ""),
+        seeds_per_trial=params.get("seeds_per_trial", ""),
+        seeds=sorted({int(seed) for t in trials for seed in t.data.params.get("seeds", "").split(",") if seed}),
+        n_trials=len(ranked),
+        best_value=ranked[0][0] if ranked else float("nan"),
+        best_setting=ranked[0][2] if ranked else "",
+        paper_value=ranked[paper][0] if paper is not None else float("nan"),
+        paper_rank=None if paper is None else 1 + sum(v > ranked[paper][0] for v, _, _ in ranked),
+        other_value=other[0] if other else float("nan"),
+        other_setting=other[2] if other else "",
+    )
 
 
 def _dataset_order(dataset: str) -> int:
     return list(DATASET_NAMES).index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
 
 
-def settings_section(rows: Sequence[dict], sweeps: Sequence[dict], used_seeds: Iterable[int] = ()) -> list[str]:
+def settings_section(
+    rows: Sequence[ResultRow], sweeps: Sequence[SweepSummary], used_seeds: Iterable[int] = ()
+) -> list[str]:
     """The sweeps' best settings against the paper's on fresh seeds, paired by seed.
 
     ``used_seeds``: the seeds of the page's other runs; the studies' own come with ``sweeps``."""
-    used_seeds = {*used_seeds, *(seed for sw in sweeps for seed in sw["seeds"])}
+    used_seeds = {*used_seeds, *(seed for sw in sweeps for seed in sw.seeds)}
     lines = ["## The sweep's best setting against the paper's (k'/k = k''/k = 0.2, λ auto)", ""]
     if sweeps:
         lines += ["What each Optuna study found, by mean validation accuracy over its seeds. The validation "
@@ -176,12 +221,12 @@ def settings_section(rows: Sequence[dict], sweeps: Sequence[dict], used_seeds: I
                   "| dataset | k | study | trials x seeds | best setting (val) | paper's setting: val, rank "
                   "| best setting other than the paper's (val) |",
                   "| --- | ---: | --- | --- | --- | ---: | --- |"]  # fmt: skip
-        for sw in sorted(sweeps, key=lambda sw: _dataset_order(sw["dataset"])):
-            paper = f"{sw['paper_value']:.4f}, {sw['paper_rank']} of {sw['n_trials']}" if sw["paper_rank"] else "—"
-            lines.append(f"| {DATASET_NAMES.get(sw['dataset'], sw['dataset'])} | {sw['budget']} | `{sw['study']}` "
-                         f"| {sw['n_trials']} x {sw['seeds_per_trial']} | `{sw['best_setting']}` "
-                         f"({sw['best_value']:.4f}) | {paper} "
-                         f"| `{sw['other_setting']}` ({sw['other_value']:.4f}) |")  # fmt: skip
+        for sw in sorted(sweeps, key=lambda sw: _dataset_order(sw.dataset)):
+            paper = f"{sw.paper_value:.4f}, {sw.paper_rank} of {sw.n_trials}" if sw.paper_rank else "—"
+            lines.append(f"| {DATASET_NAMES.get(sw.dataset, sw.dataset)} | {sw.budget} | `{sw.study}` "
+                         f"| {sw.n_trials} x {sw.seeds_per_trial} | `{sw.best_setting}` "
+                         f"({sw.best_value:.4f}) | {paper} "
+                         f"| `{sw.other_setting}` ({sw.other_value:.4f}) |")  # fmt: skip
         lines.append("")
     groups = report.accuracy_by_seed(rows, "dataset", "budget", "method", "setting")
 
@@ -202,7 +247,7 @@ def settings_section(rows: Sequence[dict], sweeps: Sequence[dict], used_seeds: I
             lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `{method}` | `{setting}` "
                          f"| {_cell(np.array(list(groups[key].values())))} |")  # fmt: skip
         lines.append("")
-    reference = [r for r in rows if r["setting"] == PAPER_SETTING_LABEL]
+    reference = [r for r in rows if r.setting == PAPER_SETTING_LABEL]
     tests = [{**t, "comparison": f"`{t['method']}`: `{t['setting']}` − the paper's"}
              for t in report.setting_tests(rows)]  # fmt: skip
     tests += [{**t, "comparison": f"`{t['method']}` − `random`, both in the paper's setting"}
@@ -214,13 +259,7 @@ def settings_section(rows: Sequence[dict], sweeps: Sequence[dict], used_seeds: I
                   "differences are averaged. With one seed both arms start from the same random streams; a "
                   "different seed_ratio labels a different number of seed points, so the seed models differ. "
                   "**\\*** = significant after Holm's correction over the rows of this table.", "",
-                  "| dataset | k | comparison | n | mean diff | 95% CI | paired t-test p | Wilcoxon p | Holm p |",
-                  "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
-        for t in tests:
-            mark = " **\\***" if t["significant"] else ""
-            lines.append(f"| {DATASET_NAMES.get(t['dataset'], t['dataset'])} | {t['budget']} | {t['comparison']} "
-                         f"| {t['n']} | {t['mean_diff']:+.4f}{mark} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] "
-                         f"| {t['t_p']:.3g} | {t['wilcoxon_p']:.3g} | {t['holm_p']:.3g} |")  # fmt: skip
+                  *_tests_table(tests, COMPARISON)]  # fmt: skip
         lines.append("")
     return lines
 
@@ -240,12 +279,12 @@ def hardware() -> str:
 
 
 def write_page(
-    rows: Sequence[dict],
+    rows: Sequence[ResultRow],
     parent_ids: Sequence[str],
     docs: str | Path,
     notes: str | None = None,
-    setting_rows: Sequence[dict] = (),
-    sweeps: Sequence[dict] = (),
+    setting_rows: Sequence[ResultRow] = (),
+    sweeps: Sequence[SweepSummary] = (),
 ) -> Path:
     """docs/reproduction.md with its pngs beside it.
 
@@ -256,11 +295,11 @@ def write_page(
     stats = report.summarise(rows)
     datasets = [d for d in DATASET_NAMES if any(key[0] == d for key in stats)]
     curves = report.plot_learning_curves(rows, docs / "reproduction_curves.png")
-    k2000_rows = [r for r in rows if int(r["budget"]) == TABLE_K]
+    k2000_rows = [r for r in rows if r.budget == TABLE_K]
     bars = report.plot_results(k2000_rows, docs / "reproduction_k2000.png") if k2000_rows else None
     tests = report.paired_tests(rows)
     parents, wall = _parent_lines(parent_ids)
-    failed = [r for r in rows if r["status"] != "FINISHED"]
+    failed = [r for r in rows if not r.finished]
     lines = [
         "# Reproducing §5.2.2 of Axiotis et al. (ICML 2024)",
         "",
@@ -286,7 +325,7 @@ def write_page(
                   "(shared seed set and seed model); **\\*** = significant after Holm's correction over",
                   "every comparison in *All paired comparisons*:", "", *_tests_table(key_tests), ""]  # fmt: skip
     if setting_rows or sweeps:
-        lines += settings_section(setting_rows, sweeps, used_seeds={int(r["seed"]) for r in rows})
+        lines += settings_section(setting_rows, sweeps, used_seeds={r.seed for r in rows})
     if notes:
         lines += [notes.strip(), ""]
     if curves is not None:
@@ -302,8 +341,37 @@ def write_page(
         lines += [f"{len(failed)} run(s) failed and are left out of every mean above.", ""]
     lines += ["## How it was made", "", f"- Hardware: {hardware()}.",
               f"- Wall time: {wall / 60:.1f} min over {len(parent_ids)} parent run(s); "
-              f"{sum(r['status'] == 'FINISHED' for r in [*rows, *setting_rows])} finished protocol runs "
+              f"{sum(r.finished for r in [*rows, *setting_rows])} finished protocol runs "
               "(sweep trials not counted).", "", *parents, ""]  # fmt: skip
     page = docs / "reproduction.md"
     page.write_text("\n".join(lines))
     return page
+
+
+def paper_page(
+    parent_ids: Sequence[str],
+    experiment: str | None,
+    docs: str,
+    notes: str | None,
+    setting_ids: Sequence[str] = (),
+    sweep_ids: Sequence[str] = (),
+) -> Path:
+    """``altrack report --paper``: docs/reproduction.md from the protocol runs of the given parents
+    (or a whole experiment), with the runs of ``setting_ids`` compared setting against setting and
+    the studies of ``sweep_ids``. Raises ``AltrackError`` for unknown ids or no protocol runs."""
+
+    def rows_of(parents: Sequence[str]) -> list[ResultRow]:  # a resumed parent also lists its predecessor's runs
+        return list({row.run_id: row for parent in parents for row in rows_from_mlflow(parent)}.values())
+
+    sweeps = [sweep_summary(sweep_id) for sweep_id in sweep_ids]  # a wrong id fails before any other read
+    if parent_ids:
+        rows = rows_of(parent_ids)
+    else:
+        rows = rows_from_mlflow(experiment=experiment)
+        ids = experiment_ids(experiment)
+        parent_ids = [r.info.run_id for r in search(ids, f"tags.`{KIND_TAG}` = '{KIND_GRID}'")]
+    if not rows:
+        raise AltrackError("no altrack protocol runs found for those runs")
+    setting_rows = rows_of(setting_ids)
+    parents = [*parent_ids, *setting_ids, *sweep_ids]
+    return write_page(rows, parents, docs, notes, setting_rows=setting_rows, sweeps=sweeps)

@@ -1,0 +1,89 @@
+"""``altrack replay``: retrain a logged run's final model from its params and indices alone."""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from altrack.data import load_dataset, resolve_device, set_determinism
+from altrack.errors import AltrackError
+from altrack.protocol import FINAL_INIT, FINAL_ORDER, fit
+from altrack.results import FINISHED
+from altrack.settings import Settings
+from altrack.tracking.query import get_run
+from altrack.tracking.runs import check_tracking_store, now_ms, under_project_run
+from altrack.tracking.tags import KIND_PROTOCOL, KIND_REPLAY, KIND_TAG, REPLAY_OF_TAG
+from altrack.train import evaluate
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    original_run_id: str
+    replay_run_id: str
+    logged_accuracy: float
+    replayed_accuracy: float
+
+    @property
+    def equal(self) -> bool:
+        return self.logged_accuracy == self.replayed_accuracy
+
+
+def _replay_weights(run_id: str, folder: str) -> np.ndarray:
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selection.csv", dst_path=folder)
+    with open(local) as handle:
+        weights = [float(row["weight"]) if row["weight"] else 1.0 for row in csv.DictReader(handle)]
+    return np.asarray(weights, dtype=np.float64)
+
+
+def replay(run_id: str, data_dir: str | None = None, device: str | None = None) -> ReplayOutcome:
+    """Retrain a run's final model from its logged config and ``selected_indices.npy`` alone (no
+    seed model, no selection) and log it as a new run tagged with the original's id.
+
+    ``device`` defaults to the run's own. Raises ``AltrackError`` for an unknown or unfinished
+    run, or a CUDA run replayed where there is no CUDA.
+    """
+    check_tracking_store()
+    client = MlflowClient()
+    original = get_run(run_id, client)
+    params = original.data.params
+    if original.data.tags.get(KIND_TAG) != KIND_PROTOCOL or original.info.status != FINISHED:
+        raise AltrackError(f"run {run_id} is not a finished altrack protocol run")
+    settings = Settings.from_params(params)
+    seed = int(params["seed"])
+    wanted = device or params["device"].split(":")[0]
+    try:
+        resolved = str(resolve_device(wanted))
+    except AltrackError:
+        raise AltrackError(
+            f"run {run_id} trained on {wanted}, which this machine lacks; pass --device cpu (not bit-exact)"
+        ) from None
+    set_determinism(resolved)
+    with tempfile.TemporaryDirectory(prefix="altrack-replay-") as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selected_indices.npy", dst_path=tmp)
+        selected = np.load(path, allow_pickle=False).astype(np.int64)
+        weights = _replay_weights(run_id, tmp) if settings.weighted else None
+    data = load_dataset(params["dataset"], data_dir, resolved)
+    model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights)
+    accuracy, loss = evaluate(model, data.x_test, data.y_test)
+    logged = float(original.data.metrics["test_accuracy"])
+    tags = {KIND_TAG: KIND_REPLAY, REPLAY_OF_TAG: run_id}
+    if mlflow.active_run() is None and not under_project_run():
+        mlflow.set_experiment(experiment_id=original.info.experiment_id)
+    name = f"replay-{original.info.run_name}"
+    with mlflow.start_run(run_name=name, tags=tags, nested=mlflow.active_run() is not None) as run:
+        now = now_ms()
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in params.items()],
+            metrics=[Metric("test_accuracy", accuracy, now, 0), Metric("test_loss", loss, now, 0),
+                     Metric("logged_test_accuracy", logged, now, 0),
+                     Metric("replay_equal", float(accuracy == logged), now, 0)]
+            + [Metric("train_loss", v, now, i) for i, v in enumerate(losses)],
+        )  # fmt: skip
+    return ReplayOutcome(run_id, run.info.run_id, logged, accuracy)

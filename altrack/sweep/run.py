@@ -1,0 +1,218 @@
+"""``altrack sweep``: create or resume a study, run its workers, and publish it to one MLflow parent.
+
+A sweep tunes the paper's fixed settings (cluster_ratio = seed_ratio = 0.2, lam auto) on a
+validation split carved from the train split; the test split is logged for information only.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+
+from altrack import report  # noqa: E402
+from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
+from altrack.errors import AltrackError, ConfigError  # noqa: E402
+from altrack.protocol import threads_per_worker  # noqa: E402
+from altrack.sweep.spec import SweepSpec  # noqa: E402
+from altrack.sweep.study import DEFAULT_STORAGE, open_storage, paper_baseline, validation_indices  # noqa: E402
+from altrack.sweep.worker import Worker, run_worker  # noqa: E402
+from altrack.tracking.runs import check_tracking_store, log_new_params, start_parent  # noqa: E402
+from altrack.tracking.tags import (  # noqa: E402
+    BASELINE_ATTR,
+    BEST_TRIAL_TAG,
+    COMMAND_TAG,
+    KIND_SWEEP,
+    KIND_TAG,
+    RETRY_OF_ATTR,
+    RUN_ATTR,
+    STORAGE_TAG,
+    STUDY_TAG,
+    TEST_ACCURACY_ATTR,
+)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    study_name: str
+    parent_run_id: str
+    n_complete: int
+    best_value: float
+    best_params: dict
+    artifacts: list[Path]
+
+
+def redact(url: str) -> str:
+    """Drop a password from a database URL before it is logged."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    workers: int = 1,
+    experiment: str | None = None,
+    cache_dir: str | None = None,
+    data_dir: str | None = None,
+) -> SweepOutcome:
+    """Create or resume the study, run ``workers`` processes until it has ``n_trials`` COMPLETE
+    trials (default: the spec's), and log the sweep to one MLflow parent run.
+
+    Raises ``ConfigError`` for a bad count or device, ``DataError`` for missing data and
+    ``AltrackError`` for an unreachable store or a worker that exits with an error; all of them
+    before anything is written, except the last.
+    """
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    n_trials = spec.n_trials if n_trials is None else n_trials
+    if n_trials < 1:
+        raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
+    study_name = study_name or spec.study_name
+    device = str(resolve_device(spec.device))
+    set_determinism(device)
+    load_dataset(spec.dataset, data_dir, device)  # data errors before anything is written
+    check_tracking_store()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name, storage=open_storage(storage), direction=spec.direction, load_if_exists=True
+    )
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial(paper_baseline(spec), user_attrs={BASELINE_ATTR: True})
+    storage_label = storage or str(Path(DEFAULT_STORAGE).resolve())
+    tags = {
+        KIND_TAG: KIND_SWEEP,
+        COMMAND_TAG: " ".join(redact(arg) for arg in sys.argv),
+        STUDY_TAG: study_name,
+        STORAGE_TAG: redact(storage_label),
+    }
+    with start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags) as parent:
+        parent_id = parent.info.run_id
+        log_new_params(
+            parent_id,
+            {
+                "study_name": study_name,
+                "dataset": spec.dataset,
+                "method": spec.method,
+                "budget": spec.budget,
+                "n_trials": n_trials,
+                "workers": workers,
+                "sampler": spec.sampler,
+                "seeds_per_trial": spec.seeds_per_trial,
+            },
+        )
+        with tempfile.TemporaryDirectory(prefix="altrack-sweep-") as tmp:
+            np.save(Path(tmp) / "validation_indices.npy", validation_indices(spec))
+            Path(tmp, "spec.yaml").write_text(Path(spec.source).read_text() if Path(spec.source).exists() else "")
+            mlflow.log_artifacts(tmp)
+        jobs = [
+            Worker(spec, study_name, storage, n_trials, parent_id, device, i, cache_dir, data_dir)
+            for i in range(workers)
+        ]
+        if workers == 1:
+            jobs[0].run()
+        else:
+            _run_processes(jobs, threads_per_worker(workers))
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        artifacts = publish_sweep(study)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        mlflow.log_params({f"best_{k}": v for k, v in study.best_params.items()})
+        mlflow.log_metrics({"best_value": study.best_value, "n_complete": len(complete)})
+        mlflow.set_tag(BEST_TRIAL_TAG, str(study.best_trial.number))
+        return SweepOutcome(study_name, parent_id, len(complete), study.best_value, study.best_params, artifacts)
+
+
+def _run_processes(jobs: list[Worker], threads: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    uri = mlflow.get_tracking_uri()
+    procs = [context.Process(target=run_worker, args=(job, uri, threads)) for job in jobs]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")
+
+
+def trials_table(study: optuna.Study) -> list[dict]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "number": trial.number,
+                "state": trial.state.name,
+                "value": trial.value,
+                **{f"param_{k}": v for k, v in trial.params.items()},
+                "test_accuracy": trial.user_attrs.get(TEST_ACCURACY_ATTR),
+                "paper_baseline": trial.user_attrs.get(BASELINE_ATTR, False),
+                "retry_of": trial.user_attrs.get(RETRY_OF_ATTR),
+                "mlflow_run_id": trial.user_attrs.get(RUN_ATTR),
+            }
+        )
+    return rows
+
+
+def plot_study(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optuna's matplotlib plots (no plotly needed). A plot that needs more trials is skipped."""
+    params = sorted({name for t in study.get_trials(deepcopy=False) for name in t.params})
+    ratios = [p for p in ("cluster_ratio", "seed_ratio") if p in params]
+    plots = {
+        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
+        "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
+        "slice.png": lambda: optuna_plots.plot_slice(study, params=params),
+    }
+    if len(ratios) == 2:
+        plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ratios)
+    written = []
+    for name, draw in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = draw()
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue
+        figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
+        panels = axes.size if isinstance(axes, np.ndarray) else 1
+        figure.set_size_inches(max(6.5, 4.8 * panels + 1.5), 4.8)
+        figure.savefig(folder / name, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        written.append(folder / name)
+    return written
+
+
+def publish_sweep(study: optuna.Study) -> list[Path]:
+    """trials.csv and Optuna's matplotlib plots, logged to the active (parent) run."""
+    with tempfile.TemporaryDirectory(prefix="altrack-sweep-report-") as tmp:
+        folder = Path(tmp)
+        paths = [report.write_rows_csv(trials_table(study), folder / "trials.csv")]
+        paths += plot_study(study, folder)
+        mlflow.log_artifacts(tmp)
+        return [Path(p.name) for p in paths]
+
+
+def describe(outcome: SweepOutcome) -> str:
+    params = ", ".join(f"{k}={v:.4g}" for k, v in outcome.best_params.items())
+    return (
+        f"study {outcome.study_name}: {outcome.n_complete} complete trials; best value {outcome.best_value:.4f}"
+        f" with {params}\nMLflow parent run: {outcome.parent_run_id}"
+    )

@@ -1,0 +1,138 @@
+"""One sweep worker: a process that asks the study for trials and runs them until it has enough.
+
+``n_trials`` is the study's total of COMPLETE trials: N workers started together finish exactly
+N (a trial that would overshoot is pruned before it does any work).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from altrack.cache import SeedStageCache
+from altrack.data import load_dataset, set_determinism
+from altrack.errors import AltrackError, TrainingDiverged
+from altrack.liveness import worker_id
+from altrack.protocol import run_method
+from altrack.results import FINISHED
+from altrack.sweep.spec import SweepSpec
+from altrack.sweep.study import Recovery, make_sampler, open_storage, validation_indices
+from altrack.tracking.runs import log_run
+from altrack.tracking.tags import (
+    BASELINE_ATTR,
+    KIND_SWEEP_PROTOCOL,
+    KIND_TAG,
+    KIND_TRIAL,
+    RUN_ATTR,
+    STUDY_TAG,
+    TEST_ACCURACY_ATTR,
+    TRIAL_NUMBER_TAG,
+    TRIAL_STATE_TAG,
+    WORKER_ATTR,
+)
+
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class Worker:
+    """State of one sweep process: where the study is, and (once running) the data and cache."""
+
+    spec: SweepSpec
+    study_name: str
+    storage_url: str | None
+    n_trials: int
+    parent_run_id: str
+    device: str
+    worker: int = 0
+    cache_dir: str | None = None
+    data_dir: str | None = None
+
+    def run(self) -> None:
+        """Run trials until the study has ``n_trials`` COMPLETE ones; ``AltrackError`` when more
+        than ``max(3, n_trials)`` have failed."""
+        storage = open_storage(self.storage_url)
+        study = optuna.load_study(
+            study_name=self.study_name, storage=storage, sampler=make_sampler(self.spec, self.worker)
+        )
+        recover = Recovery(study, isinstance(storage, optuna.storages.RDBStorage))
+        self.data = load_dataset(self.spec.dataset, self.data_dir, self.device)
+        self.holdout = validation_indices(self.spec)
+        self.cache = SeedStageCache(self.cache_dir)
+        max_failures = max(3, self.n_trials)
+        while True:
+            recover()
+            counts = Counter(t.state for t in study.get_trials(deepcopy=False))
+            if counts[TrialState.COMPLETE] >= self.n_trials:
+                return
+            if counts[TrialState.FAIL] > max_failures:
+                raise AltrackError(f"study {self.study_name!r}: {counts[TrialState.FAIL]} trials failed; giving up")
+            if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= self.n_trials:
+                time.sleep(POLL_SECONDS)
+                continue
+            study.optimize(self.objective, n_trials=1, catch=(AltrackError,))
+
+    def objective(self, trial: optuna.Trial) -> float:
+        """Mean validation accuracy over the spec's seeds, each a logged protocol run."""
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if sum(t.number < trial.number for t in ahead) >= self.n_trials:
+            raise optuna.TrialPruned("the study already has enough trials")
+        baseline = bool(trial.user_attrs.get(BASELINE_ATTR, False))
+        space = self.spec.space()
+        params = {name: space[name].suggest(trial) for name in space if not (baseline and name == "lam")}
+        settings = self.spec.trial_settings(params, lam_auto=baseline)
+        tags = {TRIAL_NUMBER_TAG: str(trial.number), STUDY_TAG: self.study_name, KIND_TAG: KIND_TRIAL}
+        nested = mlflow.active_run() is not None  # in-process worker: under the parent run
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=nested, tags=tags
+        ) as run:
+            trial.set_user_attr(RUN_ATTR, run.info.run_id)
+            mlflow.log_params(
+                {
+                    **params,
+                    "lam": settings.lam_label,
+                    "paper_baseline": baseline,
+                    "seeds": ",".join(map(str, self.spec.seeds)),
+                }
+            )
+            val, test = [], []
+            for seed in self.spec.seeds:
+                stage = self.cache.get(self.data, self.spec.budget, seed, settings, self.holdout)
+                result = run_method(self.data, stage, self.spec.method, settings, holdout=self.holdout)
+                name = f"trial{trial.number}-{result.key.name}"
+                log_run(result, self.spec.log_models, kind=KIND_SWEEP_PROTOCOL, name=name)
+                if result.status != FINISHED:
+                    raise TrainingDiverged(result.error or "training failed")
+                val.append(result.val_accuracy)
+                test.append(result.test_accuracy)
+                mlflow.log_metrics({f"val_accuracy_seed{seed}": val[-1], f"test_accuracy_seed{seed}": test[-1]})
+                if "lam" in result.selection.info:
+                    mlflow.log_metric(f"lam_used_seed{seed}", result.selection.info["lam"])
+            value = float(np.mean(val))
+            mlflow.log_metrics(
+                {
+                    "objective": value,
+                    "val_accuracy": value,
+                    "test_accuracy": float(np.mean(test)),
+                    "seed_cache_hits": self.cache.hits,
+                }
+            )
+            mlflow.set_tag(TRIAL_STATE_TAG, "COMPLETE")
+            trial.set_user_attr(TEST_ACCURACY_ATTR, float(np.mean(test)))
+        return value
+
+
+def run_worker(worker: Worker, tracking_uri: str, threads: int) -> None:
+    """A spawned worker process: its share of the cores, the parent's store, torch's determinism."""
+    torch.set_num_threads(threads)
+    set_determinism(worker.device)
+    mlflow.set_tracking_uri(tracking_uri)
+    worker.run()

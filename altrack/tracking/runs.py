@@ -1,0 +1,251 @@
+"""The write side of MLflow: parent runs, one nested child per protocol run, and liveness.
+
+Under ``mlflow run`` the launcher exports ``MLFLOW_RUN_ID``; ``mlflow.start_run()`` then resumes
+that run as the parent, so the project run and the CLI run are the same thing.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from altrack import report
+from altrack.errors import AltrackError, first_line
+from altrack.liveness import is_dead, worker_id
+from altrack.protocol import RunResult
+from altrack.results import FAILED, FINISHED, KILLED, RUNNING
+from altrack.tracking.tags import (
+    DEFAULT_EXPERIMENT,
+    ERROR_TAG,
+    HASH_TAG,
+    KIND_PROTOCOL,
+    KIND_TAG,
+    MLFLOW_PARENT_RUN_ID,
+    WORKER_TAG,
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@contextmanager
+def _quick_http() -> Iterator[None]:
+    """No retries and a short timeout for the start-up probe (MLflow's defaults retry for minutes)."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def check_tracking_store() -> str:
+    """Touch the store before any training, so an unreachable server fails in seconds.
+
+    Returns the tracking URI; raises ``AltrackError`` (one line) when the store does not answer.
+    """
+    uri = mlflow.get_tracking_uri()
+    try:
+        with _quick_http():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise AltrackError(f"MLflow tracking store {uri} is unreachable: {first_line(exc)}") from exc
+    return uri
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags that let a later process tell whether this one still owns a RUNNING run."""
+    return {WORKER_TAG: worker_id()}
+
+
+def close_dead_runs(experiment_id: str) -> int:
+    """Mark KILLED the RUNNING runs of this experiment whose owner on this host has died
+    (a SIGKILLed grid leaves its parent, and maybe one child, RUNNING). Returns how many."""
+    client = MlflowClient()
+    closed = 0
+    for run in client.search_runs([experiment_id], f"attributes.status = '{RUNNING}'", max_results=5000):
+        owner = run.data.tags.get(WORKER_TAG, "")
+        if owner and is_dead(owner):
+            client.set_tag(run.info.run_id, ERROR_TAG, f"process {owner} died before the run ended")
+            client.set_terminated(run.info.run_id, status=KILLED)
+            closed += 1
+    return closed
+
+
+def kill_run_tree(client: MlflowClient, run_id: str, reason: str) -> None:
+    """Mark a RUNNING run and its RUNNING children KILLED, saying why."""
+    run = client.get_run(run_id)
+    if run.info.status != RUNNING:
+        return
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and attributes.status = '{RUNNING}'"
+    for child in client.search_runs([run.info.experiment_id], query):
+        client.set_terminated(child.info.run_id, status=KILLED)
+    client.set_tag(run_id, ERROR_TAG, reason)
+    client.set_terminated(run_id, status=KILLED)
+
+
+def under_project_run() -> bool:
+    """Whether ``mlflow run`` launched this process (it exports the run it created)."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def start_parent(experiment: str | None, run_name: str, tags: dict | None = None) -> mlflow.ActiveRun:
+    """The invocation's parent run; under ``mlflow run``, the run the launcher created."""
+    if under_project_run():
+        run = mlflow.start_run()
+        if tags:
+            mlflow.set_tags(tags)
+        return run
+    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    return mlflow.start_run(run_name=run_name, tags=tags)
+
+
+def log_new_params(run_id: str, params: dict) -> None:
+    """Log params the run does not already have (``mlflow run`` logs its -P values first)."""
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+    if fresh:
+        client.log_batch(run_id, params=fresh)
+
+
+def log_dir(files: dict[str, object] | None = None) -> None:
+    """Write ``files`` (name -> text, or a numpy array saved as .npy) to a temp folder and log it
+    as artifacts of the active run."""
+    with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
+        for name, content in (files or {}).items():
+            if isinstance(content, np.ndarray):
+                np.save(Path(tmp) / name, content)
+            else:
+                Path(tmp, name).write_text(str(content))
+        mlflow.log_artifacts(tmp)
+
+
+def run_params(result: RunResult) -> dict:
+    """A protocol run's params: its key, the derived sizes, where it ran and every setting."""
+    key, settings = result.key, result.settings
+    params = {
+        "dataset": key.dataset,
+        "method": key.method,
+        "budget": key.budget,
+        "seed": key.seed,
+        "n_seed": settings.n_seed(key.budget),
+        "n_select": settings.n_select(key.budget),
+        "device": result.device,
+        "config_hash": result.config_hash,
+        "torch_version": torch.__version__,
+        **settings.as_params(),
+    }
+    info = result.selection.info if result.selection is not None else {}
+    if "n_clusters" in info:
+        params["n_clusters"] = info["n_clusters"]
+    if "lam" in info:
+        params["lam_used"] = info["lam"]
+    return params
+
+
+def _run_metrics(result: RunResult) -> list[Metric]:
+    now = now_ms()
+    stage = result.stage
+    metrics = [Metric(name, getattr(result, name), now, 0) for name in ("test_accuracy", "test_loss", "val_accuracy")]
+    if stage is not None:
+        metrics.append(Metric("seed_test_accuracy", stage.test_accuracy, now, 0))
+        metrics += [Metric("seed_train_loss", v, now, i) for i, v in enumerate(stage.epoch_losses)]
+    metrics += [Metric("train_loss", v, now, i) for i, v in enumerate(result.final_epoch_losses)]
+    metrics += [Metric(k, v, now, 0) for k, v in result.timings.items()]
+    if result.selection is not None:
+        for k, v in result.selection.info.items():
+            if isinstance(v, int | float) and k != "lam":
+                metrics.append(Metric(f"selection_{k}", float(v), now, 0))
+    return [m for m in metrics if np.isfinite(m.value)]
+
+
+def _blank_nan(value: float) -> str | float:
+    return "" if np.isnan(value) else float(value)
+
+
+def write_run_artifacts(result: RunResult, folder: Path) -> None:
+    """seed_losses.npy, selected_indices.npy, selection.csv and selection.png for one run."""
+    stage, selection = result.stage, result.selection
+    assert stage is not None and selection is not None
+    np.save(folder / "seed_losses.npy", stage.ce_loss.astype(np.float32))
+    np.save(folder / "selected_indices.npy", result.selected_indices)
+    n_seed = len(stage.seed_indices)
+    with open(folder / "selection.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "role", "probability", "weight"])
+        writer.writerows([int(i), "seed", "", 1.0] for i in stage.seed_indices)
+        columns = zip(selection.indices, selection.roles, selection.probabilities, selection.weights, strict=True)
+        writer.writerows([int(i), role, _blank_nan(p), _blank_nan(w)] for i, role, p, w in columns)
+    key = result.key
+    report.plot_selection(
+        stage.ce_loss,
+        stage.labels,
+        stage.pool_indices,
+        result.selected_indices[n_seed:],
+        f"{key.dataset} {key.method} k={key.budget} seed={key.seed}: acc {result.test_accuracy:.4f}",
+        folder / "selection.png",
+    )
+
+
+def _log_model(model: torch.nn.Module, name: str) -> None:
+    """Pickle format: pt2 needs an input example and torch.export, and these models are our own."""
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    mlflow.pytorch.log_model(
+        model.cpu(),
+        name=name,
+        serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+
+
+def log_run(result: RunResult, log_models: bool, kind: str = KIND_PROTOCOL, name: str | None = None) -> str:
+    """One nested child run under the active run; FAILED with the reason when the run failed.
+
+    Sweeps log theirs as ``kind=KIND_SWEEP_PROTOCOL``: they train on a pool without the
+    validation split, so grid resumes and reports must never mistake them for grid runs.
+    Returns the run id; raises ``AltrackError`` when the artifacts cannot be stored (the run
+    is then FAILED, never FINISHED without its files).
+    """
+    tags = {KIND_TAG: kind, HASH_TAG: result.config_hash, **owner_tags()}
+    with mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags) as run:
+        client = MlflowClient()
+        run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in run_params(result).items()]
+        client.log_batch(run_id, metrics=_run_metrics(result), params=params)
+        if result.status != FINISHED:
+            client.log_batch(run_id, tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])
+            mlflow.end_run(status=FAILED)
+            return run_id
+        try:  # a run is FINISHED only with its artifacts; leaving this block by an error marks it FAILED
+            with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
+                write_run_artifacts(result, Path(tmp))
+                mlflow.log_artifacts(tmp)
+            if log_models:
+                assert result.stage is not None and result.final_model is not None
+                _log_model(result.stage.model, "seed_model")
+                _log_model(result.final_model, "final_model")
+        except Exception as exc:
+            client.set_tag(run_id, ERROR_TAG, f"artifacts not stored: {first_line(exc, 500)}")
+            raise AltrackError(
+                f"run {run_id}: cannot store its artifacts at {run.info.artifact_uri}: {first_line(exc)}"
+            ) from exc
+    return run_id

@@ -1,0 +1,43 @@
+"""Every name altrack writes to MLflow and Optuna, spelled once (as ``mlflow.utils.mlflow_tags``).
+
+Tags are strings on runs; Optuna user attributes live on trials. Run kinds tell a grid's
+protocol runs from a sweep's, which train on a pool without the validation split and must never
+be mistaken for grid runs by a resume or a report.
+"""
+
+from __future__ import annotations
+
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: F401  (re-exported)
+
+KIND_TAG = "altrack.kind"
+KIND_GRID = "grid"
+KIND_PROTOCOL = "protocol"
+KIND_SWEEP = "sweep"
+KIND_TRIAL = "trial"
+KIND_SWEEP_PROTOCOL = "sweep-protocol"
+KIND_REPLAY = "replay"
+
+WORKER_TAG = "altrack.worker"  # host:pid of the process that owns a RUNNING run (altrack.liveness)
+HASH_TAG = "altrack.config_hash"
+ERROR_TAG = "altrack.error"
+COMMAND_TAG = "altrack.command"  # the command line that made a parent run, for the results page
+RESUMED_TAG = "altrack.resumed_runs"
+RUNS_FINISHED_TAG = "altrack.runs_finished"
+RUNS_FAILED_TAG = "altrack.runs_failed"
+REPLAY_OF_TAG = "altrack.replay_of"
+
+STUDY_TAG = "optuna.study"
+STORAGE_TAG = "optuna.storage"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+TRIAL_STATE_TAG = "optuna.state"
+BEST_TRIAL_TAG = "optuna.best_trial"
+
+# Optuna trial user attributes
+WORKER_ATTR = "altrack.worker"
+RUN_ATTR = "altrack.mlflow_run_id"
+BASELINE_ATTR = "altrack.paper_baseline"
+RETRY_OF_ATTR = "altrack.retry_of"
+TEST_ACCURACY_ATTR = "test_accuracy"
+
+RESUMED_RUNS_CSV = "resumed_runs.csv"
+DEFAULT_EXPERIMENT = "altrack"
