@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from altrack import __version__
 from altrack.data import Dataset, user_folder
 from altrack.protocol import EpochHook, SeedStage, fresh_model, train_seed_stage
+from altrack.provenance import code_version
 from altrack.settings import Settings
 
-FORMAT = 2  # 2: stages carry the train labels
+FORMAT = 2  # 2: stages carry the train labels; keys name the code and the data
 _ARRAYS = ("seed_indices", "pool_indices", "labels", "probs", "embeddings", "ce_loss", "grad_loss")
 
 
@@ -34,9 +34,9 @@ def stage_key(data: Dataset, budget: int, seed: int, settings: Settings, holdout
     """Hash of every input of ``train_seed_stage``; selection-only settings are left out."""
     payload = {
         "format": FORMAT,
-        "altrack": __version__,
-        "torch": torch.__version__,
+        **code_version(),
         "dataset": data.name,
+        "data": data.digest,
         "n_train": int(data.x_train.shape[0]),
         "device": data.x_train.device.type,
         "budget": budget,

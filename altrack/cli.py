@@ -37,11 +37,11 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
         raise click.BadParameter(f"budgets must be integers, got {value!r}", param_hint="--budget") from None
 
 
-def _lam(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+def _lam(ctx: click.Context, param: click.Parameter, value: str) -> float | str:
     try:
         return parse_lam(value)
-    except ConfigError:
-        raise click.BadParameter(f"must be 'auto' or a number, got {value!r}", param_hint="--lam") from None
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("lam "), param_hint="--lam") from None
 
 
 def _blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -83,7 +83,7 @@ def cli() -> None:
 @click.option("--cluster-ratio", type=float, default=0.2, show_default=True,
               help="k''/k, the coreset's k-means clusters.")  # fmt: skip
 @click.option("--lam", default="auto", show_default=True, callback=_lam,
-              help="Coreset Holder constant: a float or 'auto'.")  # fmt: skip
+              help="Coreset Holder constant: auto, lemma8, auto*F, lemma8*F or a number.")  # fmt: skip
 @click.option("--coreset-space", type=click.Choice(CORESET_SPACES), default="embedding", show_default=True)
 @click.option("--weighted/--unweighted", default=False, show_default=True, help="Retrain with coreset weights.")
 @device_option("auto")
@@ -114,8 +114,8 @@ def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
 
     settings = Settings(**{name: opts.pop(name) for name in SETTINGS_RULES})  # type: ignore[arg-type]
     cfg = GridConfig(datasets=_split(datasets), methods=_methods(methods), settings=settings, **opts)  # type: ignore[arg-type]
-    outcome = run_grid(cfg, progress=not quiet)
-    click.echo(report.format_table(outcome.rows), nl=False)
+    outcome = run_grid(cfg, progress=not quiet, say=click.echo)
+    click.echo(report.format_table(outcome.rows, outcome.resumed), nl=False)
     click.echo(f"report: {cfg.out}/")
     click.echo(f"MLflow parent run: {outcome.parent_run_id}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
 from altrack.protocol import iterate_grid
+from altrack.provenance import identity
 from altrack.results import FINISHED, ResultRow
 from altrack.tracking.query import finished_rows, rows_from_mlflow
 from altrack.tracking.runs import (
@@ -47,6 +48,7 @@ class GridOutcome:
     parent_run_id: str
     rows: list[ResultRow]
     report_paths: list[Path]
+    resumed: int = 0  # rows reused from earlier invocations (same config hash)
 
 
 def grid_params(cfg: GridConfig, device: str) -> dict:
@@ -61,7 +63,7 @@ def grid_params(cfg: GridConfig, device: str) -> dict:
     }
 
 
-def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
+def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], None] = print) -> GridOutcome:
     """Run every (dataset, method, k, seed) of ``cfg`` under one parent run and write the report.
 
     Order of failure, so that a mistake costs nothing: the device and the datasets are checked
@@ -69,11 +71,13 @@ def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
     only then is a run opened. Runs this experiment already FINISHED with the same config hash
     are reused when ``cfg.resume``. With ``cfg.fail_fast`` the first failed run raises
     ``AltrackError``; otherwise failed runs are logged FAILED and listed in the report.
+    ``say`` prints what the user must know (runs reused from earlier invocations).
     """
     device = str(resolve_device(cfg.device))
     set_determinism(device)
-    for dataset in cfg.datasets:  # data errors surface before the store is touched (no mlflow.db)
-        load_dataset(dataset, cfg.data_dir, device)
+    identities = {}  # data errors surface before the store is touched (no mlflow.db)
+    for dataset in cfg.datasets:
+        identities[dataset] = identity(device, load_dataset(dataset, cfg.data_dir, device).digest)
     if cfg.workers > 1:  # the workers load their own copies
         release_datasets()
     check_tracking_store()  # then the store, still before any training
@@ -82,11 +86,13 @@ def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
         parent_id = parent.info.run_id
         log_new_params(parent_id, grid_params(cfg, device))
         close_dead_runs(parent.info.experiment_id)
-        hashes = {key.config_hash(cfg.settings): key for key in cfg.run_keys()}
+        hashes = {key.config_hash(cfg.settings, identities[key.dataset]): key for key in cfg.run_keys()}
         done = finished_rows(parent.info.experiment_id, set(hashes)) if cfg.resume else {}
         rows: list[ResultRow] = list(done.values())
         mlflow.set_tag(RESUMED_TAG, len(done))
         if done:
+            experiment = mlflow.get_experiment(parent.info.experiment_id).name
+            say(f"reusing {len(done)} finished runs from {experiment}; --no-resume to rerun")
             with tempfile.TemporaryDirectory(prefix="altrack-resumed-") as tmp:
                 report.write_rows_csv(rows, Path(tmp) / RESUMED_RUNS_CSV)
                 mlflow.log_artifacts(tmp)
@@ -96,20 +102,20 @@ def run_grid(cfg: GridConfig, *, progress: bool = True) -> GridOutcome:
             rows.append(result.row(run_id))
             if result.status != FINISHED and cfg.fail_fast:
                 raise AltrackError(f"{run_id} failed: {result.error} (--fail-fast)")
-        paths = publish_report(rows, cfg.out)
+        paths = publish_report(rows, cfg.out, resumed=len(done))
         n_failed = sum(not r.finished for r in rows)
         mlflow.set_tags({RUNS_FINISHED_TAG: len(rows) - n_failed, RUNS_FAILED_TAG: n_failed})
-    return GridOutcome(parent_id, rows, paths)
+    return GridOutcome(parent_id, rows, paths, len(done))
 
 
-def publish_report(rows: Sequence[ResultRow], out: str | None) -> list[Path]:
+def publish_report(rows: Sequence[ResultRow], out: str | None, resumed: int = 0) -> list[Path]:
     """Write the report to ``out`` (if given) and log it to the active run."""
     with tempfile.TemporaryDirectory(prefix="altrack-report-") as tmp:
-        report.write_report(rows, tmp)
+        report.write_report(rows, tmp, resumed)
         mlflow.log_artifacts(tmp)
         if out is None:
             return []
-        return report.write_report(rows, out)
+        return report.write_report(rows, out, resumed)
 
 
 def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str | None) -> list[Path]:

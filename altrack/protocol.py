@@ -27,6 +27,7 @@ from altrack.config import GridConfig
 from altrack.data import Dataset, load_dataset, resolve_device, set_determinism
 from altrack.errors import TrainingDiverged
 from altrack.models import build_model
+from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
 from altrack.selection import SelectionContext, SelectionResult, get_selector
 from altrack.settings import RunKey, Settings
@@ -149,6 +150,7 @@ class RunResult:
     key: RunKey
     settings: Settings
     device: str
+    identity: dict[str, str]  # altrack.provenance.identity: code, torch, device and data
     status: str = FINISHED
     error: str | None = None
     test_accuracy: float = float("nan")
@@ -168,7 +170,7 @@ class RunResult:
 
     @property
     def config_hash(self) -> str:
-        return self.key.config_hash(self.settings)
+        return self.key.config_hash(self.settings, self.identity)
 
     def row(self, run_id: str) -> ResultRow:
         """This result as the report's row, logged as MLflow run ``run_id``."""
@@ -190,7 +192,8 @@ def run_method(
     With a ``holdout``, the final model's accuracy on it is ``val_accuracy``.
     """
     key = RunKey(data.name, method, stage.budget, stage.seed)
-    result = RunResult(key, settings, str(data.x_train.device), stage=stage)
+    device = data.x_train.device
+    result = RunResult(key, settings, str(device), identity(device, data.digest), stage=stage)
     started = time.perf_counter()
     ctx = SelectionContext(
         seed_indices=stage.seed_indices,
@@ -284,7 +287,7 @@ def run_group(
     for method in methods:
         key = RunKey(dataset, method, budget, seed)
         if stage is None:
-            yield RunResult(key, cfg.settings, device, status=FAILED, error=stage_error)
+            yield RunResult(key, cfg.settings, device, identity(device, data.digest), status=FAILED, error=stage_error)
             continue
         start = functools.partial(bar.start_training, f"{method} k={budget} s={seed}", cfg.settings.epochs)
         yield run_method(data, stage, method, cfg.settings, start)

@@ -56,7 +56,8 @@ def _std(values: np.ndarray) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def format_table(rows: Sequence[ResultRow]) -> str:
+def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
+    """The grid's accuracy table; ``resumed`` counts the rows reused from earlier invocations."""
     stats = summarise(rows)
     lines = ["altrack: test accuracy, mean ± std over seeds (n = finished runs)", ""]
     for dataset, budget in sorted({(d, k) for d, k, _ in stats}):
@@ -73,6 +74,9 @@ def format_table(rows: Sequence[ResultRow]) -> str:
         lines.append(f"{len(failed)} run(s) failed and are left out of the means:")
         for r in failed:
             lines.append(f"  {r.dataset} {r.method} k={r.budget} seed={r.seed}: {r.error or r.status}")
+    if resumed:
+        lines.append(f"{resumed} of the {len(rows)} runs were reused from earlier invocations "
+                     "(--no-resume reruns them).")  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -130,14 +134,14 @@ def write_rows_csv(rows: Sequence[ResultRow] | Sequence[dict], path: Path) -> Pa
     return path
 
 
-def write_report(rows: Sequence[ResultRow], out_dir: str | Path) -> list[Path]:
+def write_report(rows: Sequence[ResultRow], out_dir: str | Path, resumed: int = 0) -> list[Path]:
     """The png, txt (table and paired tests) and csv of a grid, plus learning curves when it
     has several budgets, written into ``out_dir`` (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     txt = out / TXT_NAME
     paired = format_paired(paired_tests(rows))
-    txt.write_text(format_table(rows) + ("\n" + paired if paired else ""))
+    txt.write_text(format_table(rows, resumed) + ("\n" + paired if paired else ""))
     paths = [txt, write_rows_csv(rows, out / CSV_NAME)]
     if summarise(rows):
         paths.insert(0, plot_results(rows, out / PNG_NAME))

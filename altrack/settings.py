@@ -21,7 +21,7 @@ AUTO = "auto"
 CORESET_SPACES = ("embedding", "loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", object: "a value"}
 
 
 def _is(kind: type, value: object) -> bool:
@@ -49,6 +49,7 @@ class Rule:
     unknown: bool = False
     label: str | None = None
     optional: bool = False
+    convert: Callable[[Any], Any] | None = None  # canonical form, or ConfigError
 
     def check(self, name: str, value: Any) -> Any:
         """``value`` if it passes (ints widened to float for float fields), else ``ConfigError``."""
@@ -59,6 +60,8 @@ class Rule:
             raise ConfigError(f"{label} must be {_TYPE_WORDS[self.kind]}, got {value!r}")
         if self.kind is float:
             value = float(value)
+        if self.convert is not None:
+            value = self.convert(value)
         if self.choices is not None:
             choices = tuple(self.choices())
             if value not in choices:
@@ -78,30 +81,72 @@ def open_interval(low: float, high: float) -> Rule:
     return Rule(float, lambda v: low < v < high, f"be in ({low:g}, {high:g})")
 
 
-def _lam_ok(value: float | str) -> bool:
-    return value == AUTO or (isinstance(value, float) and math.isfinite(value) and value >= 0)
-
-
 SETTINGS_RULES: dict[str, Rule] = {
     "epochs": at_least(1),
     "batch_size": Rule(int, lambda v: v >= 1, "be >= 1", label="batch size"),
     "lr": Rule(float, lambda v: 0 < v < math.inf, "be a finite number > 0"),
     "seed_ratio": open_interval(0, 1),
     "cluster_ratio": open_interval(0, 1),
-    "lam": Rule(float, lambda v: math.isfinite(v) and v >= 0, "be 'auto' or a finite float >= 0", optional=True),
+    "lam": Rule(object, convert=lambda v: parse_lam(v)),
     "coreset_space": Rule(str, choices=lambda: CORESET_SPACES),
     "weighted": Rule(bool),
 }
 
 
-def parse_lam(value: str | float | None) -> float | None:
-    """'auto' (or None) -> None, else a float; the one place the string form is read."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
-        return None
+LEMMA8 = "lemma8"
+LAM_ESTIMATORS = (AUTO, LEMMA8)
+LAM_FORMS = "'auto', 'lemma8', 'auto*F', 'lemma8*F' or a finite number >= 0"
+
+
+@dataclass(frozen=True)
+class LamMode:
+    """How the coreset gets lam: an estimator ('auto', 'lemma8') times ``scale``, or ``value``."""
+
+    estimator: str | None
+    scale: float = 1.0
+    value: float = 0.0
+
+
+def _finite_non_negative(number: float, text: object) -> float:
+    if not (math.isfinite(number) and number >= 0):
+        raise ConfigError(f"lam must be {LAM_FORMS}, got {text!r}")
+    return number
+
+
+def parse_lam_mode(value: str | float) -> LamMode:
+    """The one reader of lam's forms: 'auto', 'lemma8', 'auto*10', 'lemma8*0.5', or a number.
+
+    Raises ``ConfigError`` for anything else, a negative, NaN or infinite number included."""
+    if isinstance(value, bool):
+        raise ConfigError(f"lam must be {LAM_FORMS}, got {value!r}")
+    if isinstance(value, int | float):
+        return LamMode(None, value=_finite_non_negative(float(value), value))
+    if not isinstance(value, str):
+        raise ConfigError(f"lam must be {LAM_FORMS}, got {value!r}")
+    text = value.strip().lower()
+    name, star, factor = text.partition("*")
+    if name.strip() in LAM_ESTIMATORS:
+        try:
+            scale = float(factor) if star else 1.0
+        except ValueError:
+            raise ConfigError(f"lam must be {LAM_FORMS}, got {value!r}") from None
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"lam must be {LAM_FORMS} with F > 0, got {value!r}")
+        return LamMode(name.strip(), scale)
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"lam must be 'auto' or a number, got {value!r}") from None
+        number = float(text)
+    except ValueError:
+        raise ConfigError(f"lam must be {LAM_FORMS}, got {value!r}") from None
+    return LamMode(None, value=_finite_non_negative(number, value))
+
+
+def parse_lam(value: str | float | None) -> str | float:
+    """lam in its canonical form: 'auto', 'lemma8', 'auto*10' (estimator, scale) or a float.
+    None means 'auto' (specs and params written before lam had other modes)."""
+    mode = parse_lam_mode(AUTO if value is None else value)
+    if mode.estimator is None:
+        return mode.value
+    return mode.estimator if mode.scale == 1.0 else f"{mode.estimator}*{mode.scale:g}"
 
 
 def _from_text(kind: type, text: str) -> object:
@@ -123,7 +168,7 @@ class Settings:
     lr: float = 1e-3
     seed_ratio: float = 0.2
     cluster_ratio: float = 0.2
-    lam: float | None = None  # None means "auto": estimated by the coreset (see selection/coreset.py)
+    lam: float | str = AUTO  # an estimator ('auto', 'lemma8', 'auto*10') or a constant (selection/coreset.py)
     coreset_space: str = "embedding"
     weighted: bool = False
 
@@ -143,22 +188,17 @@ class Settings:
         for name, rule in SETTINGS_RULES.items():
             if name not in params:
                 continue
-            values[name] = parse_lam(params[name]) if name == "lam" else _from_text(rule.kind, params[name])
+            values[name] = params[name] if name == "lam" else _from_text(rule.kind, params[name])
         return cls(**values)  # type: ignore[arg-type]
 
     def as_params(self) -> dict[str, object]:
-        """MLflow params, lam as 'auto' or its value; ``from_params`` reads them back."""
-        return {**asdict(self), "lam": self.lam_label}
-
-    @property
-    def lam_label(self) -> str | float:
-        """How lam is logged: 'auto' or the fixed value."""
-        return AUTO if self.lam is None else self.lam
+        """MLflow params; ``from_params`` reads them back."""
+        return asdict(self)
 
     @property
     def label(self) -> str:
         """The knobs a sweep tunes, as one string: how reports tell settings apart."""
-        lam = AUTO if self.lam is None else f"{self.lam:.4g}"
+        lam = self.lam if isinstance(self.lam, str) else f"{self.lam:.4g}"
         return f"seed_ratio={self.seed_ratio:g} cluster_ratio={self.cluster_ratio:g} lam={lam}"
 
     def n_seed(self, budget: int) -> int:
@@ -201,8 +241,10 @@ class RunKey:
     budget: int
     seed: int
 
-    def config_hash(self, settings: Settings) -> str:
-        payload = json.dumps({"key": asdict(self), "settings": asdict(settings)}, sort_keys=True)
+    def config_hash(self, settings: Settings, identity: Mapping[str, str]) -> str:
+        """The resume key: this key, the settings and ``identity`` (``altrack.provenance``: code,
+        torch, device and data), so a rerun reuses only what the same everything produced."""
+        payload = json.dumps({"key": asdict(self), "settings": asdict(settings), **identity}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property

@@ -42,7 +42,12 @@ BAD_INPUT = [
     (["--seed-ratio", "0.6", "--cluster-ratio", "0.5"], "seed_ratio + cluster_ratio must be < 1"),
     (["--epochs", "0"], "epochs must be >= 1"),
     (["--batch-size", "0"], "batch size must be >= 1"),
-    (["--lam", "big"], "must be 'auto' or a number"),
+    (["--lam", "big"], "--lam: must be 'auto', 'lemma8', 'auto*F', 'lemma8*F' or a finite number >= 0"),
+    (["--lam", "-1"], "--lam: must be"),
+    (["--lam", "nan"], "--lam: must be"),
+    (["--lam", "inf"], "--lam: must be"),
+    (["--lam", "lemma9"], "--lam: must be"),
+    (["--lam", "auto*0"], "--lam: must be"),
     (["--runs", "x"], "'x' is not a valid integer"),
 ]
 

@@ -65,9 +65,13 @@ def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_stor
     assert selected.dtype == np.int64 and len(np.unique(selected)) == 100
     assert np.load(f"{local}/seed_losses.npy").shape == (60000,)
     csv_lines = Path(local, "selection.csv").read_text().splitlines()
-    assert csv_lines[0] == "index,role,probability,weight" and len(csv_lines) == 101
-    roles = [line.split(",")[1] for line in csv_lines[1:]]
+    assert csv_lines[0] == "index,role,probability,inclusion_probability,weight" and len(csv_lines) == 101
+    rows = [line.split(",") for line in csv_lines[1:]]
+    roles = [row[1] for row in rows]
     assert roles.count("seed") == 20 and roles.count("centre") == 20 and roles.count("sampled") == 60
+    for _, role, p, q, w in rows:  # weight = 1 / inclusion probability; single-draw p only for sampled
+        assert float(w) == pytest.approx(1 / float(q)) and (p != "") == (role == "sampled")
+        assert 0 < float(q) <= 1 and (role == "sampled" or float(q) == 1)
 
     models = mlflow.search_logged_models(filter_string=f"source_run_id='{coreset.info.run_id}'", output_format="list")
     assert sorted(m.name for m in models) == ["final_model", "seed_model"]

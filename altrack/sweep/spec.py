@@ -18,7 +18,7 @@ import yaml
 from altrack.config import RULES
 from altrack.data import DATASETS
 from altrack.errors import ConfigError
-from altrack.settings import SETTINGS_RULES, Rule, Settings, at_least, parse_lam
+from altrack.settings import AUTO, SETTINGS_RULES, Rule, Settings, at_least
 
 SEARCHABLE = ("cluster_ratio", "seed_ratio", "lam")
 SAMPLERS = ("tpe", "random", "grid")
@@ -150,7 +150,7 @@ class SweepSpec:
     def trial_settings(self, params: dict[str, float], lam_auto: bool = False) -> Settings:
         """One trial's settings: the spec's fixed ones with ``params`` (and lam 'auto' for the
         paper's baseline trial) put in."""
-        return dataclasses.replace(self.settings, **params, **({"lam": None} if lam_auto else {}))
+        return dataclasses.replace(self.settings, **params, **({"lam": AUTO} if lam_auto else {}))
 
     def validation_size(self) -> int:
         return int(round(self.validation_fraction * DATASETS[self.dataset].n_train))
@@ -244,8 +244,6 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     space = tuple(ParamRange.parse(str(name), value, where) for name, value in raw["search_space"].items())
     values = {k: v for k, v in raw.items() if k != "search_space"}
     try:
-        if isinstance(values.get("lam"), str):
-            values["lam"] = parse_lam(values["lam"])
         values = {k: SPEC_RULES[k].check(k, v) for k, v in values.items()}
         settings = Settings(**{k: values.pop(k) for k in list(values) if k in _SETTINGS_KEYS})
         spec = SweepSpec(search_space=space, settings=settings, source=where, **values)

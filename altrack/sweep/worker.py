@@ -98,7 +98,7 @@ class Worker:
             mlflow.log_params(
                 {
                     **params,
-                    "lam": settings.lam_label,
+                    "lam": settings.lam,
                     "paper_baseline": baseline,
                     "seeds": ",".join(map(str, self.spec.seeds)),
                 }

@@ -191,10 +191,12 @@ def write_run_artifacts(result: RunResult, folder: Path) -> None:
     n_seed = len(stage.seed_indices)
     with open(folder / "selection.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "role", "probability", "weight"])
-        writer.writerows([int(i), "seed", "", 1.0] for i in stage.seed_indices)
+        # probability: one draw's; inclusion_probability: of being in the sample (1 for seed and
+        # centre points); weight: 1 / inclusion_probability, what --weighted trains with
+        writer.writerow(["index", "role", "probability", "inclusion_probability", "weight"])
+        writer.writerows([int(i), "seed", "", 1.0, 1.0] for i in stage.seed_indices)
         columns = zip(selection.indices, selection.roles, selection.probabilities, selection.weights, strict=True)
-        writer.writerows([int(i), role, _blank_nan(p), _blank_nan(w)] for i, role, p, w in columns)
+        writer.writerows([int(i), role, _blank_nan(p), _blank_nan(1.0 / w), _blank_nan(w)] for i, role, p, w in columns)
     key = result.key
     report.plot_selection(
         stage.ce_loss,
