@@ -105,6 +105,10 @@ def cli() -> None:
     help="Skip runs this experiment already finished with the same config hash.",
 )
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes running (dataset, k, seed) groups.")
+@click.option("--stack", type=int, default=0, show_default=True,
+              help="Models trained together at most (0: 64 on a GPU, 16 on a CPU; CifarNet 1 on a CPU).")  # fmt: skip
+@click.option("--memory-cap", type=float, default=None,
+              help="GiB the stacked models may take [default: a quarter of the device's free memory].")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     """Run the §5.2.2 protocol over datasets x budgets x seeds x methods."""

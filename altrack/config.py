@@ -25,6 +25,8 @@ RULES: dict[str, Rule] = {
     "device": Rule(str, choices=lambda: DEVICES),
     "runs": at_least(1),
     "workers": at_least(1),
+    "stack": at_least(0),
+    "memory_cap": Rule(float, lambda v: 0 < v < float("inf"), "be a positive number of GiB", optional=True),
     "seed": at_least(0),
     "log_models": Rule(bool),
     "experiment": Rule(str, optional=True),
@@ -76,6 +78,8 @@ class GridConfig:
     fail_fast: bool = False
     workers: int = 1
     resume: bool = True
+    stack: int = 0  # models trained together at most; 0: altrack.protocol.stack_limit's default
+    memory_cap: float | None = None  # GiB the stacks may take; None: a quarter of the free memory
 
     def __post_init__(self) -> None:
         for values, what in ((self.datasets, "dataset"), (self.methods, "method"), (self.budgets, "budget")):
@@ -88,10 +92,14 @@ class GridConfig:
             spec = DATASETS[dataset]
             for budget in self.budgets:
                 self.settings.check_budget(budget, spec.n_train, f"{dataset} train split")
-        for name in ("runs", "workers", "seed", "device", "experiment"):
+        for name in ("runs", "workers", "seed", "device", "experiment", "stack", "memory_cap"):
             check(name, getattr(self, name))
         if self.out is not None and not writable_dir_target(Path(self.out)):
             raise ConfigError(f"--out {self.out!r} is not a writable directory")
+
+    @property
+    def memory_cap_bytes(self) -> int | None:
+        return None if self.memory_cap is None else int(self.memory_cap * 2**30)
 
     @property
     def seeds(self) -> tuple[int, ...]:

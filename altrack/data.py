@@ -103,6 +103,9 @@ def set_determinism(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False  # the paper's numbers are fp32
+        torch.backends.cudnn.allow_tf32 = False
+        torch.use_deterministic_algorithms(True, warn_only=True)  # e.g. k-means' index_add_
 
 
 def _md5(path: Path) -> str:

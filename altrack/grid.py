@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import torch
 
 from altrack import report
 from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
-from altrack.protocol import iterate_grid
+from altrack.protocol import iterate_grid, stack_limit
 from altrack.provenance import identity
 from altrack.results import FINISHED, ResultRow
 from altrack.tracking.query import finished_rows, rows_from_mlflow
@@ -78,6 +79,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     identities = {}  # data errors surface before the store is touched (no mlflow.db)
     for dataset in cfg.datasets:
         identities[dataset] = identity(device, load_dataset(dataset, cfg.data_dir, device).digest)
+        stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
     if cfg.workers > 1:  # the workers load their own copies
         release_datasets()
     check_tracking_store()  # then the store, still before any training

@@ -10,7 +10,7 @@ the comparison between methods is paired.
 
 from __future__ import annotations
 
-import functools
+import math
 import multiprocessing
 import os
 import time
@@ -24,14 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from altrack.config import GridConfig
-from altrack.data import Dataset, load_dataset, resolve_device, set_determinism
-from altrack.errors import TrainingDiverged
+from altrack.data import DATASETS, Dataset, load_dataset, resolve_device, set_determinism
+from altrack.errors import ConfigError, TrainingDiverged
 from altrack.models import build_model
 from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
 from altrack.selection import SelectionContext, SelectionResult, get_selector
 from altrack.settings import RunKey, Settings
-from altrack.train import evaluate, forward_all, train
+from altrack.stack import model_bytes, train_stacked
+from altrack.train import evaluate, forward_all
 
 SEED_SET, SEED_INIT, SEED_ORDER, SELECT, FINAL_INIT, FINAL_ORDER = range(6)
 
@@ -50,6 +51,85 @@ def fresh_model(dataset: str, device: torch.device, seed: int) -> torch.nn.Modul
         return build_model(dataset, device)
 
 
+@dataclass(frozen=True)
+class Fit:
+    """One model to train: its train indices, the seed of its streams and its example weights."""
+
+    indices: np.ndarray
+    seed: int
+    weights: np.ndarray | None = None
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still give: CUDA's free memory, else the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def stack_limit(
+    dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
+) -> int:
+    """How many models train together: ``requested`` (0: 64 on an accelerator, 16 on a CPU), at
+    most what ``memory_cap`` bytes hold (default: a quarter of the device's free memory).
+    Convolutions train one at a time on a CPU: a grouped convolution is slower there than N plain
+    ones, and its bits depend on N. Raises ``ConfigError`` when the cap cannot hold one model."""
+    need = model_bytes(build_model(dataset, "cpu"), batch_size, DATASETS[dataset].image_shape)
+    cap = free_memory(device) // 4 if memory_cap is None else memory_cap
+    if cap < need:
+        raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
+                          f"(about {need / 2**20:.1f} MiB to train)")  # fmt: skip
+    if device.type == "cpu" and DATASETS[dataset].image_shape[0] > 1:
+        return 1
+    return min(requested or (64 if device.type in ("cuda", "mps") else 16), cap // need)
+
+
+def fit_many(
+    data: Dataset,
+    fits: Sequence[Fit],
+    settings: Settings,
+    init_stream: int,
+    order_stream: int,
+    on_epoch: EpochHook | None = None,
+    stack: int = 0,
+    memory_cap: int | None = None,
+) -> list[tuple[torch.nn.Module | None, list[float], str | None]]:
+    """Fresh models trained on their ``fits``, in stacks (``altrack.stack``) of at most
+    ``stack_limit`` models of one training-set size. Each model trains exactly as it would alone:
+    its result does not depend on which others share its stack.
+
+    Returns, per fit, (model or None, epoch losses, divergence message or None)."""
+    device = data.x_train.device
+    limit = stack_limit(data.name, device, stack, memory_cap, settings.batch_size)
+    out: list[tuple[torch.nn.Module | None, list[float], str | None]] = [(None, [], None)] * len(fits)
+    by_size: dict[int, list[int]] = {}
+    for i, f in enumerate(fits):
+        by_size.setdefault(len(f.indices), []).append(i)
+    for members in by_size.values():
+        for start in range(0, len(members), limit):
+            chunk = members[start : start + limit]
+            models = [fresh_model(data.name, device, stream_seed(fits[i].seed, init_stream)) for i in chunk]
+            indices = torch.from_numpy(np.stack([fits[i].indices for i in chunk])).to(device)
+            weights = None
+            if any(fits[i].weights is not None for i in chunk):
+                rows = [fits[i].weights if fits[i].weights is not None else np.ones(len(fits[i].indices))
+                        for i in chunk]  # fmt: skip
+                weights = torch.from_numpy(np.stack(rows)).float().to(device)
+            outcome = train_stacked(
+                models, data.x_train, data.y_train, indices,
+                epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                generators=[torch.Generator().manual_seed(stream_seed(fits[i].seed, order_stream)) for i in chunk],
+                weights=weights, on_epoch=on_epoch,
+            )  # fmt: skip
+            for j, i in enumerate(chunk):
+                error = outcome.diverged[j]
+                out[i] = (None if error else outcome.models[j], outcome.losses[j], error)
+    return out
+
+
 def fit(
     data: Dataset,
     indices: np.ndarray,
@@ -60,22 +140,13 @@ def fit(
     weights: np.ndarray | None = None,
     on_epoch: EpochHook | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
-    """A fresh model trained on ``indices`` of the train split."""
-    device = data.x_train.device
-    model = fresh_model(data.name, device, stream_seed(seed, init_stream))
-    idx = torch.from_numpy(indices).to(device)
-    w = None if weights is None else torch.from_numpy(weights).float().to(device)
-    losses = train(
-        model,
-        data.x_train[idx],
-        data.y_train[idx],
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        generator=torch.Generator().manual_seed(stream_seed(seed, order_stream)),
-        weights=w,
-        on_epoch=on_epoch,
-    )
+    """A fresh model trained on ``indices`` of the train split, exactly as in any stack.
+
+    Raises ``TrainingDiverged`` when its loss stops being finite."""
+    [(model, losses, error)] = fit_many(data, [Fit(indices, seed, weights)], settings, init_stream, order_stream,
+                                        on_epoch)  # fmt: skip
+    if model is None:
+        raise TrainingDiverged(error or "training diverged")
     return model, losses
 
 
@@ -105,6 +176,48 @@ def available_indices(n_train: int, holdout: np.ndarray | None) -> np.ndarray:
     return everything if holdout is None else np.setdiff1d(everything, holdout)
 
 
+def train_seed_stages(
+    data: Dataset,
+    budget: int,
+    seeds: Sequence[int],
+    settings: Settings,
+    on_epoch: EpochHook | None = None,
+    holdout: np.ndarray | None = None,
+    stack: int = 0,
+    memory_cap: int | None = None,
+) -> list[SeedStage | str]:
+    """For each seed: draw the seed set, train M on it (all seeds' Ms in stacks), and score the
+    whole train split with M. A seed whose M diverged gives its error message instead.
+
+    ``holdout`` (a validation split carved from train) is excluded from the seed set and the pool.
+    """
+    started = time.perf_counter()
+    available = available_indices(data.x_train.shape[0], holdout)
+    seed_sets = []
+    for seed in seeds:
+        rng = np.random.default_rng(stream_seed(seed, SEED_SET))
+        seed_sets.append(np.sort(rng.choice(available, size=settings.n_seed(budget), replace=False)).astype(np.int64))
+    fitted = fit_many(data, [Fit(s, seed) for s, seed in zip(seed_sets, seeds, strict=True)], settings,
+                      SEED_INIT, SEED_ORDER, on_epoch, stack, memory_cap)  # fmt: skip
+    seconds = (time.perf_counter() - started) / len(seeds)
+    labels = data.y_train.cpu().numpy()
+    stages: list[SeedStage | str] = []
+    for seed, seed_indices, (model, losses, error) in zip(seeds, seed_sets, fitted, strict=True):
+        if model is None:
+            stages.append(f"seed model: {error}")
+            continue
+        out = forward_all(model, data.x_train)
+        accuracy, _ = evaluate(model, data.x_test, data.y_test)
+        stages.append(SeedStage(
+            dataset=data.name, budget=budget, seed=seed, seed_indices=seed_indices,
+            pool_indices=np.setdiff1d(available, seed_indices), labels=labels, model=model, epoch_losses=losses,
+            probs=out.probs.cpu().numpy(), embeddings=out.embeddings.cpu().numpy(),
+            ce_loss=out.ce_loss(data.y_train).cpu().numpy(), grad_loss=out.grad_loss(data.y_train).cpu().numpy(),
+            test_accuracy=accuracy, seconds=seconds,
+        ))  # fmt: skip
+    return stages
+
+
 def train_seed_stage(
     data: Dataset,
     budget: int,
@@ -113,34 +226,11 @@ def train_seed_stage(
     on_epoch: EpochHook | None = None,
     holdout: np.ndarray | None = None,
 ) -> SeedStage:
-    """Draw the seed set, train M on it, and score the whole train split with M.
-
-    ``holdout`` (a validation split carved from train) is excluded from the seed set and the pool.
-    """
-    started = time.perf_counter()
-    available = available_indices(data.x_train.shape[0], holdout)
-    rng = np.random.default_rng(stream_seed(seed, SEED_SET))
-    seed_indices = np.sort(rng.choice(available, size=settings.n_seed(budget), replace=False)).astype(np.int64)
-    pool_indices = np.setdiff1d(available, seed_indices)
-    model, losses = fit(data, seed_indices, settings, seed, SEED_INIT, SEED_ORDER, on_epoch=on_epoch)
-    out = forward_all(model, data.x_train)
-    accuracy, _ = evaluate(model, data.x_test, data.y_test)
-    return SeedStage(
-        dataset=data.name,
-        budget=budget,
-        seed=seed,
-        seed_indices=seed_indices,
-        pool_indices=pool_indices,
-        labels=data.y_train.cpu().numpy(),
-        model=model,
-        epoch_losses=losses,
-        probs=out.probs.cpu().numpy(),
-        embeddings=out.embeddings.cpu().numpy(),
-        ce_loss=out.ce_loss(data.y_train).cpu().numpy(),
-        grad_loss=out.grad_loss(data.y_train).cpu().numpy(),
-        test_accuracy=accuracy,
-        seconds=time.perf_counter() - started,
-    )
+    """One seed's stage (``train_seed_stages``); raises ``TrainingDiverged`` if its M diverged."""
+    [stage] = train_seed_stages(data, budget, [seed], settings, on_epoch, holdout)
+    if isinstance(stage, str):
+        raise TrainingDiverged(stage)
+    return stage
 
 
 @dataclass
@@ -178,23 +268,9 @@ class RunResult:
                          error=self.error or "", setting=self.settings.label)  # fmt: skip
 
 
-def run_method(
-    data: Dataset,
-    stage: SeedStage,
-    method: str,
-    settings: Settings,
-    start_training: Callable[[], EpochHook | None] | None = None,
-    holdout: np.ndarray | None = None,
-) -> RunResult:
-    """Select with ``method`` from the stage's pool, then retrain from scratch on all k points.
-
-    ``start_training`` is called between selection and retraining (a progress bar hook).
-    With a ``holdout``, the final model's accuracy on it is ``val_accuracy``.
-    """
-    key = RunKey(data.name, method, stage.budget, stage.seed)
-    device = data.x_train.device
-    result = RunResult(key, settings, str(device), identity(device, data.digest), stage=stage)
-    started = time.perf_counter()
+def select(stage: SeedStage, method: str, settings: Settings, device: str = "cpu") -> SelectionResult:
+    """``method``'s selection from the stage's pool, from the method's own random stream; the
+    distance kernels run on ``device``."""
     ctx = SelectionContext(
         seed_indices=stage.seed_indices,
         pool_indices=stage.pool_indices,
@@ -206,30 +282,64 @@ def run_method(
         grad_loss=stage.grad_loss,
         settings=settings,
         rng=np.random.default_rng(stream_seed(stage.seed, SELECT, method)),
+        device=device,
     )
-    result.selection = get_selector(method).select(ctx)
-    selected = result.selected_indices
-    result.timings["selection_seconds"] = time.perf_counter() - started
+    return get_selector(method).select(ctx)
 
-    weights = None
-    if settings.weighted:
-        weights = np.concatenate([np.ones(len(stage.seed_indices)), result.selection.weights])
-        weights = np.where(np.isnan(weights), 1.0, weights)
-    on_epoch = start_training() if start_training is not None else None
+
+def run_methods(
+    data: Dataset,
+    stages: Sequence[SeedStage],
+    methods: Sequence[str],
+    settings: Settings,
+    on_epoch: EpochHook | None = None,
+    holdout: np.ndarray | None = None,
+    stack: int = 0,
+    memory_cap: int | None = None,
+) -> list[RunResult]:
+    """Every method on every stage: select from the stage's pool, then retrain from scratch on
+    all k points, the final models of all (stage, method) pairs in stacks.
+
+    With a ``holdout``, the final model's accuracy on it is ``val_accuracy``. Timings: selection
+    per run; final training is the stacks' time shared out evenly."""
+    device = data.x_train.device
+    ident = identity(device, data.digest)
+    results, fits = [], []
+    for stage in stages:
+        for method in methods:
+            key = RunKey(data.name, method, stage.budget, stage.seed)
+            result = RunResult(key, settings, str(device), ident, stage=stage)
+            started = time.perf_counter()
+            result.selection = select(stage, method, settings, str(device))
+            result.timings["selection_seconds"] = time.perf_counter() - started
+            result.timings["seed_train_seconds"] = stage.seconds
+            weights = None
+            if settings.weighted:
+                weights = np.concatenate([np.ones(len(stage.seed_indices)), result.selection.weights])
+                weights = np.where(np.isnan(weights), 1.0, weights)
+            results.append(result)
+            fits.append(Fit(result.selected_indices, stage.seed, weights))
     started = time.perf_counter()
-    try:
-        model, losses = fit(data, selected, settings, stage.seed, FINAL_INIT, FINAL_ORDER, weights, on_epoch)
-    except TrainingDiverged as exc:
-        result.status, result.error = FAILED, str(exc)
-        return result
-    result.timings["final_train_seconds"] = time.perf_counter() - started
-    result.timings["seed_train_seconds"] = stage.seconds
-    result.final_model, result.final_epoch_losses = model, losses
-    result.test_accuracy, result.test_loss = evaluate(model, data.x_test, data.y_test)
-    if holdout is not None:
-        idx = torch.from_numpy(holdout).to(data.x_train.device)
-        result.val_accuracy, _ = evaluate(model, data.x_train[idx], data.y_train[idx])
-    return result
+    fitted = fit_many(data, fits, settings, FINAL_INIT, FINAL_ORDER, on_epoch, stack, memory_cap)
+    seconds = (time.perf_counter() - started) / max(len(fits), 1)
+    for result, (model, losses, error) in zip(results, fitted, strict=True):
+        if model is None:
+            result.status, result.error = FAILED, error
+            continue
+        result.timings["final_train_seconds"] = seconds
+        result.final_model, result.final_epoch_losses = model, losses
+        result.test_accuracy, result.test_loss = evaluate(model, data.x_test, data.y_test)
+        if holdout is not None:
+            idx = torch.from_numpy(holdout).to(device)
+            result.val_accuracy, _ = evaluate(model, data.x_train[idx], data.y_train[idx])
+    return results
+
+
+def run_method(
+    data: Dataset, stage: SeedStage, method: str, settings: Settings, holdout: np.ndarray | None = None
+) -> RunResult:
+    """One method on one stage (``run_methods``); the same result as in any stack."""
+    return run_methods(data, [stage], [method], settings, holdout=holdout)[0]
 
 
 class _Progress:
@@ -263,41 +373,44 @@ class _Progress:
         self.runs.close()
 
 
-def run_group(
+def run_block(
     cfg: GridConfig,
     device: str,
     dataset: str,
     budget: int,
-    seed: int,
+    seeds: Sequence[int],
     methods: Sequence[str],
     bar: _Progress | None = None,
-) -> Iterator[RunResult]:
-    """Every method of one (dataset, k, seed) on ``device``: one seed model, shared by all of them.
-
-    A diverged seed model fails every method that depended on it.
-    """
+) -> list[RunResult]:
+    """Every method of several seeds of one (dataset, k) on ``device``: the seeds' models M in
+    stacks, then every final model in stacks. A diverged M fails every method of its seed."""
     data = load_dataset(dataset, cfg.data_dir, device)
     bar = bar or _Progress(0, False)
-    hook = bar.start_training(f"seed model {dataset} k={budget} s={seed}", cfg.settings.epochs)
-    try:
-        stage: SeedStage | None = train_seed_stage(data, budget, seed, cfg.settings, hook)
-        stage_error = None
-    except TrainingDiverged as exc:
-        stage, stage_error = None, f"seed model: {exc}"
-    for method in methods:
-        key = RunKey(dataset, method, budget, seed)
-        if stage is None:
-            yield RunResult(key, cfg.settings, device, identity(device, data.digest), status=FAILED, error=stage_error)
-            continue
-        start = functools.partial(bar.start_training, f"{method} k={budget} s={seed}", cfg.settings.epochs)
-        yield run_method(data, stage, method, cfg.settings, start)
+    label = f"{dataset} k={budget} s={seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "")
+    hook = bar.start_training(f"seed models {label}", cfg.settings.epochs)
+    stages = train_seed_stages(data, budget, seeds, cfg.settings, hook, stack=cfg.stack,
+                               memory_cap=cfg.memory_cap_bytes)  # fmt: skip
+    good = [s for s in stages if not isinstance(s, str)]
+    hook = bar.start_training(f"final models {label}", cfg.settings.epochs)
+    results_ = run_methods(data, good, methods, cfg.settings, hook, stack=cfg.stack, memory_cap=cfg.memory_cap_bytes)
+    finished = {(r.key.seed, r.key.method): r for r in results_}
+    results = []
+    ident = identity(data.x_train.device, data.digest)
+    for seed, stage in zip(seeds, stages, strict=True):
+        for method in methods:
+            if isinstance(stage, str):
+                key = RunKey(dataset, method, budget, seed)
+                results.append(RunResult(key, cfg.settings, device, ident, status=FAILED, error=stage))
+            else:
+                results.append(finished[(seed, method)])
+    return results
 
 
-def _group_worker(
-    cfg: GridConfig, device: str, dataset: str, budget: int, seed: int, methods: Sequence[str]
+def _block_worker(
+    cfg: GridConfig, device: str, dataset: str, budget: int, seeds: Sequence[int], methods: Sequence[str]
 ) -> list[RunResult]:
     set_determinism(device)  # a spawned process starts with torch's defaults
-    return list(run_group(cfg, device, dataset, budget, seed, methods))
+    return run_block(cfg, device, dataset, budget, seeds, methods)
 
 
 def threads_per_worker(workers: int) -> int:
@@ -309,11 +422,23 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _groups(keys: Sequence[RunKey]) -> dict[tuple[str, int, int], list[str]]:
-    groups: dict[tuple[str, int, int], list[str]] = {}
+def blocks(
+    keys: Sequence[RunKey], seeds_per_block: Callable[[str, int], int]
+) -> list[tuple[str, int, tuple[int, ...], tuple[str, ...]]]:
+    """(dataset, k, seeds, methods) blocks: seeds that need the same methods,
+    ``seeds_per_block(dataset, n_methods)`` at a time, in the keys' order."""
+    needs: dict[tuple[str, int, int], list[str]] = {}
     for key in keys:
-        groups.setdefault((key.dataset, key.budget, key.seed), []).append(key.method)
-    return groups
+        needs.setdefault((key.dataset, key.budget, key.seed), []).append(key.method)
+    grouped: dict[tuple[str, int, tuple[str, ...]], list[int]] = {}
+    for (dataset, budget, seed), methods in needs.items():
+        grouped.setdefault((dataset, budget, tuple(methods)), []).append(seed)
+    out = []
+    for (dataset, budget, methods), seeds in grouped.items():
+        size = seeds_per_block(dataset, len(methods))
+        for start in range(0, len(seeds), size):
+            out.append((dataset, budget, tuple(seeds[start : start + size]), methods))
+    return out
 
 
 def iterate_grid(
@@ -324,29 +449,37 @@ def iterate_grid(
     progress: bool = True,
     workers: int = 1,
 ) -> Iterator[RunResult]:
-    """Yield each run's result as soon as it exists; keys in ``skip`` are not run.
+    """Yield each run's result as soon as its block is done; keys in ``skip`` are not run.
 
     ``device`` is a resolved device (``resolve_device(cfg.device)`` when omitted). A seed model
-    is trained once per (dataset, k, seed), and only if a method still needs it. With
-    ``workers > 1``, (dataset, k, seed) groups run in that many processes, each with its share
-    of the cores; results are the same as with one worker, in completion order.
+    is trained once per (dataset, k, seed), and only if a method still needs it. Seeds of one
+    (dataset, k) run in blocks whose models train in stacks; with ``workers > 1`` blocks run in
+    that many processes, each with its share of the cores. A run's result is the same whatever
+    its block, its stack or the worker count (tests/test_stack.py); results come in completion
+    order.
     """
     if device is None:
         device = str(resolve_device(cfg.device))
         set_determinism(device)
-    groups = _groups([key for key in cfg.run_keys() if key not in skip])
-    bar = _Progress(sum(map(len, groups.values())), progress)
+    keys = [key for key in cfg.run_keys() if key not in skip]
+    def per_block(dataset: str, n_methods: int) -> int:
+        limit = stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
+        size = max(1, limit // n_methods)
+        return min(size, max(1, math.ceil(cfg.runs / workers)))  # enough blocks to keep every worker busy
+
+    work = blocks(keys, per_block)
+    bar = _Progress(len(keys), progress)
     try:
         if workers <= 1:
-            for (dataset, budget, seed), methods in groups.items():
-                for result in run_group(cfg, device, dataset, budget, seed, methods, bar):
+            for block in work:
+                for result in run_block(cfg, device, *block, bar):
                     bar.finished(result)
                     yield result
             return
         threads = threads_per_worker(workers)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = [pool.submit(_group_worker, cfg, device, *group, methods) for group, methods in groups.items()]
+            futures = [pool.submit(_block_worker, cfg, device, *block) for block in work]
             for future in as_completed(futures):
                 for result in future.result():
                     bar.finished(result)

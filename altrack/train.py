@@ -15,6 +15,46 @@ from altrack.errors import TrainingDiverged
 EVAL_BATCH = 2048
 
 
+class Adam:
+    """``torch.optim.Adam``'s update (default betas and eps, no weight decay) in plain elementwise
+    ops: no fused kernel, no FMA, so each element gets the same bits whatever the size of the
+    tensor it sits in. That is what lets a model train bit for bit the same alone (``train``) or
+    stacked with others (``altrack.stack``), where a fused kernel's vector and scalar lanes differ.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:  # fmt: skip
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.steps)
+        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            g = p.grad
+            m.mul_(beta1).add_(g * (1 - beta1))
+            v.mul_(beta2).add_(g * g * (1 - beta2))
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.sub_(m / denom * step_size)
+
+
+def mean_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over the last batch axis, each example scaled by its weight if given.
+
+    ``logits`` (..., B, C), ``y`` and ``weights`` (..., B) -> (...): one loss per model."""
+    ce = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+    return (ce if weights is None else ce * weights).mean(-1)
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -34,9 +74,7 @@ def train(
     Raises ``TrainingDiverged`` as soon as an epoch's loss is not finite.
     """
     model.train()
-    # fused Adam: one kernel per step instead of a Python loop over parameters (CPU and CUDA)
-    fused = x.device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
+    optimizer = Adam(list(model.parameters()), lr)
     n = x.shape[0]
     if weights is not None:
         weights = weights / weights.mean()
@@ -48,12 +86,8 @@ def train(
         total = torch.zeros((), device=x.device)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            logits = model(xs[start:stop])
-            if ws is None:
-                loss = F.cross_entropy(logits, ys[start:stop])
-            else:
-                loss = (F.cross_entropy(logits, ys[start:stop], reduction="none") * ws[start:stop]).mean()
-            optimizer.zero_grad(set_to_none=True)
+            loss = mean_loss(model(xs[start:stop]), ys[start:stop], None if ws is None else ws[start:stop])
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.detach() * (stop - start)

@@ -35,7 +35,7 @@ class SklearnCoreset(CoresetSelector):
     """Algorithm 1 exactly as altrack runs it, with sklearn's default KMeans."""
 
     @staticmethod
-    def cluster(points, k, seed):
+    def cluster(points, k, seed, device="cpu"):
         fitted = KMeans(k, random_state=seed).fit(points)
         return fitted.cluster_centers_.astype(np.float32), fitted.labels_
 

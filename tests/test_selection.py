@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 
 from altrack.selection import available_methods, get_selector
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
-from altrack.selection.geometry import nearest_distinct
+from altrack.selection.geometry import nearest, nearest_distinct
 from altrack.selection.kcenter import kcenter_greedy
 from altrack.selection.kmeans import kmeans
 from altrack.settings import Settings, parse_lam_mode
@@ -163,3 +163,29 @@ def test_sampling_all_zero_weights_is_uniform_and_distinct():
     positions, probs, _ = sample_without_replacement(np.zeros(10), 10, np.random.default_rng(0))
     assert sorted(positions.tolist()) == list(range(10))
     np.testing.assert_allclose(probs, 0.1)
+
+
+def _plain_kcenter(points, centres, n):
+    """The greedy without pruning: one product with every point per pick (a6cf675's)."""
+    x_sq = (points * points).sum(1)
+    _, min_d = nearest(points, centres) if len(centres) else (None, torch.full_like(x_sq, float("inf")))
+    chosen = []
+    for _ in range(n):
+        j = int(torch.argmax(min_d))
+        chosen.append(j)
+        torch.minimum(min_d, (x_sq - 2.0 * (points @ points[j]) + x_sq[j]).clamp_(min=0.0), out=min_d)
+        min_d[chosen] = -1.0
+    return chosen
+
+
+@pytest.mark.parametrize("case", ["spread", "duplicates", "far-from-origin", "no-seeds"])
+def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
+    rng = np.random.default_rng(len(case))
+    x = rng.normal(size=(2000, 12)).astype(np.float32) * 3
+    if case == "duplicates":
+        x[:1000] = x[0]
+    if case == "far-from-origin":
+        x = x + np.float32(500)
+    points = torch.from_numpy(x)
+    m = 0 if case == "no-seeds" else 25
+    assert kcenter_greedy(points[m:], points[:m], 400) == _plain_kcenter(points[m:], points[:m], 400)

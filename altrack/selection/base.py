@@ -31,6 +31,7 @@ class SelectionContext:
     grad_loss: np.ndarray  # (n_train,) ||grad of CE wrt last layer||^2
     settings: Settings
     rng: np.random.Generator
+    device: str = "cpu"  # where the distance kernels run (the dataset's device)
 
     @property
     def n_select(self) -> int:

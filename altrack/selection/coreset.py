@@ -123,29 +123,29 @@ def sample_without_replacement(
 
 
 def score_pool(
-    points: np.ndarray, centres: np.ndarray, centre_loss: np.ndarray, lam: np.ndarray
+    points: np.ndarray, centres: np.ndarray, centre_loss: np.ndarray, lam: np.ndarray, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """l~ for each point against its nearest centre point: (estimate, distance term, nearest).
 
     ``points`` (n, d), ``centres`` (m, d), ``centre_loss`` and ``lam`` (m,).
     """
-    nearest_centre, _ = nearest(as_tensor(points), as_tensor(centres))
-    c = nearest_centre.numpy()
+    nearest_centre, _ = nearest(as_tensor(points, device), as_tensor(centres, device))
+    c = nearest_centre.cpu().numpy()
     offset = points.astype(np.float64) - centres[c].astype(np.float64)
     distance = lam[c] * np.einsum("ij,ij->i", offset, offset)
     return centre_loss[c] + distance, distance, c
 
 
-def _kmeans(points: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    result = kmeans(points, k, seed=seed)
+def _kmeans(points: np.ndarray, k: int, seed: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    result = kmeans(points, k, seed=seed, device=device)
     return result.centres, result.labels
 
 
 class _SensitivitySampling(Selector):
     """Shared Algorithm 1; subclasses choose the per-point loss l.
 
-    ``cluster(points, k, seed) -> (centres, labels)`` is the k-means; the benchmarks swap in
-    sklearn's to compare.
+    ``cluster(points, k, seed, device) -> (centres, labels)`` is the k-means; the benchmarks swap
+    in sklearn's to compare.
     """
 
     loss_name: ClassVar[str]
@@ -163,8 +163,8 @@ class _SensitivitySampling(Selector):
 
         n_clusters = settings.n_clusters(ctx.budget, ctx.n_select)
         n_sample = ctx.n_select - n_clusters
-        centres, cluster_of = self.cluster(pool_space, n_clusters, int(ctx.rng.integers(2**31)))
-        centre_pos = nearest_distinct(as_tensor(pool_space), as_tensor(centres))
+        centres, cluster_of = self.cluster(pool_space, n_clusters, int(ctx.rng.integers(2**31)), ctx.device)
+        centre_pos = nearest_distinct(as_tensor(pool_space, ctx.device), as_tensor(centres, ctx.device))
         centre_space = pool_space[centre_pos]
         centre_loss = np.asarray(loss[pool[centre_pos]], dtype=np.float64)
 
@@ -172,7 +172,7 @@ class _SensitivitySampling(Selector):
         lam = estimate_lambda(mode, centre_space, centre_loss, len(pool))
 
         rest = np.setdiff1d(np.arange(len(pool)), centre_pos)  # sorted pool positions
-        estimate, distance, nearest_centre = score_pool(pool_space[rest], centre_space, centre_loss, lam)
+        estimate, distance, nearest_centre = score_pool(pool_space[rest], centre_space, centre_loss, lam, ctx.device)
         drawn, probs, inclusion = sample_without_replacement(estimate, n_sample, ctx.rng)
 
         roles = np.array(["centre"] * n_clusters + ["sampled"] * n_sample, dtype=object)

@@ -1,4 +1,7 @@
-"""Distance kernels shared by k-means, k-center and the coreset: BLAS blocks, no Python per point."""
+"""Distance kernels shared by k-means, k-center and the coreset: BLAS blocks, no Python per point.
+
+Every kernel runs on the device of its inputs (``as_tensor(x, device)``): a CPU gives today's
+results bit for bit, a GPU the same selections up to float rounding."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import torch
 BLOCK_ROWS = 4096  # a block of distances stays in cache for the min that follows (bench_kmeans)
 
 
-def as_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+def as_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
 
 
 def sq_dists(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,8 +29,8 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """
     x_sq = (x * x).sum(1)
     c_sq = (c * c).sum(1).unsqueeze(0)
-    labels = torch.empty(x.shape[0], dtype=torch.int64)
-    dists = torch.empty(x.shape[0], dtype=x.dtype)
+    labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], BLOCK_ROWS):
         stop = start + BLOCK_ROWS
         partial = torch.addmm(c_sq, x[start:stop], c.T, alpha=-2.0)
@@ -45,7 +48,7 @@ def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
         raise ValueError(f"{c.shape[0]} centres but only {x.shape[0]} points")
     x_sq = (x * x).sum(1).unsqueeze(0)
     chosen = np.empty(c.shape[0], dtype=np.int64)
-    taken = torch.zeros(x.shape[0], dtype=torch.bool)
+    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for start in range(0, c.shape[0], 256):
         d = torch.addmm(x_sq, c[start : start + 256], x.T, alpha=-2.0)  # ||x||^2 - 2 c.x: same argmin
         first = d.argmin(1)

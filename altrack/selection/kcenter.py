@@ -6,22 +6,55 @@ from altrack.selection.base import SelectionContext, SelectionResult, Selector
 from altrack.selection.geometry import as_tensor, nearest
 from altrack.selection.registry import register
 
+# float32 rounding of ||x||^2 - 2 x.c + ||c||^2 is a few eps times the squared norms; the pruning
+# margin stays well above it, so a pruned point is one the full pass would not have moved either.
+ROUNDING = 64 * torch.finfo(torch.float32).eps
+
 
 def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[int]:
     """Sener & Savarese's greedy: repeatedly take the point farthest from every centre so far.
 
-    One matrix-vector product per pick; ties go to the lower row. Rows already taken are never
-    taken again, even when duplicates make every distance zero.
+    Ties go to the lower row; rows already taken are never taken again, even when duplicates make
+    every distance zero. ``points`` (n_points, d) and ``centres`` (m, d) on one device.
+
+    Exact, with the triangle inequality doing most of the work: a point x whose nearest centre c
+    lies at distance r, and a new centre j with ||j - c|| >= 2r (plus a rounding margin), cannot
+    have j nearer than c, so only the other points are measured. Each pick costs one pass over
+    the points' nearest-centre ids and the distances of the few points near the new centre,
+    instead of a product with every point.
     """
     x_sq = (points * points).sum(1)
-    _, min_d = nearest(points, centres) if len(centres) else (None, torch.full_like(x_sq, float("inf")))
+    device, n_points = points.device, points.shape[0]
+    centre_rows = torch.empty(len(centres) + n, points.shape[1], dtype=points.dtype, device=device)
+    centre_rows[: len(centres)] = centres
+    if len(centres):
+        assign, min_d = nearest(points, centres)
+    else:
+        assign = torch.zeros(n_points, dtype=torch.int64, device=device)
+        min_d = torch.full_like(x_sq, float("inf"))
+    tau = (ROUNDING * float(x_sq.max())) ** 0.5 if n_points else 0.0
+    # a point is measured only while ||j - c||^2 < reach = (2 r + tau)^2, r its distance to c
+    reach = (2.0 * min_d.clamp(min=0.0).sqrt() + tau).square_()
     chosen: list[int] = []
-    for _ in range(n):
+    for step in range(n):
         j = int(torch.argmax(min_d))
         chosen.append(j)
-        d = (x_sq - 2.0 * (points @ points[j]) + x_sq[j]).clamp_(min=0.0)
-        torch.minimum(min_d, d, out=min_d)
-        min_d[chosen] = -1.0
+        m = len(centres) + step
+        p = points[j]
+        centre_rows[m] = p
+        if m == 0:
+            candidates = torch.arange(n_points, device=device)
+        else:
+            cc = (centre_rows[:m] - p).pow_(2).sum(1)  # the new centre to every earlier one
+            candidates = torch.nonzero(cc[assign] < reach).flatten()
+        d = (x_sq[candidates] - 2.0 * (points[candidates] @ p) + x_sq[j]).clamp_(min=0.0)
+        nearer = d < min_d[candidates]
+        moved = candidates[nearer]
+        min_d[moved] = d[nearer]
+        assign[moved] = m
+        reach[moved] = (2.0 * d[nearer].sqrt() + tau).square_()
+        min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0
+        reach[j] = -1.0  # and are never measured again
     return chosen
 
 
@@ -32,6 +65,6 @@ class KCenterSelector(Selector):
     name = "kcenter"
 
     def select(self, ctx: SelectionContext) -> SelectionResult:
-        pool = as_tensor(ctx.embeddings[ctx.pool_indices])
-        seeds = as_tensor(ctx.embeddings[ctx.seed_indices])
+        pool = as_tensor(ctx.embeddings[ctx.pool_indices], ctx.device)
+        seeds = as_tensor(ctx.embeddings[ctx.seed_indices], ctx.device)
         return SelectionResult.picked(ctx.pool_indices[kcenter_greedy(pool, seeds, ctx.n_select)])

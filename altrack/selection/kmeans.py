@@ -43,7 +43,7 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
             unused = np.setdiff1d(np.arange(n), centres)[0]
             centres.append(int(unused))
             continue
-        u = torch.rand(n_trials, generator=generator, dtype=torch.float64) * potential
+        u = torch.rand(n_trials, generator=generator, dtype=torch.float64).to(x.device) * potential
         candidates = torch.searchsorted(torch.cumsum(closest, 0), u).clamp_(max=n - 1)
         d = sq_dists(x, x[candidates], x_sq).double()  # (n, trials)
         trial = torch.minimum(closest.unsqueeze(1), d)
@@ -52,6 +52,18 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
         centres.append(int(candidates[best]))
         closest, potential = trial[:, best], sums[best]
     return x[centres].clone()
+
+
+def cluster_sums(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(k, d) sum of the points of each cluster. On a GPU ``index_add_`` adds with atomics, in an
+    order that changes from run to run; a float64 prefix sum over the points sorted by cluster
+    gives the same bits every time. On a CPU ``index_add_`` is already ordered."""
+    if x.device.type == "cpu":
+        return torch.zeros(len(counts), x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+    order = torch.argsort(labels, stable=True)
+    prefix = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64), x[order].double().cumsum(0)])
+    ends = torch.cumsum(counts, 0)
+    return (prefix[ends] - prefix[ends - counts]).to(x.dtype)
 
 
 def lloyd(
@@ -71,7 +83,7 @@ def lloyd(
             break
         previous = inertia
         counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centres).index_add_(0, labels, x)
+        sums = cluster_sums(x, labels, counts)
         new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
@@ -93,6 +105,7 @@ def kmeans(
     tol: float = 1e-4,
     warm_start_per_cluster: int | None = WARM_START_PER_CLUSTER,
     inertia_tol: float = INERTIA_TOL,
+    device: torch.device | str = "cpu",
 ) -> KMeansResult:
     """sklearn's objective, faster: k-means++ and Lloyd first run on a random subsample of
     ``warm_start_per_cluster * k`` points, then Lloyd finishes on all points from those centres.
@@ -101,20 +114,20 @@ def kmeans(
     stopping rule alone, as sklearn does.
 
     ``x``: (n, d) points. Returns centres (k, d) float32, labels (n,) int64, the inertia and the
-    Lloyd iterations run. Raises ``ValueError`` unless 1 <= k <= n.
+    Lloyd iterations run; the arithmetic runs on ``device``. Raises ``ValueError`` unless 1 <= k <= n.
     """
     if not 1 <= k <= len(x):
         raise ValueError(f"k-means needs 1 <= k <= n points, got k={k}, n={len(x)}")
-    xt = as_tensor(x)
+    xt = as_tensor(x, device)
     generator = torch.Generator().manual_seed(seed)
     n_sub = len(x) if warm_start_per_cluster is None else max(MIN_WARM_START, warm_start_per_cluster * k)
     n_iter = 0
     if n_sub < len(x):
-        sub = xt[torch.randperm(len(x), generator=generator)[:n_sub]]
+        sub = xt[torch.randperm(len(x), generator=generator)[:n_sub].to(xt.device)]
         seeds = kmeans_plusplus(sub[: max(k, n_sub // 4)], k, generator)  # sub is already shuffled
         centres, n_iter = lloyd(sub, seeds, max_iter, tol, inertia_tol)
     else:
         centres = kmeans_plusplus(xt, k, generator)
     centres, full_iter = lloyd(xt, centres, max_iter, tol, inertia_tol)
     labels, dists = nearest(xt, centres)
-    return KMeansResult(centres.numpy(), labels.numpy(), float(dists.double().sum()), n_iter + full_iter)
+    return KMeansResult(centres.cpu().numpy(), labels.cpu().numpy(), float(dists.double().sum()), n_iter + full_iter)

@@ -1,0 +1,115 @@
+"""Stacked training: each model trains as it would alone, whatever shares its stack, its block
+or its worker; selections and accuracies do not depend on how the grid groups work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from altrack.config import GridConfig
+from altrack.data import load_dataset
+from altrack.errors import ConfigError
+from altrack.protocol import fresh_model, iterate_grid, stack_limit, stream_seed
+from altrack.settings import Settings
+from altrack.stack import train_stacked
+from altrack.train import train
+
+
+def _train_both(data, n_models, n, epochs=2, weighted=False):
+    rng = np.random.default_rng(0)
+    rows = [np.sort(rng.choice(len(data.y_train), n, replace=False)) for _ in range(n_models)]
+    weights = [rng.uniform(0.5, 2.0, size=n) for _ in range(n_models)] if weighted else None
+    singles = []
+    for i, row in enumerate(rows):
+        model = fresh_model(data.name, "cpu", stream_seed(i, 4))
+        idx = torch.from_numpy(row)
+        losses = train(model, data.x_train[idx], data.y_train[idx], epochs=epochs, batch_size=32, lr=1e-3,
+                       generator=torch.Generator().manual_seed(stream_seed(i, 5)),
+                       weights=None if weights is None else torch.from_numpy(weights[i]).float())  # fmt: skip
+        singles.append((model, losses))
+
+    def stacked(ids):
+        out = train_stacked(
+            [fresh_model(data.name, "cpu", stream_seed(i, 4)) for i in ids], data.x_train, data.y_train,
+            torch.from_numpy(np.stack([rows[i] for i in ids])), epochs=epochs, batch_size=32, lr=1e-3,
+            generators=[torch.Generator().manual_seed(stream_seed(i, 5)) for i in ids],
+            weights=None if weights is None else torch.from_numpy(np.stack([weights[i] for i in ids])).float(),
+        )  # fmt: skip
+        return out
+
+    return singles, stacked
+
+
+def _params(model):
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_stacked_mlps_match_one_at_a_time_and_each_other_bit_for_bit(data_dir, weighted):
+    data = load_dataset("mnist", data_dir)
+    singles, stacked = _train_both(data, 3, 100, weighted=weighted)
+    three, alone = stacked([0, 1, 2]), stacked([1])
+    for a, b in zip(_params(three.models[1]), _params(alone.models[0]), strict=True):
+        assert torch.equal(a, b)  # grouping invariance: the same bits alone or in a stack
+    assert three.losses[1] == alone.losses[0]
+    for (model, losses), twin, twin_losses in zip(singles, three.models, three.losses, strict=True):
+        for a, b in zip(_params(model), _params(twin), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the nn.Module reference path
+        np.testing.assert_allclose(losses, twin_losses, rtol=1e-5)
+
+
+def test_a_stacked_cifarnet_matches_one_at_a_time(data_dir):
+    data = load_dataset("cifar10", data_dir)
+    data = type(data)(data.name, data.x_train[:600], data.y_train[:600], data.x_test[:10], data.y_test[:10])
+    singles, stacked = _train_both(data, 2, 64, epochs=1)
+    two = stacked([0, 1])
+    for (model, _), twin in zip(singles, two.models, strict=True):
+        for a, b in zip(_params(model), _params(twin), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_diverged_model_fails_alone(data_dir):
+    data = load_dataset("mnist", data_dir)
+    rows = torch.from_numpy(np.stack([np.arange(64), np.arange(64, 128)]))
+    models = [fresh_model("mnist", "cpu", i) for i in range(2)]
+    with torch.no_grad():
+        models[0].head.weight.fill_(float("nan"))
+    out = train_stacked(models, data.x_train, data.y_train, rows, epochs=1, batch_size=32, lr=1e-3,
+                        generators=[torch.Generator().manual_seed(i) for i in range(2)])  # fmt: skip
+    assert out.diverged[0].startswith("training loss became nan") and out.diverged[1] is None
+    assert all(torch.isfinite(p).all() for p in out.models[1].parameters())
+
+
+def _grid(data_dir, **kw):
+    base = dict(datasets=("mnist",), methods=("coreset", "random", "margin"), budgets=(100,), runs=1,
+                settings=Settings(epochs=1), out=None, data_dir=str(data_dir), device="cpu")  # fmt: skip
+    return GridConfig(**{**base, **kw})
+
+
+def test_a_run_does_not_depend_on_its_block_its_stack_or_its_company(data_dir):
+    alone = {r.key: r for r in iterate_grid(_grid(data_dir, methods=("coreset",)), progress=False)}
+    crowd = {r.key: r for r in iterate_grid(_grid(data_dir, runs=4), progress=False)}
+    narrow = {r.key: r for r in iterate_grid(_grid(data_dir, runs=4, stack=1), progress=False)}
+    assert len(crowd) == len(narrow) == 12
+    for key, result in [*alone.items(), *crowd.items()]:
+        for other in (crowd[key], narrow[key]):
+            np.testing.assert_array_equal(result.selected_indices, other.selected_indices)
+            assert result.test_accuracy == other.test_accuracy
+            assert result.final_epoch_losses == other.final_epoch_losses
+
+
+def test_stacks_stay_within_the_memory_cap():
+    cpu = torch.device("cpu")
+    assert stack_limit("mnist", cpu, requested=1000, memory_cap=8 << 20) == (8 << 20) // _need("mnist")
+    assert stack_limit("mnist", cpu, requested=5, memory_cap=1 << 40) == 5
+    assert stack_limit("cifar10", cpu, requested=50, memory_cap=1 << 40) == 1  # convolutions: one at a time on CPU
+    with pytest.raises(ConfigError, match="cannot hold one mnist model"):
+        stack_limit("mnist", cpu, memory_cap=1 << 10)
+
+
+def _need(dataset):
+    from altrack.models import build_model
+    from altrack.stack import model_bytes
+
+    return model_bytes(build_model(dataset), 32, (1, 28, 28))
