@@ -51,6 +51,8 @@ for repeat in range({repeats}):
         "indices": {{f"{{r.key.method}}/{{r.key.seed}}": int(r.selected_indices.sum()) for r in results
                      if r.stage is not None}},
         "selection": sum(r.timings.get("selection_seconds", 0.0) for r in results),
+        "by_method": {{m: sum(r.timings.get("selection_seconds", 0.0) for r in results if r.key.method == m)
+                       for m in available_methods()}},
         "seed_train": sum(r.timings.get("seed_train_seconds", 0.0) for r in results) / 7,
         "final_train": sum(r.timings.get("final_train_seconds", 0.0) for r in results),
     }}), flush=True)
@@ -109,6 +111,10 @@ def main() -> None:
         print(f"{name:<11}{device:<8}{r['wall']:>9.2f}{r['wall'] / n_runs:>8.3f}{r['selection']:>10.2f}"
               f"{r['final_train']:>9.2f}{acc:>10.4f}{r['wall'] / base:>9.2f}")  # fmt: skip
     print(f"this tree twice on {args.device}: identical indices and accuracies: {same}")
+    for name, device, r in rows:
+        if "by_method" in r:
+            print(f"selection seconds by method, {name} on {device}: "
+                  + ", ".join(f"{m} {v:.2f}" for m, v in r["by_method"].items()))
     if args.reference:
         ref = rows[-1][2]
         by_method: dict[str, list[float]] = {}
