@@ -143,6 +143,8 @@ def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
 @click.option(
     "--sweep-run-id", "sweep_ids", multiple=True, help="--paper: a parent run of 'altrack sweep' (repeatable)."
 )
+@click.option("--ablation-run-id", "ablation_ids", multiple=True,
+              help="--paper: a parent run of 'altrack run' of coreset under one lam (repeatable).")  # fmt: skip
 def report_cmd(
     run_ids: tuple[str, ...],
     experiment: str | None,
@@ -152,6 +154,7 @@ def report_cmd(
     notes: str | None,
     setting_ids: tuple[str, ...],
     sweep_ids: tuple[str, ...],
+    ablation_ids: tuple[str, ...],
 ) -> None:
     """Rebuild the png and txt from the MLflow runs of parent runs or an experiment."""
     from altrack.config import writable_dir_target  # lazy: the config imports torch
@@ -162,13 +165,13 @@ def report_cmd(
     for folder, option in ((out, "--out"), (docs, "--docs")):
         if not writable_dir_target(Path(folder)):
             raise AltrackError(f"{option} {folder!r} is not a writable directory")
-    if (setting_ids or sweep_ids) and not paper:
-        raise click.UsageError("--setting-run-id and --sweep-run-id need --paper")
+    if (setting_ids or sweep_ids or ablation_ids) and not paper:
+        raise click.UsageError("--setting-run-id, --sweep-run-id and --ablation-run-id need --paper")
     if paper:
         from altrack.paper import paper_page  # lazy: MLflow
 
         text = Path(notes).read_text() if notes else None
-        page = paper_page(run_ids, experiment, docs, text, setting_ids, sweep_ids)
+        page = paper_page(run_ids, experiment, docs, text, setting_ids, sweep_ids, ablation_ids)
         click.echo(f"wrote {page}")
         return
     if len(run_ids) > 1:

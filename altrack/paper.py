@@ -20,7 +20,7 @@ from altrack import report
 from altrack.errors import AltrackError
 from altrack.results import ResultRow
 from altrack.settings import PAPER_SETTING_LABEL, Settings
-from altrack.tracking.query import experiment_ids, get_run, rows_from_mlflow, search
+from altrack.tracking.query import experiment_ids, get_run, row_of, rows_from_mlflow, search
 from altrack.tracking.tags import (
     COMMAND_TAG,
     KIND_GRID,
@@ -264,6 +264,79 @@ def settings_section(
     return lines
 
 
+@dataclass(frozen=True)
+class AblationRun:
+    """One coreset run of the lam ablation: its row, the lam it used and the distance term's share."""
+
+    row: ResultRow
+    lam_used: float
+    distance_share: float
+
+
+def ablation_runs(parent_ids: Sequence[str]) -> list[AblationRun]:
+    """The protocol runs under ``parent_ids`` with what the ablation reports of each."""
+    runs = []
+    for parent_id in parent_ids:
+        experiment = [get_run(parent_id).info.experiment_id]
+        query = f"tags.`{KIND_TAG}` = 'protocol' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'"
+        for run in search(experiment, query):
+            row = row_of(run)
+            if row is not None and row.finished:
+                runs.append(AblationRun(row, float(run.data.params.get("lam_used", "nan")),
+                                        run.data.metrics.get("selection_distance_share", float("nan"))))  # fmt: skip
+    return runs
+
+
+def _lam_of(setting: str) -> str:
+    return setting.rsplit("lam=", 1)[-1]
+
+
+def ablation_section(runs: Sequence[AblationRun]) -> list[str]:
+    """The lam ablation: coreset under each lam against lam = 0 and against random, paired by seed,
+    with the lam used and the share of the sampling mass the distance term carries."""
+    coreset = [r for r in runs if r.row.method == "coreset"]
+    if not coreset:
+        return []
+    by_seed = report.accuracy_by_seed([r.row for r in runs], "dataset", "budget", "method", "setting")
+    random = {(d, k): v for (d, k, m, _), v in by_seed.items() if m == "random"}
+    groups: dict[tuple, list[AblationRun]] = {}
+    for r in coreset:
+        groups.setdefault((r.row.dataset, r.row.budget, _lam_of(r.row.setting)), []).append(r)
+    order = ["0", "auto", "auto*10", "lemma8"]
+    lam_key = {lam: (order.index(lam) if lam in order else len(order), lam) for _, _, lam in groups}
+    tests = []
+    for (dataset, budget, lam), members in groups.items():
+        ours = {r.row.seed: r.row.test_accuracy for r in members}
+        zero = {r.row.seed: r.row.test_accuracy for r in groups.get((dataset, budget, "0"), [])}
+        for vs, base in (("λ = 0", zero), ("random", random.get((dataset, budget), {}))):
+            test = report.paired_difference(ours, base) if lam != "0" or vs == "random" else None
+            if test is not None:
+                tests.append({"dataset": dataset, "budget": budget, "lam": lam, "vs": vs, **test})
+    report.mark_holm(tests)
+    lines = ["## λ ablation: what the distance term does", "",
+             "`coreset` under λ = 0, `auto`, 10 × `auto` and `lemma8` (see the README's *Algorithm 1*), same "
+             "seeds, seed sets and seed models as `random`. *λ used* is the median over runs of the logged "
+             "`lam_used`; *distance share* is the mean share of the sampling mass Σℓ̃ carried by the λ·‖e − c_e‖² "
+             "term. Differences are paired by seed; **\\*** = significant after Holm's correction over the "
+             "rows of the second table.", "",
+             "| dataset | k | λ | test accuracy | λ used | distance share |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for (dataset, budget, lam), members in sorted(groups.items(), key=lambda g: (_dataset_order(g[0][0]), g[0][1],
+                                                                                lam_key[g[0][2]])):  # fmt: skip
+        accs = np.array([r.row.test_accuracy for r in members])
+        lam_used = float(np.median([r.lam_used for r in members]))
+        share = float(np.mean([r.distance_share for r in members]))
+        lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `{lam}` | {_cell(accs)} | {lam_used:.3g} "
+                     f"| {share:.1%} |")  # fmt: skip
+    for (dataset, budget), values in sorted(random.items(), key=lambda g: (_dataset_order(g[0][0]), g[0][1])):
+        lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `random` | "
+                     f"{_cell(np.array(list(values.values())))} | — | — |")  # fmt: skip
+    tests.sort(key=lambda t: (_dataset_order(t["dataset"]), t["budget"], lam_key[t["lam"]], t["vs"]))
+    for t in tests:
+        t["comparison"] = f"`coreset` λ = `{t['lam']}` − {t['vs']}"
+    return [*lines, "", *_tests_table(tests, COMPARISON), ""]
+
+
 def hardware() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -285,6 +358,7 @@ def write_page(
     notes: str | None = None,
     setting_rows: Sequence[ResultRow] = (),
     sweeps: Sequence[SweepSummary] = (),
+    ablation: Sequence[AblationRun] = (),
 ) -> Path:
     """docs/reproduction.md with its pngs beside it.
 
@@ -326,6 +400,7 @@ def write_page(
                   "every comparison in *All paired comparisons*:", "", *_tests_table(key_tests), ""]  # fmt: skip
     if setting_rows or sweeps:
         lines += settings_section(setting_rows, sweeps, used_seeds={r.seed for r in rows})
+    lines += ablation_section(ablation)
     if notes:
         lines += [notes.strip(), ""]
     if curves is not None:
@@ -355,10 +430,12 @@ def paper_page(
     notes: str | None,
     setting_ids: Sequence[str] = (),
     sweep_ids: Sequence[str] = (),
+    ablation_ids: Sequence[str] = (),
 ) -> Path:
     """``altrack report --paper``: docs/reproduction.md from the protocol runs of the given parents
     (or a whole experiment), with the runs of ``setting_ids`` compared setting against setting and
-    the studies of ``sweep_ids``. Raises ``AltrackError`` for unknown ids or no protocol runs."""
+    the studies of ``sweep_ids``, and the lam ablation of ``ablation_ids``. Raises ``AltrackError``
+    for unknown ids or no protocol runs."""
 
     def rows_of(parents: Sequence[str]) -> list[ResultRow]:  # a resumed parent also lists its predecessor's runs
         return list({row.run_id: row for parent in parents for row in rows_from_mlflow(parent)}.values())
@@ -373,5 +450,6 @@ def paper_page(
     if not rows:
         raise AltrackError("no altrack protocol runs found for those runs")
     setting_rows = rows_of(setting_ids)
-    parents = [*parent_ids, *setting_ids, *sweep_ids]
-    return write_page(rows, parents, docs, notes, setting_rows=setting_rows, sweeps=sweeps)
+    ablation = ablation_runs(ablation_ids)
+    parents = [*parent_ids, *setting_ids, *sweep_ids, *ablation_ids]
+    return write_page(rows, parents, docs, notes, setting_rows=setting_rows, sweeps=sweeps, ablation=ablation)

@@ -62,7 +62,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_pa
 
 REPORT_BAD_INPUT = [
     (["--setting-run-id", "abc"], "give --run-id or --experiment"),
-    (["--run-id", "abc", "--sweep-run-id", "def"], "--setting-run-id and --sweep-run-id need --paper"),
+    (["--run-id", "abc", "--sweep-run-id", "def"], "--sweep-run-id and --ablation-run-id need --paper"),
 ]
 
 
