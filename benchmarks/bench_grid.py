@@ -1,8 +1,10 @@
-"""A whole grid through the CLI: MNIST and Fashion-MNIST x 7 methods x budgets 1000..5000 x 5
-seeds (350 runs), into a throwaway MLflow store, with the wall time and the peak resident memory
-of the whole process tree (parent plus workers), sampled every 0.5 s.
+"""A whole grid through the CLI, MLflow logging included, into a throwaway store: the wall time
+and the peak resident memory of the whole process tree (parent plus workers), sampled every
+0.5 s; with ``--reference REF`` the same command on another checkout's ``altrack`` (for example
+a6cf675's: ``git archive a6cf675 altrack | tar -x -C REF``), side by side.
 
     python benchmarks/bench_grid.py [--seeds 5] [--budgets 1000,2000,3000,4000,5000] [--workers 2]
+    python benchmarks/bench_grid.py --main-job --reference REF   # the README's main job
 """
 
 from __future__ import annotations
@@ -41,21 +43,14 @@ def tree_rss_mb(root: int) -> float:
     return sum(rss.get(pid, 0) for pid in tree) / 2**20
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--datasets", default="mnist,fashion_mnist")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--budgets", default="1000,2000,3000,4000,5000")
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+ENTRY = "import sys; sys.path.insert(0, sys.argv.pop(1)); from altrack.cli import main; sys.exit(main())"
+
+
+def run(root: Path, arguments: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak MB, report table) of ``altrack run ARGUMENTS`` from ``root``'s altrack."""
     work = Path(tempfile.mkdtemp(prefix="altrack-bench-grid-"))
     env = {**os.environ, "ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    command = [sys.executable, "-m", "altrack", "run", "--datasets", args.datasets, "--methods", "all",
-               "--budget", args.budgets, "--runs", str(args.seeds), "--no-log-models", "--quiet",
-               "--workers", str(args.workers), "--out", str(work / "out")]  # fmt: skip
-    n_runs = len(args.datasets.split(",")) * 7 * len(args.budgets.split(",")) * args.seeds
-    print(f"grid: {args.datasets} x 7 methods x k={args.budgets} x {args.seeds} seeds = {n_runs} runs, "
-          f"--workers {args.workers}, models not logged")  # fmt: skip
+    command = [sys.executable, "-c", ENTRY, str(root), "run", *arguments, "--quiet", "--out", str(work / "out")]
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0.0
@@ -64,10 +59,39 @@ def main() -> None:
         time.sleep(0.5)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"grid failed: {proc.stderr.read().decode()[-2000:]}")
-    print(f"wall time {wall / 60:.1f} min ({wall / n_runs:.2f} s per run; target < 30 min for 350 runs)")
-    print(f"peak resident memory of the process tree {peak:.0f} MB (target < 2048 MB)")
-    print((work / "out" / "active_learning_results.txt").read_text().split("paired comparisons")[0])
+        sys.exit(f"grid failed ({root}): {proc.stderr.read().decode()[-2000:]}")
+    return wall, peak, (work / "out" / "active_learning_results.txt").read_text().split("paired comparisons")[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datasets", default="mnist,fashion_mnist")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--budgets", default="1000,2000,3000,4000,5000")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--main-job", action="store_true",
+                        help="the README's: mnist,fashion_mnist x 7 methods x k=2000 x 3 seeds, models logged")
+    parser.add_argument("--reference", default=None, help="folder holding another checkout's altrack package")
+    args = parser.parse_args()
+    if args.main_job:
+        arguments = ["--datasets", "mnist,fashion_mnist", "--runs", "3"]
+        n_runs, what = 42, "the README's main job (42 runs, models logged, --workers 1)"
+    else:
+        arguments = ["--datasets", args.datasets, "--methods", "all", "--budget", args.budgets,
+                     "--runs", str(args.seeds), "--no-log-models", "--workers", str(args.workers)]  # fmt: skip
+        n_runs = len(args.datasets.split(",")) * 7 * len(args.budgets.split(",")) * args.seeds
+        what = (f"{args.datasets} x 7 methods x k={args.budgets} x {args.seeds} seeds = {n_runs} runs, "
+                f"--workers {args.workers}, models not logged")  # fmt: skip
+    print(what)
+    sides = [("this tree", Path(__file__).resolve().parents[1])]
+    if args.reference:
+        sides.append(("reference", Path(args.reference).resolve()))
+    results = [(name, *run(root, arguments)) for name, root in sides]
+    base = results[0][1]
+    print(f"{'engine':<11}{'wall':>9}{'s/run':>8}{'peak MB':>9}{'x this':>8}")
+    for name, wall, peak, _ in results:
+        print(f"{name:<11}{wall / 60:>8.2f}m{wall / n_runs:>8.2f}{peak:>9.0f}{wall / base:>8.2f}")
+    print(results[0][3])
 
 
 if __name__ == "__main__":
