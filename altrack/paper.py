@@ -414,10 +414,10 @@ def write_page(
                   *_tests_table(tests), "", "</details>", ""]  # fmt: skip
     if failed:
         lines += [f"{len(failed)} run(s) failed and are left out of every mean above.", ""]
+    n_finished = len({r.run_id for r in [*rows, *setting_rows, *(a.row for a in ablation)] if r.finished})
     lines += ["## How it was made", "", f"- Hardware: {hardware()}.",
-              f"- Wall time: {wall / 60:.1f} min over {len(parent_ids)} parent run(s); "
-              f"{sum(r.finished for r in [*rows, *setting_rows])} finished protocol runs "
-              "(sweep trials not counted).", "", *parents, ""]  # fmt: skip
+              f"- Wall time: {wall / 60:.1f} min over {len(parent_ids)} parent run(s); {n_finished} finished "
+              "protocol runs (sweep trials not counted).", "", *parents, ""]  # fmt: skip
     page = docs / "reproduction.md"
     page.write_text("\n".join(lines))
     return page
@@ -451,5 +451,5 @@ def paper_page(
         raise AltrackError("no altrack protocol runs found for those runs")
     setting_rows = rows_of(setting_ids)
     ablation = ablation_runs(ablation_ids)
-    parents = [*parent_ids, *setting_ids, *sweep_ids, *ablation_ids]
+    parents = list(dict.fromkeys([*parent_ids, *setting_ids, *sweep_ids, *ablation_ids]))  # each once
     return write_page(rows, parents, docs, notes, setting_rows=setting_rows, sweeps=sweeps, ablation=ablation)
