@@ -53,12 +53,30 @@ def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
         ("study_name: [unclosed\n", "not valid YAML"),
         ("- a list\n", "a spec must be a YAML mapping"),
         (TINY_SPEC.replace("dataset: mnist\n", ""), "missing key 'dataset'"),
+        (TINY_SPEC + "sampler_seed: -1\n", "sampler_seed must be >= 0, got -1"),
+        (TINY_SPEC + "experiment: 5\n", "experiment must be a string, got 5"),
+        (TINY_SPEC + "log_models: 'no'\n", "log_models must be true or false"),
+        (TINY_SPEC + "1: 2\n", "every key must be a string"),
+        (TINY_SPEC + "budget: 200\n", "key 'budget' is given twice"),
+        (TINY_SPEC + "weighted: true\n", ""),
     ],
     ids=lambda value: value if len(value) < 40 else None,
 )  # fmt: skip
 def test_bad_specs_are_refused_naming_the_key(tmp_path, text, message):
+    if not message:  # a knob every grid has works in a sweep too
+        assert load_spec(_spec(tmp_path, text)).settings.weighted is True
+        return
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_spec(_spec(tmp_path, text))
+
+
+def test_a_binary_or_bottomless_spec_is_refused_in_one_line(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="cannot read spec: not a text file"):
+        load_spec(binary)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_spec(_spec(tmp_path, "study_name: " + "[" * 20000 + "]" * 20000 + "\n"))
 
 
 def test_bad_spec_on_the_cli_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
