@@ -10,6 +10,7 @@ the comparison between methods is paired.
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -70,6 +71,12 @@ def free_memory(device: torch.device) -> int:
         return 8 << 30
 
 
+@functools.cache
+def _model_need(dataset: str, batch_size: int) -> int:
+    """Bytes one model of ``dataset`` takes to train (a probe, so computed once per process)."""
+    return model_bytes(build_model(dataset, "cpu"), batch_size, DATASETS[dataset].image_shape)
+
+
 def stack_limit(
     dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
 ) -> int:
@@ -77,7 +84,7 @@ def stack_limit(
     most what ``memory_cap`` bytes hold (default: a quarter of the device's free memory).
     Convolutions train one at a time on a CPU: a grouped convolution is slower there than N plain
     ones, and its bits depend on N. Raises ``ConfigError`` when the cap cannot hold one model."""
-    need = model_bytes(build_model(dataset, "cpu"), batch_size, DATASETS[dataset].image_shape)
+    need = _model_need(dataset, batch_size)
     cap = free_memory(device) // 4 if memory_cap is None else memory_cap
     if cap < need:
         raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
@@ -392,8 +399,8 @@ def run_block(
                                memory_cap=cfg.memory_cap_bytes)  # fmt: skip
     good = [s for s in stages if not isinstance(s, str)]
     hook = bar.start_training(f"final models {label}", cfg.settings.epochs)
-    results_ = run_methods(data, good, methods, cfg.settings, hook, stack=cfg.stack, memory_cap=cfg.memory_cap_bytes)
-    finished = {(r.key.seed, r.key.method): r for r in results_}
+    ran = run_methods(data, good, methods, cfg.settings, hook, stack=cfg.stack, memory_cap=cfg.memory_cap_bytes)
+    finished = {(r.key.seed, r.key.method): r for r in ran}
     results = []
     ident = identity(data.x_train.device, data.digest)
     for seed, stage in zip(seeds, stages, strict=True):

@@ -127,18 +127,6 @@ def log_new_params(run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=fresh)
 
 
-def log_dir(files: dict[str, object] | None = None) -> None:
-    """Write ``files`` (name -> text, or a numpy array saved as .npy) to a temp folder and log it
-    as artifacts of the active run."""
-    with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
-        for name, content in (files or {}).items():
-            if isinstance(content, np.ndarray):
-                np.save(Path(tmp) / name, content)
-            else:
-                Path(tmp, name).write_text(str(content))
-        mlflow.log_artifacts(tmp)
-
-
 def run_params(result: RunResult) -> dict:
     """A protocol run's params: its key, the derived sizes, where it ran and every setting."""
     key, settings = result.key, result.settings

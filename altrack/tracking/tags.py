@@ -7,7 +7,7 @@ be mistaken for grid runs by a resume or a report.
 
 from __future__ import annotations
 
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: F401  (re-exported)
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: F401  (re-exported)
 
 KIND_TAG = "altrack.kind"
 KIND_GRID = "grid"
