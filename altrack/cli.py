@@ -7,6 +7,7 @@ Optuna) when it runs, so ``--help`` and refusals of bad options stay quick.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,47 @@ def device_option(default: str | None, help: str | None = None) -> Callable[[Cal
     )
 
 
+SLURM_FLAGS = ("partition", "time_limit", "cpus_per_task", "gpus_per_task", "mem_gb", "array_parallelism",
+               "blocks_per_task", "slurm_log_dir", "sbatch", "shared_filesystem")  # fmt: skip
+
+
+def slurm_options(f: Callable) -> Callable:
+    """``--executor`` and the Slurm knobs, shared by ``run`` and ``sweep`` (altrack.slurm)."""
+    options = [
+        click.option("--executor", type=click.Choice(("local", "slurm")), default="local", show_default=True,
+                     help="local: processes on this machine; slurm: Slurm jobs through submitit."),
+        click.option("--executor-config", type=click.Path(dir_okay=False), default=None,
+                     help="YAML file of Slurm settings (the names below, with _); flags override it."),
+        click.option("--partition", default=None, help="Slurm partition [default: the cluster's]."),
+        click.option("--time-limit", type=int, default=None, help="Minutes per Slurm job [default: 60]."),
+        click.option("--cpus-per-task", type=int, default=None, help="Cores per Slurm job [default: 2]."),
+        click.option("--gpus-per-task", type=int, default=None, help="GPUs per Slurm job [default: 0]."),
+        click.option("--mem-gb", type=float, default=None, help="Memory per Slurm job [default: 8]."),
+        click.option("--array-parallelism", type=int, default=None,
+                     help="Slurm array tasks running at once [default: 32]."),
+        click.option("--blocks-per-task", type=int, default=None,
+                     help="run: (dataset, k, seeds) blocks per Slurm array task [default: 1]."),
+        click.option("--slurm-log-dir", default=None,
+                     help="Job scripts and logs, on a shared disk [default: slurm-logs]."),
+        click.option("--sbatch", multiple=True, metavar="NAME=VALUE", help="Extra sbatch option (repeatable)."),
+        click.option("--shared-filesystem", is_flag=True, default=None,
+                     help="sweep: the storage file is on a disk every node sees (journal or SQLite on Slurm)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _slurm_config(opts: dict) -> object:
+    """The ``SlurmConfig`` from ``--executor-config`` and the Slurm flags, popped from ``opts``."""
+    from altrack.slurm import load_slurm_config  # lazy: keeps --help quick
+
+    path = opts.pop("executor_config")
+    values = {name: opts.pop(name) for name in SLURM_FLAGS}
+    values["log_dir"] = values.pop("slurm_log_dir")
+    return load_slurm_config(path, values)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="altrack")
 def cli() -> None:
@@ -109,6 +151,8 @@ def cli() -> None:
               help="Models trained together at most (0: 64 on a GPU, 16 on a CPU; CifarNet 1 on a CPU).")  # fmt: skip
 @click.option("--memory-cap", type=float, default=None,
               help="GiB the stacked models may take [default: a quarter of the device's free memory].")  # fmt: skip
+@slurm_options
+@click.option("--detach", is_flag=True, help="slurm: submit, print the parent run id and return.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     """Run the §5.2.2 protocol over datasets x budgets x seeds x methods."""
@@ -117,8 +161,12 @@ def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     from altrack.grid import run_grid
 
     settings = Settings(**{name: opts.pop(name) for name in SETTINGS_RULES})  # type: ignore[arg-type]
-    cfg = GridConfig(datasets=_split(datasets), methods=_methods(methods), settings=settings, **opts)  # type: ignore[arg-type]
+    slurm = _slurm_config(opts)
+    cfg = GridConfig(datasets=_split(datasets), methods=_methods(methods), settings=settings, slurm=slurm, **opts)  # type: ignore[arg-type]
     outcome = run_grid(cfg, progress=not quiet, say=click.echo)
+    if cfg.detach:
+        click.echo(f"MLflow parent run: {outcome.parent_run_id}")
+        return
     click.echo(report.format_table(outcome.rows, outcome.resumed), nl=False)
     click.echo(f"report: {cfg.out}/")
     click.echo(f"MLflow parent run: {outcome.parent_run_id}")
@@ -197,6 +245,7 @@ def report_cmd(
 @data_dir_option
 @click.option("--cache-dir", default=None, callback=_blank_is_none,
               help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages].")  # fmt: skip
+@slurm_options
 def sweep(
     spec_path: str,
     n_trials: int | None,
@@ -206,8 +255,11 @@ def sweep(
     experiment: str | None,
     data_dir: str | None,
     cache_dir: str | None,
+    executor: str,
+    **opts: object,
 ) -> None:
     """Optuna study over cluster_ratio, seed_ratio and lam; resumes when re-run."""
+    slurm = _slurm_config(opts)
     from altrack.sweep import describe, load_spec, run_sweep  # lazy: Optuna, MLflow and torch
 
     spec = load_spec(spec_path)
@@ -220,6 +272,7 @@ def sweep(
         experiment=experiment,
         cache_dir=cache_dir,
         data_dir=data_dir,
+        slurm=slurm if executor == "slurm" else None,
     )
     click.echo(describe(outcome))
 
@@ -250,6 +303,10 @@ def _mlflow_error(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 for bad input, 1 for failures; errors are one line."""
+    # MLflow's own chatter: a progress bar per artifact download, and a "View run at URL" line per
+    # run on a server (the URL may carry credentials); altrack prints the parent run id itself.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         cli.main(args=argv, prog_name="altrack", standalone_mode=False)
     except click.exceptions.Exit as exc:

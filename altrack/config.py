@@ -17,6 +17,7 @@ from altrack.data import DATASETS
 from altrack.errors import ConfigError
 from altrack.selection import available_methods
 from altrack.settings import DEVICES, SETTINGS_RULES, Rule, RunKey, Settings, at_least
+from altrack.slurm import EXECUTORS, SlurmConfig
 
 RULES: dict[str, Rule] = {
     **SETTINGS_RULES,
@@ -30,6 +31,7 @@ RULES: dict[str, Rule] = {
     "seed": at_least(0),
     "log_models": Rule(bool),
     "experiment": Rule(str, optional=True),
+    "executor": Rule(str, choices=lambda: EXECUTORS, unknown=True),
 }
 
 
@@ -80,6 +82,9 @@ class GridConfig:
     resume: bool = True
     stack: int = 0  # models trained together at most; 0: altrack.protocol.stack_limit's default
     memory_cap: float | None = None  # GiB the stacks may take; None: a quarter of the free memory
+    executor: str = "local"  # or "slurm": blocks as Slurm array tasks (altrack.slurm)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    detach: bool = False  # slurm: submit, print the parent run id and return
 
     def __post_init__(self) -> None:
         for values, what in ((self.datasets, "dataset"), (self.methods, "method"), (self.budgets, "budget")):
@@ -92,8 +97,10 @@ class GridConfig:
             spec = DATASETS[dataset]
             for budget in self.budgets:
                 self.settings.check_budget(budget, spec.n_train, f"{dataset} train split")
-        for name in ("runs", "workers", "seed", "device", "experiment", "stack", "memory_cap"):
+        for name in ("runs", "workers", "seed", "device", "experiment", "stack", "memory_cap", "executor"):
             check(name, getattr(self, name))
+        if self.detach and self.executor != "slurm":
+            raise ConfigError("--detach needs --executor slurm")
         if self.out is not None and not writable_dir_target(Path(self.out)):
             raise ConfigError(f"--out {self.out!r} is not a writable directory")
 

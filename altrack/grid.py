@@ -10,18 +10,21 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.tracking import MlflowClient
 
 from altrack import report
 from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
-from altrack.protocol import iterate_grid, stack_limit
+from altrack.protocol import grid_blocks, iterate_grid, run_block, stack_limit
 from altrack.provenance import identity
-from altrack.results import FINISHED, ResultRow
-from altrack.tracking.query import finished_rows, rows_from_mlflow
+from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
+from altrack.slurm import TaskOutcome, job_alive, require_shared_store, slurm_tags, task_threads, wait_for
+from altrack.tracking.query import finished_rows, get_run, rows_from_mlflow
 from altrack.tracking.runs import (
     check_tracking_store,
     close_dead_runs,
+    kill_running_children,
     log_new_params,
     log_run,
     owner_tags,
@@ -30,12 +33,15 @@ from altrack.tracking.runs import (
 )
 from altrack.tracking.tags import (
     COMMAND_TAG,
+    DETACHED_TAG,
+    EXPECTED_RUNS_TAG,
     KIND_GRID,
     KIND_TAG,
     RESUMED_RUNS_CSV,
     RESUMED_TAG,
     RUNS_FAILED_TAG,
     RUNS_FINISHED_TAG,
+    SLURM_JOB_TAG,
 )
 
 
@@ -74,14 +80,19 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     ``AltrackError``; otherwise failed runs are logged FAILED and listed in the report.
     ``say`` prints what the user must know (runs reused from earlier invocations).
     """
-    device = str(resolve_device(cfg.device))
+    slurm = cfg.executor == "slurm"
+    device = slurm_device(cfg) if slurm else str(resolve_device(cfg.device))
     set_determinism(device)
     identities = {}  # data errors surface before the store is touched (no mlflow.db)
     for dataset in cfg.datasets:
-        identities[dataset] = identity(device, load_dataset(dataset, cfg.data_dir, device).digest)
+        data = load_dataset(dataset, cfg.data_dir, "cpu" if slurm else device)
+        identities[dataset] = identity(torch.device(device), data.digest)
         stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
-    if cfg.workers > 1:  # the workers load their own copies
+    if cfg.workers > 1 or slurm:  # the workers load their own copies
         release_datasets()
+    if slurm:  # the jobs log to a shared server, and Slurm must accept them
+        require_shared_store(mlflow.get_tracking_uri())
+        cfg.slurm.check_partition()
     check_tracking_store()  # then the store, still before any training
     tags = {KIND_TAG: KIND_GRID, COMMAND_TAG: " ".join(sys.argv), **owner_tags()}
     with start_parent(cfg.experiment, KIND_GRID, tags) as parent:
@@ -99,6 +110,25 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
                 report.write_rows_csv(rows, Path(tmp) / RESUMED_RUNS_CSV)
                 mlflow.log_artifacts(tmp)
         skip = frozenset(hashes[h] for h in done)
+        if slurm:
+            submitted = _submit(cfg, device, skip, parent_id)
+            if submitted is None or cfg.detach:
+                if submitted is not None:
+                    mlflow.end_run(RUNNING)  # stays RUNNING; 'altrack report --run-id' closes it
+                    say(f"submitted Slurm job {submitted[0][0].job_id.split('_')[0]} ({len(submitted[0])} tasks); "
+                        f"'altrack report --run-id {parent_id}' collects the report")  # fmt: skip
+                    return GridOutcome(parent_id, rows, [], len(done))
+            else:
+                failures = _collect(submitted, parent_id, progress)
+                rows = rows_from_mlflow(parent_id)  # this parent's runs and the ones it reused
+                paths = publish_report(rows, cfg.out, resumed=len(done))
+                n_failed = sum(not r.finished for r in rows)
+                mlflow.set_tags({RUNS_FINISHED_TAG: len(rows) - n_failed, RUNS_FAILED_TAG: n_failed})
+                if failures:
+                    mlflow.end_run(FAILED)
+                    raise AltrackError(f"{failures} of {len(submitted[0])} Slurm tasks failed (above); the report "
+                                       "has the rest; rerun the same command to run only the missing runs")  # fmt: skip
+                return GridOutcome(parent_id, rows, paths, len(done))
         for result in iterate_grid(cfg, device=device, skip=skip, progress=progress, workers=cfg.workers):
             run_id = log_run(result, cfg.log_models)
             rows.append(result.row(run_id))
@@ -108,6 +138,66 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         n_failed = sum(not r.finished for r in rows)
         mlflow.set_tags({RUNS_FINISHED_TAG: len(rows) - n_failed, RUNS_FAILED_TAG: n_failed})
     return GridOutcome(parent_id, rows, paths, len(done))
+
+
+def slurm_device(cfg: GridConfig) -> str:
+    """The device of the Slurm tasks: what was asked for, else CUDA when they get GPUs."""
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if cfg.slurm.gpus_per_task else "cpu"
+
+
+Submitted = tuple[list, list[str]]  # submitit jobs and their labels
+
+
+def _submit(cfg: GridConfig, device: str, skip: frozenset, parent_id: str) -> Submitted | None:
+    """The remaining runs as one Slurm job array under the parent run; None when none remain."""
+    keys = [key for key in cfg.run_keys() if key not in skip]
+    work = grid_blocks(cfg, device, keys, cfg.slurm.array_parallelism)
+    if not work:
+        return None
+    size = cfg.slurm.blocks_per_task
+    tasks = [work[start : start + size] for start in range(0, len(work), size)]
+    labels = [", ".join(f"{d} k={k} seeds {s[0]}..{s[-1]}" for d, k, s, _ in task) for task in tasks]
+    uri = mlflow.get_tracking_uri()
+    executor = cfg.slurm.executor("altrack-grid")
+    n = len(tasks)
+    jobs = executor.map_array(grid_task, [cfg] * n, [device] * n, tasks, [parent_id] * n, [uri] * n)
+    mlflow.set_tags({SLURM_JOB_TAG: jobs[0].job_id.split("_")[0], EXPECTED_RUNS_TAG: len(cfg.run_keys()),
+                     **({DETACHED_TAG: "true"} if cfg.detach else {})})  # fmt: skip
+    return jobs, labels
+
+
+def _collect(submitted: Submitted, parent_id: str, progress: bool) -> int:
+    """Wait for the tasks; close what a dead task left RUNNING; returns how many tasks failed."""
+    jobs, labels = submitted
+    done = 0
+
+    def heard(outcome: TaskOutcome) -> None:
+        nonlocal done
+        done += 1
+        mlflow.log_metric("progress/slurm_tasks_done", done, step=done)
+
+    outcomes = wait_for(jobs, labels, progress, heard)
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    kill_running_children(client, parent_id, experiment_id, "its Slurm task ended before the run did")
+    return sum(o.error is not None for o in outcomes)
+
+
+def grid_task(cfg: GridConfig, device: str, work: list, parent_id: str, tracking_uri: str) -> int:
+    """One Slurm array task: its blocks, each run logged under the parent as it finishes.
+    Returns how many runs it logged."""
+    torch.set_num_threads(task_threads())
+    set_determinism(device)
+    mlflow.set_tracking_uri(tracking_uri)
+    tags = slurm_tags()
+    logged = 0
+    for block in work:
+        for result in run_block(cfg, device, *block):
+            log_run(result, cfg.log_models, parent_run_id=parent_id, tags=tags)
+            logged += 1
+    return logged
 
 
 def publish_report(rows: Sequence[ResultRow], out: str | None, resumed: int = 0) -> list[Path]:
@@ -124,6 +214,8 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
     """``altrack report``: the grid report again, from the runs MLflow holds.
 
     Raises ``AltrackError`` when the run or experiment has no protocol runs."""
+    if parent_run_id is not None:
+        close_detached(parent_run_id)
     rows = rows_from_mlflow(parent_run_id, experiment)
     if not rows:
         raise AltrackError("no altrack protocol runs found for that run or experiment")
@@ -131,3 +223,24 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
         with mlflow.start_run():
             return publish_report(rows, out)
     return report.write_report(rows, out or ".")
+
+
+def close_detached(parent_run_id: str) -> None:
+    """A parent submitted with ``--detach`` ends when its Slurm job has left the queue: runs a
+    dead task left RUNNING are killed, the report is logged to it, and it ends FINISHED when
+    every expected run finished, else FAILED. While its job runs it stays open."""
+    client = MlflowClient()
+    parent = get_run(parent_run_id, client)
+    tags = parent.data.tags
+    if parent.info.status != RUNNING or tags.get(DETACHED_TAG) != "true" or job_alive(tags.get(SLURM_JOB_TAG, "")):
+        return
+    kill_running_children(client, parent_run_id, parent.info.experiment_id, "its Slurm task ended before the run did")
+    rows = rows_from_mlflow(parent_run_id, None)
+    finished = sum(r.finished for r in rows)
+    with mlflow.start_run(run_id=parent_run_id):
+        with tempfile.TemporaryDirectory(prefix="altrack-report-") as tmp:
+            report.write_report(rows, tmp)
+            mlflow.log_artifacts(tmp)
+        mlflow.set_tags({RUNS_FINISHED_TAG: finished, RUNS_FAILED_TAG: len(rows) - finished})
+        complete = finished >= int(tags.get(EXPECTED_RUNS_TAG, "0"))
+        mlflow.end_run(FINISHED if complete else FAILED)

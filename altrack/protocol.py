@@ -448,6 +448,20 @@ def blocks(
     return out
 
 
+def grid_blocks(
+    cfg: GridConfig, device: str, keys: Sequence[RunKey], workers: int = 1
+) -> list[tuple[str, int, tuple[int, ...], tuple[str, ...]]]:
+    """``keys`` as blocks of seeds whose models fill a stack on ``device``, and at least
+    ``workers`` blocks when there are that many seeds, so that every worker has work."""
+
+    def per_block(dataset: str, n_methods: int) -> int:
+        limit = stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
+        size = max(1, limit // n_methods)
+        return min(size, max(1, math.ceil(cfg.runs / workers)))
+
+    return blocks(keys, per_block)
+
+
 def iterate_grid(
     cfg: GridConfig,
     *,
@@ -469,12 +483,7 @@ def iterate_grid(
         device = str(resolve_device(cfg.device))
         set_determinism(device)
     keys = [key for key in cfg.run_keys() if key not in skip]
-    def per_block(dataset: str, n_methods: int) -> int:
-        limit = stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
-        size = max(1, limit // n_methods)
-        return min(size, max(1, math.ceil(cfg.runs / workers)))  # enough blocks to keep every worker busy
-
-    work = blocks(keys, per_block)
+    work = grid_blocks(cfg, device, keys, workers)
     bar = _Progress(len(keys), progress)
     try:
         if workers <= 1:

@@ -6,62 +6,27 @@ the reason otherwise.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from services import Unavailable, postgres
 from test_sweep import TINY_SPEC
 
 from altrack.sweep import open_storage
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres_url():
-    pg_bin = _pg_bin()
-    if pg_bin is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
-    pytest.importorskip("psycopg", reason="the psycopg driver is not installed: pip install 'psycopg[binary]'")
-    folder = Path(tempfile.mkdtemp(prefix="altrack-pg-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(folder, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", _free_port()
-    subprocess.run([*prefix, str(pg_bin / "initdb"), "-D", str(data), "-U", "altrack", "--auth=trust"],
-                   check=True, capture_output=True)  # fmt: skip
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-    log = folder / "server.log"  # the server must not inherit our pipes, or waiting on them hangs
-    start = [*prefix, str(pg_bin / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start"]
-    subprocess.run(start, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=60)
     try:
-        yield f"postgresql://altrack@127.0.0.1:{port}/postgres"
-    finally:
-        stop = [*prefix, str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
-        subprocess.run(stop, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
+        with postgres() as url:
+            yield url
+    except Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 SPEC = TINY_SPEC.replace("study_name: tiny", "study_name: pg")

@@ -27,6 +27,7 @@ from altrack import report  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
 from altrack.protocol import threads_per_worker  # noqa: E402
+from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
 from altrack.sweep.spec import SweepSpec  # noqa: E402
 from altrack.sweep.study import DEFAULT_STORAGE, open_storage, paper_baseline, validation_indices  # noqa: E402
 from altrack.sweep.worker import Worker, run_worker  # noqa: E402
@@ -39,6 +40,7 @@ from altrack.tracking.tags import (  # noqa: E402
     KIND_TAG,
     RETRY_OF_ATTR,
     RUN_ATTR,
+    SLURM_JOB_TAG,
     STORAGE_TAG,
     STUDY_TAG,
     TEST_ACCURACY_ATTR,
@@ -74,6 +76,7 @@ def run_sweep(
     experiment: str | None = None,
     cache_dir: str | None = None,
     data_dir: str | None = None,
+    slurm: SlurmConfig | None = None,
 ) -> SweepOutcome:
     """Create or resume the study, run ``workers`` processes until it has ``n_trials`` COMPLETE
     trials (default: the spec's), and log the sweep to one MLflow parent run.
@@ -88,9 +91,18 @@ def run_sweep(
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
     study_name = study_name or spec.study_name
-    device = str(resolve_device(spec.device))
+    if slurm is None:
+        device = str(resolve_device(spec.device))
+    else:  # the workers' device; the jobs must reach the store and the storage
+        device = spec.device if spec.device != "auto" else ("cuda" if slurm.gpus_per_task else "cpu")
+        require_shared_store(mlflow.get_tracking_uri())
+        local_file = storage is None or "://" not in storage or storage.startswith("sqlite")
+        if local_file and not slurm.shared_filesystem:
+            raise ConfigError(f"--executor slurm: the Optuna storage {storage or DEFAULT_STORAGE} is a local file; "
+                              "give --storage postgresql://... or, if every node sees it, --shared-filesystem")
+        slurm.check_partition()
     set_determinism(device)
-    load_dataset(spec.dataset, data_dir, device)  # data errors before anything is written
+    load_dataset(spec.dataset, data_dir, "cpu" if slurm else device)  # data errors before anything is written
     check_tracking_store()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -128,7 +140,9 @@ def run_sweep(
             Worker(spec, study_name, storage, n_trials, parent_id, device, i, cache_dir, data_dir)
             for i in range(workers)
         ]
-        if workers == 1:
+        if slurm is not None:
+            _run_slurm_jobs(jobs, slurm)
+        elif workers == 1:
             jobs[0].run()
         else:
             _run_processes(jobs, threads_per_worker(workers))
@@ -152,6 +166,18 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")
+
+
+def _run_slurm_jobs(jobs: list[Worker], slurm: SlurmConfig) -> None:
+    """The workers as one Slurm job array; a worker that dies has its trial retried by the others
+    (RDB heartbeat) or by the next run. Raises ``AltrackError`` when every worker failed."""
+    executor = slurm.executor("altrack-sweep")
+    n = len(jobs)
+    submitted = executor.map_array(run_worker, jobs, [mlflow.get_tracking_uri()] * n, [slurm.cpus_per_task] * n)
+    mlflow.set_tag(SLURM_JOB_TAG, submitted[0].job_id.split("_")[0])
+    outcomes = wait_for(submitted, [f"sweep worker {i}" for i in range(n)], progress=True)
+    if all(o.error for o in outcomes):
+        raise AltrackError(f"all {n} Slurm sweep workers failed (above)")
 
 
 def trials_table(study: optuna.Study) -> list[dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from altrack import report
@@ -26,6 +26,7 @@ from altrack.errors import AltrackError, first_line
 from altrack.liveness import is_dead, worker_id
 from altrack.protocol import RunResult
 from altrack.results import FAILED, FINISHED, KILLED, RUNNING
+from altrack.slurm import job_alive
 from altrack.tracking.tags import (
     DEFAULT_EXPERIMENT,
     ERROR_TAG,
@@ -33,6 +34,8 @@ from altrack.tracking.tags import (
     KIND_PROTOCOL,
     KIND_TAG,
     MLFLOW_PARENT_RUN_ID,
+    SLURM_ARRAY_TASK_TAG,
+    SLURM_JOB_TAG,
     WORKER_TAG,
 )
 
@@ -76,18 +79,41 @@ def owner_tags() -> dict[str, str]:
     return {WORKER_TAG: worker_id()}
 
 
+def run_is_dead(run: Run) -> bool:
+    """Whether a RUNNING run's owner is gone: its Slurm task when it has one (Slurm no longer
+    lists it), else its process on this host (``altrack.liveness``)."""
+    tags = run.data.tags
+    job = tags.get(SLURM_JOB_TAG)
+    if job:
+        task = tags.get(SLURM_ARRAY_TASK_TAG)
+        return not job_alive(f"{job}_{task}" if task else job)
+    owner = tags.get(WORKER_TAG, "")
+    return bool(owner) and is_dead(owner)
+
+
 def close_dead_runs(experiment_id: str) -> int:
-    """Mark KILLED the RUNNING runs of this experiment whose owner on this host has died
-    (a SIGKILLed grid leaves its parent, and maybe one child, RUNNING). Returns how many."""
+    """Mark KILLED the RUNNING runs of this experiment whose owner has died (a SIGKILLed grid
+    leaves its parent, and maybe one child, RUNNING; a cancelled Slurm task its runs). Returns
+    how many."""
     client = MlflowClient()
     closed = 0
     for run in client.search_runs([experiment_id], f"attributes.status = '{RUNNING}'", max_results=5000):
-        owner = run.data.tags.get(WORKER_TAG, "")
-        if owner and is_dead(owner):
-            client.set_tag(run.info.run_id, ERROR_TAG, f"process {owner} died before the run ended")
+        if run_is_dead(run):
+            owner = run.data.tags.get(SLURM_JOB_TAG) or run.data.tags.get(WORKER_TAG, "")
+            client.set_tag(run.info.run_id, ERROR_TAG, f"{owner} died before the run ended")
             client.set_terminated(run.info.run_id, status=KILLED)
             closed += 1
     return closed
+
+
+def kill_running_children(client: MlflowClient, run_id: str, experiment_id: str, reason: str) -> int:
+    """Mark the RUNNING children of ``run_id`` KILLED, saying why; returns how many."""
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and attributes.status = '{RUNNING}'"
+    children = client.search_runs([experiment_id], query, max_results=5000)
+    for child in children:
+        client.set_tag(child.info.run_id, ERROR_TAG, reason)
+        client.set_terminated(child.info.run_id, status=KILLED)
+    return len(children)
 
 
 def kill_run_tree(client: MlflowClient, run_id: str, reason: str) -> None:
@@ -95,9 +121,7 @@ def kill_run_tree(client: MlflowClient, run_id: str, reason: str) -> None:
     run = client.get_run(run_id)
     if run.info.status != RUNNING:
         return
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and attributes.status = '{RUNNING}'"
-    for child in client.search_runs([run.info.experiment_id], query):
-        client.set_terminated(child.info.run_id, status=KILLED)
+    kill_running_children(client, run_id, run.info.experiment_id, reason)
     client.set_tag(run_id, ERROR_TAG, reason)
     client.set_terminated(run_id, status=KILLED)
 
@@ -207,16 +231,25 @@ def _log_model(model: torch.nn.Module, name: str) -> None:
     )
 
 
-def log_run(result: RunResult, log_models: bool, kind: str = KIND_PROTOCOL, name: str | None = None) -> str:
-    """One nested child run under the active run; FAILED with the reason when the run failed.
+def log_run(
+    result: RunResult,
+    log_models: bool,
+    kind: str = KIND_PROTOCOL,
+    name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One nested child run under the active run (or under ``parent_run_id``, from a process
+    that does not own the parent: a Slurm task); FAILED with the reason when the run failed.
 
     Sweeps log theirs as ``kind=KIND_SWEEP_PROTOCOL``: they train on a pool without the
     validation split, so grid resumes and reports must never mistake them for grid runs.
     Returns the run id; raises ``AltrackError`` when the artifacts cannot be stored (the run
     is then FAILED, never FINISHED without its files).
     """
-    tags = {KIND_TAG: kind, HASH_TAG: result.config_hash, **owner_tags()}
-    with mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags) as run:
+    tags = {KIND_TAG: kind, HASH_TAG: result.config_hash, **owner_tags(), **(tags or {})}
+    with mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags,
+                          parent_run_id=parent_run_id) as run:  # fmt: skip
         client = MlflowClient()
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]

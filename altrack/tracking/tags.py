@@ -25,6 +25,10 @@ RESUMED_TAG = "altrack.resumed_runs"
 RUNS_FINISHED_TAG = "altrack.runs_finished"
 RUNS_FAILED_TAG = "altrack.runs_failed"
 REPLAY_OF_TAG = "altrack.replay_of"
+SLURM_JOB_TAG = "slurm.job_id"  # the Slurm (array) job that ran a run or that a parent submitted
+SLURM_ARRAY_TASK_TAG = "slurm.array_task_id"
+DETACHED_TAG = "altrack.detached"  # a parent whose Slurm tasks were submitted with --detach
+EXPECTED_RUNS_TAG = "altrack.expected_runs"
 
 STUDY_TAG = "optuna.study"
 STORAGE_TAG = "optuna.storage"

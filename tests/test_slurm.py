@@ -1,0 +1,159 @@
+"""Grids and sweeps on a real Slurm (munge, slurmctld, slurmd on this machine) logging to a real
+``mlflow server`` on PostgreSQL, through the CLI as a user types it. Skips, saying why, where the
+services cannot run (not root, packages missing); .ci/run installs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from contextlib import ExitStack
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from services import Unavailable, create_database, mlflow_server, postgres, slurm_cluster
+from test_sweep import TINY_SPEC
+
+from altrack.tracking.tags import HASH_TAG, KIND_PROTOCOL, KIND_TAG, MLFLOW_PARENT_RUN_ID, SLURM_JOB_TAG
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, data_dir):
+    """PostgreSQL, an MLflow server on it, and a one-node Slurm; the environment a user would set."""
+    folder = tmp_path_factory.mktemp("cluster")
+    with ExitStack() as stack:
+        try:
+            pg = stack.enter_context(postgres())
+            server = stack.enter_context(mlflow_server(create_database(pg, "mlflow"), folder / "mlflow"))
+            slurm_env = stack.enter_context(slurm_cluster(folder / "slurm"))
+        except Unavailable as exc:
+            pytest.skip(str(exc))
+        env = {**os.environ, **slurm_env, "MLFLOW_TRACKING_URI": server, "ALTRACK_DATA_DIR": str(data_dir)}
+        env.pop("MLFLOW_RUN_ID", None)
+        yield {"env": env, "server": server, "pg": pg}
+
+
+def altrack(cluster, tmp_path, *args, wait=True):
+    command = [sys.executable, "-m", "altrack", *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=tmp_path, env=cluster["env"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.run(command, cwd=tmp_path, env=cluster["env"], capture_output=True, text=True, timeout=600)
+
+
+def protocol_runs(cluster, experiment):
+    client = MlflowClient(cluster["server"])
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], f"tags.`{KIND_TAG}` = '{KIND_PROTOCOL}'", max_results=1000)
+
+
+GRID = ["run", "--methods", "random", "--budget", "100", "--epochs", "1", "--no-log-models", "--quiet",
+        "--executor", "slurm", "--cpus-per-task", "1", "--mem-gb", "1"]  # fmt: skip
+
+
+def test_a_grid_runs_as_slurm_array_tasks_under_one_parent(cluster, tmp_path):
+    done = altrack(cluster, tmp_path, *GRID, "--datasets", "mnist,fashion_mnist", "--runs", "2",
+                   "--experiment", "slurm-grid", "--out", "out")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = protocol_runs(cluster, "slurm-grid")
+    assert len(runs) == 4
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags[HASH_TAG] for r in runs}) == 4
+    assert len({r.data.tags[MLFLOW_PARENT_RUN_ID] for r in runs}) == 1
+    assert all(r.data.tags.get(SLURM_JOB_TAG) for r in runs)
+    table = (tmp_path / "out" / "active_learning_results.txt").read_text()
+    assert table.count("\n  random ") == 2 and "View run" not in done.stdout
+
+
+def _squeue(cluster):
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], env=cluster["env"], capture_output=True, text=True)
+    return dict(line.split() for line in out.stdout.splitlines())
+
+
+def test_a_cancelled_task_is_rerun_alone_and_nothing_is_left_running(cluster, tmp_path):
+    """Three array tasks one at a time; the second is cancelled while it runs. The launcher says so
+    in one line and fails; the same command again runs only the missing run."""
+    args = [*GRID, "--datasets", "mnist", "--runs", "3", "--stack", "1", "--array-parallelism", "1",
+            "--experiment", "slurm-cancel", "--out", "out"]  # fmt: skip
+    launcher = altrack(cluster, tmp_path, *args, wait=False)
+    deadline = time.monotonic() + 300
+    cancelled = None
+    while cancelled is None and time.monotonic() < deadline:
+        running = [task for task, state in _squeue(cluster).items() if state == "RUNNING" and task.endswith("_1")]
+        if running:
+            time.sleep(2)  # it is importing torch by now
+            subprocess.run(["scancel", running[0]], env=cluster["env"], check=True)
+            cancelled = running[0]
+        time.sleep(0.5)
+    assert cancelled is not None, "task 1 never ran"
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 1
+    failures = [line for line in err.splitlines() if "failed" in line]
+    assert any(cancelled in line and "left the queue" in line for line in failures), err[-2000:]
+    assert "Traceback" not in err
+    first = protocol_runs(cluster, "slurm-cancel")
+    assert "RUNNING" not in {r.info.status for r in first}
+    assert sum(r.info.status == "FINISHED" for r in first) == 2
+
+    again = altrack(cluster, tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing 2 finished runs" in again.stdout
+    runs = protocol_runs(cluster, "slurm-cancel")
+    finished = Counter(r.data.tags[HASH_TAG] for r in runs if r.info.status == "FINISHED")
+    assert len(finished) == 3 and set(finished.values()) == {1}
+    assert "RUNNING" not in {r.info.status for r in runs}
+
+
+def test_a_sweep_runs_its_workers_as_slurm_jobs_on_postgres(cluster, tmp_path):
+    storage = create_database(cluster["pg"], "optuna_slurm")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(TINY_SPEC.replace("study_name: tiny", "study_name: on-slurm")))
+    done = altrack(cluster, tmp_path, "sweep", str(spec), "--storage", storage, "--executor", "slurm",
+                   "--workers", "2", "--n-trials", "4", "--cpus-per-task", "1", "--mem-gb", "1",
+                   "--experiment", "slurm-sweep")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="on-slurm", storage=storage)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_a_partition_slurm_does_not_know_is_refused_before_anything_is_written(cluster, tmp_path):
+    before = _squeue(cluster)
+    done = altrack(cluster, tmp_path, *GRID, "--partition", "nowhere", "--experiment", "slurm-refused")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "partition" in done.stderr.lower(), done.stderr
+    assert _squeue(cluster) == before
+    assert MlflowClient(cluster["server"]).get_experiment_by_name("slurm-refused") is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "executor_file", "message"),
+    [
+        ((), None, "needs a shared MLflow tracking server"),
+        (("--executor", "nomad"), None, "'nomad' is not one of"),
+        ((), "partition: [debug\n", "executor file"),
+        ((), "array_parallelism: 0\n", "array_parallelism must be >= 1"),
+        ((), "colour: blue\n", "unknown Slurm setting 'colour'"),
+    ],
+)
+def test_bad_slurm_input_is_refused_in_one_line(tmp_path, data_dir, extra, executor_file, message):
+    """No Slurm needed: these are refused before sbatch is asked anything."""
+    db = tmp_path / "mlflow.db"
+    args = [*GRID, *extra]
+    if executor_file is not None:
+        (tmp_path / "slurm.yaml").write_text(executor_file)
+        args += ["--executor-config", str(tmp_path / "slurm.yaml")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "ALTRACK_DATA_DIR": str(data_dir)}
+    done = subprocess.run([sys.executable, "-m", "altrack", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not db.exists()
