@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from altrack.errors import AltrackError, ConfigError, first_line
+from altrack.redaction import redact
 from altrack.settings import CORESET_SPACES, DEVICES, SETTINGS_RULES, Settings, parse_lam
 
 ALL = "all"
@@ -245,6 +246,7 @@ def report_cmd(
 @data_dir_option
 @click.option("--cache-dir", default=None, callback=_blank_is_none,
               help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages].")  # fmt: skip
+@click.option("--new-study", is_flag=True, help="The study name exists with another spec: start NAME-2 (-3, ...).")
 @slurm_options
 def sweep(
     spec_path: str,
@@ -255,6 +257,7 @@ def sweep(
     experiment: str | None,
     data_dir: str | None,
     cache_dir: str | None,
+    new_study: bool,
     executor: str,
     **opts: object,
 ) -> None:
@@ -273,6 +276,7 @@ def sweep(
         cache_dir=cache_dir,
         data_dir=data_dir,
         slurm=slurm if executor == "slurm" else None,
+        new_study=new_study,
     )
     click.echo(describe(outcome))
 
@@ -315,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("altrack: aborted", err=True)
         return 130
     except click.ClickException as exc:
-        click.echo(f"altrack: error: {exc.format_message()}", err=True)
+        click.echo(f"altrack: error: {redact(exc.format_message())}", err=True)
         return 2
     except ConfigError as exc:  # bad input
-        click.echo(f"altrack: error: {exc}", err=True)
+        click.echo(f"altrack: error: {redact(str(exc))}", err=True)
         return 2
     except AltrackError as exc:
-        click.echo(f"altrack: error: {exc}", err=True)
+        click.echo(f"altrack: error: {redact(str(exc))}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("altrack: interrupted", err=True)
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not _mlflow_error(exc):  # e.g. a deleted experiment, an unknown run
             raise
-        click.echo(f"altrack: error: MLflow: {first_line(exc)}", err=True)
+        click.echo(f"altrack: error: MLflow: {redact(first_line(exc))}", err=True)
         return 1
     return 0
 

@@ -19,6 +19,8 @@ from altrack.selection import available_methods
 from altrack.settings import DEVICES, SETTINGS_RULES, Rule, RunKey, Settings, at_least
 from altrack.slurm import EXECUTORS, SlurmConfig
 
+MAX_RUNS = 1_000_000  # each run is at least a second of training: more is a typo, not a plan
+
 RULES: dict[str, Rule] = {
     **SETTINGS_RULES,
     "dataset": Rule(str, choices=lambda: tuple(DATASETS), unknown=True),
@@ -99,6 +101,9 @@ class GridConfig:
                 self.settings.check_budget(budget, spec.n_train, f"{dataset} train split")
         for name in ("runs", "workers", "seed", "device", "experiment", "stack", "memory_cap", "executor"):
             check(name, getattr(self, name))
+        n_runs = len(self.datasets) * len(self.budgets) * len(self.methods) * self.runs
+        if n_runs > MAX_RUNS:
+            raise ConfigError(f"the grid has {n_runs:,} runs; at most {MAX_RUNS:,} runs in one invocation")
         if self.detach and self.executor != "slurm":
             raise ConfigError("--detach needs --executor slurm")
         if self.out is not None and not writable_dir_target(Path(self.out)):

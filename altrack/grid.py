@@ -18,12 +18,14 @@ from altrack.data import load_dataset, release_datasets, resolve_device, set_det
 from altrack.errors import AltrackError
 from altrack.protocol import grid_blocks, iterate_grid, run_block, stack_limit
 from altrack.provenance import identity
+from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
 from altrack.slurm import TaskOutcome, job_alive, require_shared_store, slurm_tags, task_threads, wait_for
 from altrack.tracking.query import finished_rows, get_run, rows_from_mlflow
 from altrack.tracking.runs import (
     check_tracking_store,
     close_dead_runs,
+    heartbeat,
     kill_running_children,
     log_new_params,
     log_run,
@@ -94,8 +96,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         require_shared_store(mlflow.get_tracking_uri())
         cfg.slurm.check_partition()
     check_tracking_store()  # then the store, still before any training
-    tags = {KIND_TAG: KIND_GRID, COMMAND_TAG: " ".join(sys.argv), **owner_tags()}
-    with start_parent(cfg.experiment, KIND_GRID, tags) as parent:
+    tags = {KIND_TAG: KIND_GRID, COMMAND_TAG: redact(" ".join(sys.argv)), **owner_tags()}
+    with start_parent(cfg.experiment, KIND_GRID, tags) as parent, heartbeat(parent.info.run_id):
         parent_id = parent.info.run_id
         log_new_params(parent_id, grid_params(cfg, device))
         close_dead_runs(parent.info.experiment_id)

@@ -1,22 +1,53 @@
 """Who owns a RUNNING grid run or sweep trial, and whether that owner is still alive.
 
-One encoding, ``host:pid``, for grid runs (an MLflow tag) and sweep trials (an Optuna user
-attribute). An owner on another host is taken as alive: only its own machine can tell.
+Two signals, one helper:
+
+- **The owner**, ``host:pidns:pid``: a process on this host, in this pid namespace, that is gone
+  is dead at once. An owner elsewhere (another host, a container with its own pid namespace)
+  cannot be judged by pid, since its pid may be reused or invisible here.
+- **The heartbeat**: the owner writes the time every ``grace / 3`` seconds; an owner silent for
+  ``grace`` seconds is dead wherever it ran (a pod restarted under another hostname, a worker
+  killed between creating a trial and tagging it). ``ALTRACK_LIVENESS_GRACE`` sets the grace
+  (seconds, default 90).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import socket
+import threading
+import time
+from collections.abc import Callable
+
+DEFAULT_GRACE_SECONDS = 90.0
+PR_SET_PDEATHSIG = 1
+
+
+def grace_seconds() -> float:
+    """How long an owner may stay silent before it is taken for dead."""
+    try:
+        return max(1.0, float(os.environ.get("ALTRACK_LIVENESS_GRACE", DEFAULT_GRACE_SECONDS)))
+    except ValueError:
+        return DEFAULT_GRACE_SECONDS
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return "0"
 
 
 def worker_id() -> str:
-    """This process as an owner: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as an owner: ``host:pidns:pid``."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}"
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
+    """Whether a process with this pid exists in this pid namespace."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -27,8 +58,59 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_dead(owner: str) -> bool:
-    """True only for an owner on this host whose process is gone (never for this process)."""
-    host, _, pid = owner.rpartition(":")
+    """True only for an owner on this host, in this pid namespace, whose process is gone (never
+    for this process). Owners written before namespaces (``host:pid``) are judged by host alone."""
+    parts = owner.split(":")
+    if len(parts) == 3:
+        host, namespace, pid = parts
+        if namespace != _pid_namespace():
+            return False
+    elif len(parts) == 2:
+        host, pid = parts
+    else:
+        return False
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
     return not pid_alive(int(pid))
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``), and
+    exit now if the parent is already gone. Elsewhere, nothing: the parent's own teardown remains."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the signal was armed
+        os._exit(1)
+
+
+def is_stale(last_beat: float | None, grace: float | None = None) -> bool:
+    """Whether a heartbeat written at ``last_beat`` (epoch seconds) is older than the grace."""
+    return last_beat is not None and time.time() - last_beat > (grace or grace_seconds())
+
+
+class Heartbeat:
+    """Calls ``beat(now)`` at once and then every ``grace / 3`` seconds from a daemon thread,
+    until the ``with`` block ends. A failing beat is retried at the next tick: the work goes on."""
+
+    def __init__(self, beat: Callable[[float], None], interval: float | None = None) -> None:
+        self.beat = beat
+        self.interval = interval or grace_seconds() / 3
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="altrack-heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # the next tick tries again; the owner must not die of it
+                self.beat(time.time())
+
+    def __enter__(self) -> Heartbeat:
+        self.beat(time.time())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from altrack.config import GridConfig
 from altrack.data import DATASETS, Dataset, load_dataset, resolve_device, set_determinism
 from altrack.errors import ConfigError, TrainingDiverged
+from altrack.liveness import die_with_parent
 from altrack.models import build_model
 from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
@@ -425,7 +426,8 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a SIGKILLed grid must not leave its workers training for minutes
     torch.set_num_threads(threads)
 
 
@@ -494,7 +496,8 @@ def iterate_grid(
             return
         threads = threads_per_worker(workers)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        init = {"initializer": _init_worker, "initargs": (threads, os.getpid())}
+        with ProcessPoolExecutor(workers, mp_context=context, **init) as pool:
             futures = [pool.submit(_block_worker, cfg, device, *block) for block in work]
             for future in as_completed(futures):
                 for result in future.result():

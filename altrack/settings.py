@@ -95,7 +95,7 @@ SETTINGS_RULES: dict[str, Rule] = {
 
 LEMMA8 = "lemma8"
 LAM_ESTIMATORS = (AUTO, LEMMA8)
-LAM_FORMS = "'auto', 'lemma8', 'auto*F', 'lemma8*F' or a finite number >= 0"
+LAM_FORMS = "'auto', 'lemma8', 'auto*F', 'lemma8*F' (0 < F <= 1e12) or a number in [0, 1e12]"
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,11 @@ class LamMode:
     value: float = 0.0
 
 
+LAM_MAX = 1e12  # lam times a squared embedding distance (up to ~1e4) must stay far from float64's 1.8e308
+
+
 def _finite_non_negative(number: float, text: object) -> float:
-    if not (math.isfinite(number) and number >= 0):
+    if not (math.isfinite(number) and 0 <= number <= LAM_MAX):
         raise ConfigError(f"lam must be {LAM_FORMS}, got {text!r}")
     return number
 
@@ -130,7 +133,7 @@ def parse_lam_mode(value: str | float) -> LamMode:
             scale = float(factor) if star else 1.0
         except ValueError:
             raise ConfigError(f"lam must be {LAM_FORMS}, got {value!r}") from None
-        if not (math.isfinite(scale) and scale > 0):
+        if not (math.isfinite(scale) and 0 < scale <= LAM_MAX):
             raise ConfigError(f"lam must be {LAM_FORMS} with F > 0, got {value!r}")
         return LamMode(name.strip(), scale)
     try:

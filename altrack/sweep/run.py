@@ -7,6 +7,7 @@ validation split carved from the train split; the test split is logged for infor
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import tempfile
 import warnings
@@ -24,14 +25,23 @@ from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from altrack import report  # noqa: E402
+from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
 from altrack.protocol import threads_per_worker  # noqa: E402
+from altrack.redaction import redact  # noqa: E402
 from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
 from altrack.sweep.spec import SweepSpec  # noqa: E402
 from altrack.sweep.study import DEFAULT_STORAGE, open_storage, paper_baseline, validation_indices  # noqa: E402
 from altrack.sweep.worker import Worker, run_worker  # noqa: E402
-from altrack.tracking.runs import check_tracking_store, log_new_params, start_parent  # noqa: E402
+from altrack.tracking.runs import (  # noqa: E402
+    check_tracking_store,
+    close_dead_runs,
+    heartbeat,
+    log_new_params,
+    owner_tags,
+    start_parent,
+)
 from altrack.tracking.tags import (  # noqa: E402
     BASELINE_ATTR,
     BEST_TRIAL_TAG,
@@ -41,6 +51,7 @@ from altrack.tracking.tags import (  # noqa: E402
     RETRY_OF_ATTR,
     RUN_ATTR,
     SLURM_JOB_TAG,
+    SPEC_ATTR,
     STORAGE_TAG,
     STUDY_TAG,
     TEST_ACCURACY_ATTR,
@@ -57,15 +68,6 @@ class SweepOutcome:
     artifacts: list[Path]
 
 
-def redact(url: str) -> str:
-    """Drop a password from a database URL before it is logged."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
-
-
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -77,6 +79,7 @@ def run_sweep(
     cache_dir: str | None = None,
     data_dir: str | None = None,
     slurm: SlurmConfig | None = None,
+    new_study: bool = False,
 ) -> SweepOutcome:
     """Create or resume the study, run ``workers`` processes until it has ``n_trials`` COMPLETE
     trials (default: the spec's), and log the sweep to one MLflow parent run.
@@ -103,12 +106,15 @@ def run_sweep(
         slurm.check_partition()
     set_determinism(device)
     load_dataset(spec.dataset, data_dir, "cpu" if slurm else device)  # data errors before anything is written
+    if cache_dir is not None and not writable_dir_target(Path(cache_dir)):
+        raise ConfigError(f"--cache-dir {cache_dir!r} is not a writable directory")
+    opened = open_storage(storage)  # an unreachable storage, then store, before either is written
     check_tracking_store()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name, storage=open_storage(storage), direction=spec.direction, load_if_exists=True
-    )
+    study_name = _study_for(spec, opened, study_name, new_study)
+    study = optuna.create_study(study_name=study_name, storage=opened, direction=spec.direction, load_if_exists=True)
     if not study.get_trials(deepcopy=False):
+        study.set_user_attr(SPEC_ATTR, spec.fingerprint())
         study.enqueue_trial(paper_baseline(spec), user_attrs={BASELINE_ATTR: True})
     storage_label = storage or str(Path(DEFAULT_STORAGE).resolve())
     tags = {
@@ -116,9 +122,13 @@ def run_sweep(
         COMMAND_TAG: " ".join(redact(arg) for arg in sys.argv),
         STUDY_TAG: study_name,
         STORAGE_TAG: redact(storage_label),
+        **owner_tags(),
     }
-    with start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags) as parent:
+    with start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags) as parent, heartbeat(
+        parent.info.run_id
+    ):
         parent_id = parent.info.run_id
+        close_dead_runs(parent.info.experiment_id)  # sweep parents of killed invocations
         log_new_params(
             parent_id,
             {
@@ -158,7 +168,7 @@ def run_sweep(
 def _run_processes(jobs: list[Worker], threads: int) -> None:
     context = multiprocessing.get_context("spawn")
     uri = mlflow.get_tracking_uri()
-    procs = [context.Process(target=run_worker, args=(job, uri, threads)) for job in jobs]
+    procs = [context.Process(target=run_worker, args=(job, uri, threads, os.getpid())) for job in jobs]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -166,6 +176,31 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")
+
+
+def _study_for(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str, new_study: bool) -> str:
+    """The study name to use: ``name`` when it is new or was made from the same spec; with
+    ``new_study``, the first free ``name-2``, ``name-3``, ... Raises ``ConfigError`` naming the
+    first field that differs when an existing study was made from another spec."""
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name not in existing:
+        return name
+    if new_study:
+        n = 2
+        while f"{name}-{n}" in existing:
+            n += 1
+        return f"{name}-{n}"
+    remembered = existing[name].user_attrs.get(SPEC_ATTR)
+    if remembered is None:  # a study from before fingerprints, or one made by hand
+        return name
+    current = spec.fingerprint()
+    for key in sorted(set(current) | set(remembered)):
+        if current.get(key) != remembered.get(key):
+            raise ConfigError(
+                f"study {name!r} was made from another spec ({key}: {remembered.get(key, 'unset')} then, "
+                f"{current.get(key, 'unset')} now); give a new study_name or --new-study"
+            )
+    return name
 
 
 def _run_slurm_jobs(jobs: list[Worker], slurm: SlurmConfig) -> None:

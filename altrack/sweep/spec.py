@@ -152,6 +152,16 @@ class SweepSpec:
         paper's baseline trial) put in."""
         return dataclasses.replace(self.settings, **params, **({"lam": AUTO} if lam_auto else {}))
 
+    # what may change between invocations of one study without changing what its trials mean
+    NOT_FINGERPRINTED = ("study_name", "n_trials", "sampler", "sampler_seed", "experiment", "device", "log_models",
+                         "source")  # fmt: skip
+
+    def fingerprint(self) -> dict[str, str]:
+        """Every field that changes what a trial of this study means, as text: a study remembers
+        it, and a rerun of its name with a different spec is refused (``altrack.sweep.run``)."""
+        values = dataclasses.asdict(self)
+        return {k: repr(v) for k, v in sorted(values.items()) if k not in self.NOT_FINGERPRINTED}
+
     def validation_size(self) -> int:
         return int(round(self.validation_fraction * DATASETS[self.dataset].n_train))
 

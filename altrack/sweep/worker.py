@@ -6,6 +6,7 @@ N (a trial that would overshoot is pruned before it does any work).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 from altrack.cache import SeedStageCache
 from altrack.data import load_dataset, set_determinism
 from altrack.errors import AltrackError, TrainingDiverged
-from altrack.liveness import worker_id
+from altrack.liveness import Heartbeat, die_with_parent, grace_seconds, worker_id
 from altrack.protocol import run_method
 from altrack.results import FINISHED
 from altrack.sweep.spec import SweepSpec
@@ -27,6 +28,7 @@ from altrack.sweep.study import Recovery, make_sampler, open_storage, validation
 from altrack.tracking.runs import log_run
 from altrack.tracking.tags import (
     BASELINE_ATTR,
+    HEARTBEAT_ATTR,
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
@@ -67,6 +69,7 @@ class Worker:
         self.holdout = validation_indices(self.spec)
         self.cache = SeedStageCache(self.cache_dir)
         max_failures = max(3, self.n_trials)
+        said: tuple[int, ...] = ()
         while True:
             recover()
             counts = Counter(t.state for t in study.get_trials(deepcopy=False))
@@ -75,6 +78,11 @@ class Worker:
             if counts[TrialState.FAIL] > max_failures:
                 raise AltrackError(f"study {self.study_name!r}: {counts[TrialState.FAIL]} trials failed; giving up")
             if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= self.n_trials:
+                running = tuple(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                if running != said:
+                    said = running
+                    print(f"waiting for trial(s) {', '.join(map(str, running))} of another worker; a trial whose "
+                          f"worker stays silent for {grace_seconds():.0f} s is retried", file=sys.stderr, flush=True)
                 time.sleep(POLL_SECONDS)
                 continue
             study.optimize(self.objective, n_trials=1, catch=(AltrackError,))
@@ -82,6 +90,10 @@ class Worker:
     def objective(self, trial: optuna.Trial) -> float:
         """Mean validation accuracy over the spec's seeds, each a logged protocol run."""
         trial.set_user_attr(WORKER_ATTR, worker_id())
+        with Heartbeat(lambda now: trial.set_user_attr(HEARTBEAT_ATTR, now)):
+            return self._objective(trial)
+
+    def _objective(self, trial: optuna.Trial) -> float:
         ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
         if sum(t.number < trial.number for t in ahead) >= self.n_trials:
             raise optuna.TrialPruned("the study already has enough trials")
@@ -130,8 +142,12 @@ class Worker:
         return value
 
 
-def run_worker(worker: Worker, tracking_uri: str, threads: int) -> None:
-    """A spawned worker process: its share of the cores, the parent's store, torch's determinism."""
+def run_worker(worker: Worker, tracking_uri: str, threads: int, parent_pid: int | None = None) -> None:
+    """A spawned worker process: its share of the cores, the parent's store, torch's determinism;
+    it dies with ``parent_pid`` (the sweep that spawned it), never running the study alone."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(threads)
     set_determinism(worker.device)
     mlflow.set_tracking_uri(tracking_uri)

@@ -22,15 +22,18 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from altrack import report
-from altrack.errors import AltrackError, first_line
-from altrack.liveness import is_dead, worker_id
+from altrack.errors import AltrackError, ConfigError, first_line
+from altrack.liveness import Heartbeat, is_dead, is_stale, worker_id
 from altrack.protocol import RunResult
+from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, KILLED, RUNNING
 from altrack.slurm import job_alive
+from altrack.stores import probe
 from altrack.tracking.tags import (
     DEFAULT_EXPERIMENT,
     ERROR_TAG,
     HASH_TAG,
+    HEARTBEAT_TAG,
     KIND_PROTOCOL,
     KIND_TAG,
     MLFLOW_PARENT_RUN_ID,
@@ -67,10 +70,14 @@ def check_tracking_store() -> str:
     """
     uri = mlflow.get_tracking_uri()
     try:
+        probe(uri, "MLflow tracking store")  # seconds, where MLflow would retry a database for minutes
+    except ConfigError as exc:
+        raise AltrackError(str(exc)) from exc
+    try:
         with _quick_http():
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
-        raise AltrackError(f"MLflow tracking store {uri} is unreachable: {first_line(exc)}") from exc
+        raise AltrackError(f"MLflow tracking store {redact(uri)} is unreachable: {first_line(exc)}") from exc
     return uri
 
 
@@ -81,14 +88,22 @@ def owner_tags() -> dict[str, str]:
 
 def run_is_dead(run: Run) -> bool:
     """Whether a RUNNING run's owner is gone: its Slurm task when it has one (Slurm no longer
-    lists it), else its process on this host (``altrack.liveness``)."""
+    lists it), else its process on this machine, or its heartbeat gone stale (``altrack.liveness``)."""
     tags = run.data.tags
     job = tags.get(SLURM_JOB_TAG)
     if job:
         task = tags.get(SLURM_ARRAY_TASK_TAG)
         return not job_alive(f"{job}_{task}" if task else job)
     owner = tags.get(WORKER_TAG, "")
-    return bool(owner) and is_dead(owner)
+    beat = tags.get(HEARTBEAT_TAG)
+    return (bool(owner) and is_dead(owner)) or (beat is not None and is_stale(float(beat)))
+
+
+def heartbeat(run_id: str) -> Heartbeat:
+    """A ``with`` block during which the run's heartbeat tag is refreshed, so that another process
+    can tell it alive from any host (``run_is_dead``)."""
+    client = MlflowClient()
+    return Heartbeat(lambda now: client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}"))
 
 
 def close_dead_runs(experiment_id: str) -> int:

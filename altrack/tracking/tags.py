@@ -17,7 +17,8 @@ KIND_TRIAL = "trial"
 KIND_SWEEP_PROTOCOL = "sweep-protocol"
 KIND_REPLAY = "replay"
 
-WORKER_TAG = "altrack.worker"  # host:pid of the process that owns a RUNNING run (altrack.liveness)
+WORKER_TAG = "altrack.worker"  # host:pidns:pid of the process that owns a RUNNING run (altrack.liveness)
+HEARTBEAT_TAG = "altrack.heartbeat"  # when the owner of a RUNNING parent last said it was alive (epoch s)
 HASH_TAG = "altrack.config_hash"
 ERROR_TAG = "altrack.error"
 COMMAND_TAG = "altrack.command"  # the command line that made a parent run, for the results page
@@ -42,6 +43,8 @@ RUN_ATTR = "altrack.mlflow_run_id"
 BASELINE_ATTR = "altrack.paper_baseline"
 RETRY_OF_ATTR = "altrack.retry_of"
 TEST_ACCURACY_ATTR = "test_accuracy"
+SPEC_ATTR = "altrack.spec"  # study attribute: the spec fingerprint its trials were made from
+HEARTBEAT_ATTR = "altrack.heartbeat"  # trial attribute: when its worker last said it was alive (epoch s)
 
 RESUMED_RUNS_CSV = "resumed_runs.csv"
 DEFAULT_EXPERIMENT = "altrack"

@@ -1,0 +1,49 @@
+"""Whether a store URL can answer, asked in seconds and before anything is written.
+
+MLflow retries an unreachable database for about 100 s and SQLAlchemy prints pages on the way;
+Optuna creates a SQLite file's folder-less path with a traceback. One TCP probe (database servers)
+or one folder check (SQLite files) says the same in one line."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from altrack.errors import ConfigError
+from altrack.redaction import redact
+
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "http": 80, "https": 443}
+PROBE_SECONDS = 5.0
+
+
+def probe(url: str, what: str) -> None:
+    """Raise ``ConfigError`` (one line, password redacted) when ``url`` cannot be reached: a
+    database or HTTP server that refuses a TCP connection, or a SQLite file whose folder does not
+    exist or cannot be written. Other schemes (and plain paths) pass."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+")[0].lower()
+    if scheme == "sqlite":
+        path = unquote(parts.path)[1:] if parts.path.startswith("/") else unquote(parts.path)
+        if path in ("", ":memory:"):
+            return
+        folder = Path(path).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what} {redact(url)}: the folder {folder} does not exist or is not writable")
+        return
+    if scheme not in DEFAULT_PORTS:
+        return
+    host = parts.hostname
+    if not host:  # a unix socket: the driver will say
+        return
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise ConfigError(f"{what} {redact(url)}: bad port") from exc
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_SECONDS):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{what} {redact(url)} is unreachable: {host}:{port}: {reason}") from exc
