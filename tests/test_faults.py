@@ -1,0 +1,217 @@
+"""Faults and hostile input, as a user or an attacker would cause them: real processes, real
+signals, real journal files and stores, ``unshare`` for another hostname (skipping, with the
+reason, where it is not permitted)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from test_sweep import TINY_SPEC
+
+from altrack.redaction import redact
+from altrack.tracking.tags import WORKER_ATTR
+
+
+def _env(data_dir, tmp_path, **extra):
+    env = {**os.environ, "ALTRACK_DATA_DIR": str(data_dir), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
+           "ALTRACK_CACHE_DIR": str(tmp_path / "cache"), **extra}  # fmt: skip
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def _altrack(*args, env, cwd, timeout=300):
+    command = [sys.executable, "-m", "altrack", *args]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _journal(path):
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://alice:S3cretPW@127.0.0.1:9", "http://alice:***@127.0.0.1:9"),
+        ("postgresql://host/db?user=alice&password=S3cretPW", "postgresql://host/db?user=alice&password=***"),
+        ("--storage 'mysql://u:p@h/d?token=abc&x=1'", "--storage 'mysql://u:***@h/d?token=***&x=1'"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ],
+)
+def test_secrets_are_redacted(text, expected):
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["http://alice:S3cretPW@127.0.0.1:9", "postgresql://alice:S3cretPW@127.0.0.1:1/mlflow",
+     "postgresql://127.0.0.1:1/mlflow?user=alice&password=S3cretPW"],
+)  # fmt: skip
+def test_an_unreachable_store_fails_fast_in_one_line_without_its_password(uri, data_dir, tmp_path):
+    start = time.monotonic()
+    done = _altrack("run", "--budget", "100", "--epochs", "1", "--methods", "random",
+                    env=_env(data_dir, tmp_path, MLFLOW_TRACKING_URI=uri), cwd=tmp_path)  # fmt: skip
+    assert time.monotonic() - start < 30  # MLflow alone retries a database for about 100 s
+    assert done.returncode in (1, 2)
+    assert done.stderr.count("\n") == 1 and "unreachable" in done.stderr, done.stderr
+    assert "S3cretPW" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--storage", "sqlite:////nonexistent/x.db"], "does not exist or is not writable"),
+        (["--storage", "postgresql://alice:S3cretPW@127.0.0.1:1/optuna"], "is unreachable"),
+        (["--storage", "/nonexistent/x.journal"], "not a file in an existing folder"),
+        (["--cache-dir", "FILE"], "--cache-dir 'FILE' is not a writable directory"),
+    ],
+)
+def test_bad_sweep_stores_are_refused_in_one_line_before_anything_is_written(args, message, data_dir, tmp_path):
+    spec = _spec(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "FILE").write_text("a file")
+    done = _altrack("sweep", str(spec), *args, env=_env(data_dir, work, MLFLOW_TRACKING_URI="sqlite:///m.db"),
+                    cwd=work)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert "S3cretPW" not in done.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["FILE"]
+
+
+def test_a_study_refuses_another_spec_under_its_name_unless_asked(data_dir, tmp_path):
+    env = _env(data_dir, tmp_path)
+    journal = tmp_path / "study.journal"
+    first = _altrack("sweep", str(_spec(tmp_path)), "--n-trials", "1", "--storage", str(journal), env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    edited = _spec(tmp_path, TINY_SPEC.replace("budget: 100", "budget: 200"), "edited.yaml")
+    again = _altrack("sweep", str(edited), "--n-trials", "1", "--storage", str(journal), env=env, cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.count("\n") == 1
+    assert "study 'tiny' was made from another spec (budget: 100 then, 200 now)" in again.stderr
+    fresh = _altrack("sweep", str(edited), "--n-trials", "1", "--storage", str(journal), "--new-study",
+                     env=env, cwd=tmp_path)  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "study tiny-2:" in fresh.stdout
+    names = {s.study_name for s in optuna.get_all_study_summaries(_journal(journal))}
+    assert names == {"tiny", "tiny-2"}
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_died_before_tagging_it_is_retried_not_waited_for(data_dir, tmp_path):
+    """A RUNNING trial with no owner (the worker died between Optuna creating it and altrack
+    tagging it) used to count toward n_trials for ever; it is dead once the grace period passes."""
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="tiny", storage=_journal(journal), direction="maximize")
+    study.ask()  # RUNNING, untagged, its worker gone
+    env = _env(data_dir, tmp_path, ALTRACK_LIVENESS_GRACE="3")
+    done = _altrack("sweep", str(_spec(tmp_path)), "--n-trials", "2", "--storage", str(journal),
+                    env=env, cwd=tmp_path, timeout=150)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    states = [t.state for t in optuna.load_study(study_name="tiny", storage=_journal(journal)).trials]
+    assert states.count(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in states
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_another_hostname_does_not_hang_the_rerun(data_dir, tmp_path):
+    """The pod-restart case: a worker ran under hostname pod-a and was SIGKILLed mid-trial; its
+    pid means nothing here, so only its silent heartbeat can tell it dead."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run(["unshare", "--uts", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --uts is not permitted here: {probe.stderr.strip()}")
+    journal = tmp_path / "study.journal"
+    spec = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 30"))
+    env = _env(data_dir, tmp_path, ALTRACK_LIVENESS_GRACE="6")
+    inner = f"hostname pod-a; exec {sys.executable} -m altrack sweep {spec} --n-trials 2 --storage {journal}"
+    pod = subprocess.Popen(["unshare", "--uts", "sh", "-c", inner], env=env, cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            running = optuna.load_study(study_name="tiny", storage=_journal(journal)).get_trials(
+                states=(TrialState.RUNNING,)
+            )
+        except KeyError:  # the study is not created yet
+            running = []
+        if any(str(t.user_attrs.get(WORKER_ATTR, "")).startswith("pod-a:") for t in running):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the pod never started a trial")
+    os.killpg(pod.pid, signal.SIGKILL)
+    pod.wait()
+    rerun_spec = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 30"), "rerun.yaml")
+    done = _altrack("sweep", str(rerun_spec), "--n-trials", "2", "--storage", str(journal), env=env, cwd=tmp_path,
+                    timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name="tiny", storage=_journal(journal))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
+    env = _env(data_dir, tmp_path)
+    command = [sys.executable, "-m", "altrack", "run", "--datasets", "mnist,fashion_mnist", "--runs", "2",
+               "--methods", "random", "--budget", "500", "--epochs", "40", "--workers", "2", "--quiet",
+               "--no-log-models"]  # fmt: skip
+    grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = [p for p in _children(grid.pid) if "resource_tracker" not in _cmdline(p)]
+        time.sleep(0.5)
+    assert len(workers) >= 2, "the grid never started its workers"
+    time.sleep(3)  # they are training
+    grid.send_signal(signal.SIGKILL)
+    grid.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in workers), "workers outlived their grid"
