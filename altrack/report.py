@@ -57,6 +57,11 @@ def _std(values: np.ndarray) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def _std_text(values: np.ndarray) -> str:
+    """The table's std: a dash for one seed, where there is no spread to speak of."""
+    return f"{values.std(ddof=1):.4f}" if len(values) > 1 else "–"
+
+
 def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
     """The grid's accuracy table; ``resumed`` counts the rows reused from earlier invocations."""
     stats = summarise(rows)
@@ -68,7 +73,7 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
         for method in method_order(m for d, k, m in stats if (d, k) == (dataset, budget)):
             acc = stats[(dataset, budget, method)]
             delta = f"{acc.mean() - base.mean():+.4f}" if base is not None and method != BASELINE else ""
-            lines.append(f"  {method:<18}{acc.mean():>8.4f}{_std(acc):>8.4f}{len(acc):>4}{delta:>11}")
+            lines.append(f"  {method:<18}{acc.mean():>8.4f}{_std_text(acc):>8}{len(acc):>4}{delta:>11}")
         lines.append("")
     failed = [r for r in rows if not r.finished]
     if failed:
@@ -81,9 +86,19 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the 95% t confidence interval of the mean; NaN for fewer than 2 values."""
+    if len(values) < 2:
+        return float("nan")
+    return float(st.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def plot_results(rows: Sequence[ResultRow], path: Path) -> Path:
-    """One panel per (dataset, k), a row per dataset: a bar per method, mean ± std, with random
-    as a bar and as a dashed line with its ±1 std band behind the others."""
+    """One panel per (dataset, k), a row per dataset: a dot per method at its mean with its 95%
+    confidence interval, every seed's accuracy as a faint point behind it, and random's interval
+    as a band across the panel. Dots, not bars: the axis can then zoom on the data without a
+    0.004 difference looking large, and the interval says how much a difference means (none is
+    drawn from one seed, and the title says n)."""
     stats = summarise(rows)
     datasets = sorted({d for d, _, _ in stats})
     budgets = sorted({k for _, k, _ in stats})
@@ -98,24 +113,28 @@ def plot_results(rows: Sequence[ResultRow], path: Path) -> Path:
             ax.set_visible(False)
             continue
         methods = method_order(m for d, k, m in stats if (d, k) == (dataset, budget))
-        means = [stats[(dataset, budget, m)].mean() for m in methods]
-        stds = [_std(stats[(dataset, budget, m)]) for m in methods]
-        colors = [_PALETTE.get(m, "#17becf") for m in methods]
-        ax.bar(range(len(methods)), means, yerr=stds, color=colors, capsize=4, edgecolor="black", linewidth=0.5)
         base = stats.get((dataset, budget, BASELINE))
-        if base is not None:
-            ax.axhspan(base.mean() - _std(base), base.mean() + _std(base), color="#7f7f7f", alpha=0.15, lw=0)
-            ax.axhline(base.mean(), color="#7f7f7f", ls="--", lw=1, label=f"random {base.mean():.4f}")
+        if base is not None and len(base) > 1:
+            half = ci95(base)
+            ax.axhspan(base.mean() - half, base.mean() + half, color="#7f7f7f", alpha=0.15, lw=0,
+                       label="random, 95% CI")  # fmt: skip
+        for i, method in enumerate(methods):
+            acc = stats[(dataset, budget, method)]
+            color = _PALETTE.get(method, "#17becf")
+            jitter = np.linspace(-0.12, 0.12, len(acc)) if len(acc) > 1 else np.zeros(1)
+            ax.scatter(i + jitter, acc, s=8, color=color, alpha=0.35, lw=0)
+            half = ci95(acc)
+            ax.errorbar(i, acc.mean(), yerr=None if np.isnan(half) else half, fmt="o", color=color, ms=6,
+                        capsize=4, mec="black", mew=0.5)  # fmt: skip
+            ax.annotate(f"{acc.mean():.4f}", (i, acc.mean()), xytext=(7, 0), textcoords="offset points",
+                        va="center", fontsize=7)  # fmt: skip
+        if base is not None and len(base) > 1:
             ax.legend(loc="lower right", fontsize=8)
-        for i, (mean, std) in enumerate(zip(means, stds, strict=True)):
-            ax.text(i, mean + std, f"{mean:.3f}", ha="center", va="bottom", fontsize=7)
-        low = min(m - s for m, s in zip(means, stds, strict=True))
-        high = max(m + s for m, s in zip(means, stds, strict=True))
-        pad = max(0.01, 0.25 * (high - low))
-        ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
-        n = len(stats[(dataset, budget, methods[0])])
-        ax.set_title(f"{dataset}, k={budget} (n={n} seeds)", fontsize=10)
+        ax.set_xlim(-0.6, len(methods) - 0.2)
+        n = sorted({len(stats[(dataset, budget, m)]) for m in methods})
+        seeds = f"n={n[0]} seeds" if len(n) == 1 else f"n={n[0]}-{n[-1]} seeds"
+        ax.set_title(f"{dataset}, k={budget} ({seeds}; mean, 95% CI)", fontsize=10)
         ax.set_ylabel("test accuracy")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -58,6 +58,7 @@ def test_secrets_are_redacted(text, expected):
     assert redact(text) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "uri",
     ["http://alice:S3cretPW@127.0.0.1:9", "postgresql://alice:S3cretPW@127.0.0.1:1/mlflow",
@@ -73,6 +74,7 @@ def test_an_unreachable_store_fails_fast_in_one_line_without_its_password(uri, d
     assert "S3cretPW" not in done.stderr + done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -95,6 +97,7 @@ def test_bad_sweep_stores_are_refused_in_one_line_before_anything_is_written(arg
     assert sorted(p.name for p in work.iterdir()) == ["FILE"]
 
 
+@pytest.mark.slow
 def test_a_study_refuses_another_spec_under_its_name_unless_asked(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)
     journal = tmp_path / "study.journal"

@@ -157,3 +157,20 @@ def test_bad_slurm_input_is_refused_in_one_line(tmp_path, data_dir, extra, execu
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert not db.exists()
+
+
+def test_a_detached_grid_is_collected_later_by_report(cluster, tmp_path):
+    done = altrack(cluster, tmp_path, *GRID, "--datasets", "mnist", "--runs", "2", "--detach",
+                   "--experiment", "slurm-detach")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent_id = done.stdout.strip().splitlines()[-1].split()[-1]
+    client = MlflowClient(cluster["server"])
+    assert client.get_run(parent_id).info.status == "RUNNING"
+    deadline = time.monotonic() + 300
+    while _squeue(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    collected = altrack(cluster, tmp_path, "report", "--run-id", parent_id, "--out", "later")
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert (tmp_path / "later" / "active_learning_results.txt").read_text().count("\n  random ") == 1
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert len(protocol_runs(cluster, "slurm-detach")) == 2

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from altrack.cli import main
 from altrack.errors import ConfigError
 from altrack.paper import sweep_summary
-from altrack.sweep import load_spec, open_storage, run_sweep
+from altrack.sweep import describe, load_spec, open_storage, run_sweep
 from altrack.tracking.tags import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR
 
 TINY_SPEC = """\
@@ -137,6 +137,13 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert summary.n_trials == 4 and summary.best_value == again.best_value == max(values.values())
     assert summary.paper_value == values[0]
     assert summary.paper_rank == 1 + sum(v > values[0] for v in values.values())
+
+    finished = run_sweep(spec, n_trials=4, workers=1, **common)  # nothing left: says so, opens no run
+    assert finished.nothing_to_do and finished.parent_run_id == "" and "nothing to do: 4/4" in describe(finished)
+    assert "best val_accuracy" in describe(finished)
+    assert study.metric_names == ["val_accuracy"]
+    sweeps = client.search_runs([parent.info.experiment_id], "tags.`altrack.kind` = 'sweep'")
+    assert len(sweeps) == 2
 
 
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlflow_store, tmp_path):

@@ -66,6 +66,8 @@ class SweepOutcome:
     best_value: float
     best_params: dict
     artifacts: list[Path]
+    metric: str = "objective"
+    nothing_to_do: bool = False  # the study already had its trials: no MLflow run was made
 
 
 def run_sweep(
@@ -115,7 +117,12 @@ def run_sweep(
     study = optuna.create_study(study_name=study_name, storage=opened, direction=spec.direction, load_if_exists=True)
     if not study.get_trials(deepcopy=False):
         study.set_user_attr(SPEC_ATTR, spec.fingerprint())
+        study.set_metric_names([spec.objective])  # optuna-dashboard then says val_accuracy, not Objective 0
         study.enqueue_trial(paper_baseline(spec), user_attrs={BASELINE_ATTR: True})
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) >= n_trials:  # a finished study: say so, and open no parent run
+        return SweepOutcome(study_name, "", len(complete), study.best_value, study.best_params, [],
+                            spec.objective, nothing_to_do=True)  # fmt: skip
     storage_label = storage or str(Path(DEFAULT_STORAGE).resolve())
     tags = {
         KIND_TAG: KIND_SWEEP,
@@ -162,7 +169,8 @@ def run_sweep(
         mlflow.log_params({f"best_{k}": v for k, v in study.best_params.items()})
         mlflow.log_metrics({"best_value": study.best_value, "n_complete": len(complete)})
         mlflow.set_tag(BEST_TRIAL_TAG, str(study.best_trial.number))
-        return SweepOutcome(study_name, parent_id, len(complete), study.best_value, study.best_params, artifacts)
+        return SweepOutcome(study_name, parent_id, len(complete), study.best_value, study.best_params, artifacts,
+                            spec.objective)  # fmt: skip
 
 
 def _run_processes(jobs: list[Worker], threads: int) -> None:
@@ -273,7 +281,8 @@ def publish_sweep(study: optuna.Study) -> list[Path]:
 
 def describe(outcome: SweepOutcome) -> str:
     params = ", ".join(f"{k}={v:.4g}" for k, v in outcome.best_params.items())
-    return (
-        f"study {outcome.study_name}: {outcome.n_complete} complete trials; best value {outcome.best_value:.4f}"
-        f" with {params}\nMLflow parent run: {outcome.parent_run_id}"
-    )
+    best = f"best {outcome.metric} {outcome.best_value:.4f} with {params}"
+    n = outcome.n_complete
+    if outcome.nothing_to_do:
+        return f"study {outcome.study_name}: nothing to do: {n}/{n} trials COMPLETE; {best}"
+    return f"study {outcome.study_name}: {n} complete trials; {best}\nMLflow parent run: {outcome.parent_run_id}"

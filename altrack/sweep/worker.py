@@ -90,8 +90,15 @@ class Worker:
     def objective(self, trial: optuna.Trial) -> float:
         """Mean validation accuracy over the spec's seeds, each a logged protocol run."""
         trial.set_user_attr(WORKER_ATTR, worker_id())
+        started = time.monotonic()
         with Heartbeat(lambda now: trial.set_user_attr(HEARTBEAT_ATTR, now)):
-            return self._objective(trial)
+            value = self._objective(trial)
+        done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        best = max([value, *done]) if self.spec.direction == "maximize" else min([value, *done])
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        print(f"trial {trial.number}: {params or 'paper baseline'} -> {self.spec.objective} {value:.4f} "
+              f"(best {best:.4f}; {time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+        return value
 
     def _objective(self, trial: optuna.Trial) -> float:
         ahead = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
