@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,20 +20,24 @@ from altrack import report
 from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
-from altrack.protocol import grid_blocks, iterate_grid, run_block, stack_limit
+from altrack.protocol import Progress, grid_blocks, init_worker, run_block, stack_limit, threads_per_worker
 from altrack.provenance import identity
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
+from altrack.settings import RunKey
 from altrack.slurm import TaskOutcome, job_alive, require_shared_store, slurm_tags, task_threads, wait_for
 from altrack.tracking.query import finished_rows, get_run, rows_from_mlflow
 from altrack.tracking.runs import (
+    LiveLosses,
     check_tracking_store,
+    claim_runs,
     close_dead_runs,
     heartbeat,
     kill_running_children,
     log_new_params,
     log_run,
     owner_tags,
+    run_is_dead,
     start_parent,
     under_project_run,
 )
@@ -37,6 +45,7 @@ from altrack.tracking.tags import (
     COMMAND_TAG,
     DETACHED_TAG,
     EXPECTED_RUNS_TAG,
+    HASH_TAG,
     KIND_GRID,
     KIND_TAG,
     RESUMED_RUNS_CSV,
@@ -131,15 +140,47 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
                     raise AltrackError(f"{failures} of {len(submitted[0])} Slurm tasks failed (above); the report "
                                        "has the rest; rerun the same command to run only the missing runs")  # fmt: skip
                 return GridOutcome(parent_id, rows, paths, len(done))
-        for result in iterate_grid(cfg, device=device, skip=skip, progress=progress, workers=cfg.workers):
-            run_id = log_run(result, cfg.log_models)
-            rows.append(result.row(run_id))
-            if result.status != FINISHED and cfg.fail_fast:
-                raise AltrackError(f"{run_id} failed: {result.error} (--fail-fast)")
+        keys = [key for key in cfg.run_keys() if key not in skip]
+        for block_rows in _run_blocks(cfg, device, keys, parent_id, parent.info.experiment_id, progress):
+            rows += block_rows
+            failed = [row for row in block_rows if not row.finished]
+            if failed and cfg.fail_fast:
+                raise AltrackError(f"{failed[0].run_id} failed: {failed[0].error} (--fail-fast)")
+        ours = {(r.dataset, r.method, r.budget, r.seed) for r in rows}
+        others = {h: k for h, k in hashes.items()
+                  if h not in done and (k.dataset, k.method, k.budget, k.seed) not in ours}  # fmt: skip
+        if others:  # runs another live process claimed: wait for them, and report them as reused
+            theirs = _wait_for_others(parent.info.experiment_id, others, say)
+            rows += list(theirs.values())
+            done.update(theirs)
+            with tempfile.TemporaryDirectory(prefix="altrack-resumed-") as tmp:
+                report.write_rows_csv(list(done.values()), Path(tmp) / RESUMED_RUNS_CSV)
+                mlflow.log_artifacts(tmp)
         paths = publish_report(rows, cfg.out, resumed=len(done))
         n_failed = sum(not r.finished for r in rows)
         mlflow.set_tags({RUNS_FINISHED_TAG: len(rows) - n_failed, RUNS_FAILED_TAG: n_failed})
     return GridOutcome(parent_id, rows, paths, len(done))
+
+
+def _wait_for_others(
+    experiment_id: str, others: dict[str, RunKey], say: Callable[[str], None]
+) -> dict[str, ResultRow]:
+    """Rows of the runs (config hash -> key) that other live processes claimed, once they end;
+    a run whose owner died is left out (the next invocation runs it)."""
+    say(f"waiting for {len(others)} runs another altrack process claimed first")
+    client = MlflowClient()
+    while True:
+        found = finished_rows(experiment_id, set(others))
+        pending = set(others) - set(found)
+        if not pending:
+            return found
+        alive = False
+        for config_hash in pending:
+            query = f"tags.`{HASH_TAG}` = '{config_hash}' and attributes.status = '{RUNNING}'"
+            alive = alive or any(not run_is_dead(r) for r in client.search_runs([experiment_id], query))
+        if not alive:
+            return found
+        time.sleep(2)
 
 
 def slurm_device(cfg: GridConfig) -> str:
@@ -188,18 +229,86 @@ def _collect(submitted: Submitted, parent_id: str, progress: bool) -> int:
 
 
 def grid_task(cfg: GridConfig, device: str, work: list, parent_id: str, tracking_uri: str) -> int:
-    """One Slurm array task: its blocks, each run logged under the parent as it finishes.
+    """One Slurm array task: its blocks, each run claimed under the parent before its work starts.
     Returns how many runs it logged."""
     torch.set_num_threads(task_threads())
     set_determinism(device)
     mlflow.set_tracking_uri(tracking_uri)
-    tags = slurm_tags()
-    logged = 0
-    for block in work:
-        for result in run_block(cfg, device, *block):
-            log_run(result, cfg.log_models, parent_run_id=parent_id, tags=tags)
-            logged += 1
-    return logged
+    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
+    return sum(len(run_logged_block(cfg, device, block, parent_id, experiment_id, slurm_tags())) for block in work)
+
+
+def run_logged_block(
+    cfg: GridConfig,
+    device: str,
+    block: tuple[str, int, tuple[int, ...], tuple[str, ...]],
+    parent_id: str,
+    experiment_id: str,
+    tags: dict[str, str] | None = None,
+    bar: Progress | None = None,
+) -> list[ResultRow]:
+    """One (dataset, k, seeds, methods) block, wherever it runs (this process, a pool worker, a
+    Slurm task): claim its runs (``claim_runs``: they start RUNNING in the UI now, and a run
+    another live process has claimed is left to it), train with live epoch losses, then fill
+    the runs in. Returns the rows of the runs this process did."""
+    dataset, budget, seeds, methods = block
+    data = load_dataset(dataset, cfg.data_dir, device)
+    ident = identity(data.x_train.device, data.digest)
+    wanted = []
+    for seed in seeds:
+        group = RunKey(dataset, "*", budget, seed).config_hash(cfg.settings, ident)
+        for method in methods:
+            key = RunKey(dataset, method, budget, seed)
+            wanted.append((key, key.config_hash(cfg.settings, ident), group))
+    claimed = claim_runs(parent_id, experiment_id, wanted, tags or {})
+    todo = tuple(seed for seed in seeds if any(key.seed == seed for key in claimed))
+    if not todo:
+        return []
+    live = LiveLosses(claimed)
+    results = run_block(cfg, device, dataset, budget, todo, methods, bar, live)
+    live.flush()
+    rows = []
+    for result in results:
+        if result.key in claimed:
+            run_id = log_run(result, cfg.log_models, run_id=claimed[result.key], live=True)
+            rows.append(result.row(run_id))
+        if bar is not None:
+            bar.finished(result)
+    return rows
+
+
+def _block_worker(cfg: GridConfig, device: str, block: tuple, parent_id: str, experiment_id: str,
+                  tracking_uri: str) -> list[ResultRow]:  # fmt: skip
+    set_determinism(device)  # a spawned process starts with torch's defaults
+    mlflow.set_tracking_uri(tracking_uri)
+    return run_logged_block(cfg, device, block, parent_id, experiment_id)
+
+
+def _run_blocks(
+    cfg: GridConfig, device: str, keys: list[RunKey], parent_id: str, experiment_id: str, progress: bool
+) -> Iterator[list[ResultRow]]:
+    """Each block's rows as it ends: in this process, or in ``cfg.workers`` processes that log
+    their own runs (each with its share of the cores, dying with this process)."""
+    work = grid_blocks(cfg, device, keys, cfg.workers)
+    bar = Progress(len(keys), progress)
+    try:
+        if cfg.workers <= 1:
+            for block in work:
+                yield run_logged_block(cfg, device, block, parent_id, experiment_id, bar=bar)
+            return
+        context = multiprocessing.get_context("spawn")
+        init = {"initializer": init_worker, "initargs": (threads_per_worker(cfg.workers), os.getpid())}
+        uri = mlflow.get_tracking_uri()
+        with ProcessPoolExecutor(cfg.workers, mp_context=context, **init) as pool:
+            futures = {pool.submit(_block_worker, cfg, device, block, parent_id, experiment_id, uri): block
+                       for block in work}  # fmt: skip
+            for future in as_completed(futures):
+                rows = future.result()
+                dataset, budget, seeds, methods = futures[future]
+                bar.runs.update(len(seeds) * len(methods))
+                yield rows
+    finally:
+        bar.close()
 
 
 def publish_report(rows: Sequence[ResultRow], out: str | None, resumed: int = 0) -> list[Path]:

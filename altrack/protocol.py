@@ -39,6 +39,8 @@ from altrack.train import evaluate, forward_all
 SEED_SET, SEED_INIT, SEED_ORDER, SELECT, FINAL_INIT, FINAL_ORDER = range(6)
 
 EpochHook = Callable[[int, float], None]
+# one model's epoch loss as it trains: (what, epoch, loss), what a seed (seed model) or a RunKey (final model)
+LiveHook = Callable[[object, int, float], None]
 
 
 def stream_seed(seed: int, stream: int, salt: str = "") -> int:
@@ -104,6 +106,7 @@ def fit_many(
     on_epoch: EpochHook | None = None,
     stack: int = 0,
     memory_cap: int | None = None,
+    on_fit_epoch: Callable[[int, int, float], None] | None = None,
 ) -> list[tuple[torch.nn.Module | None, list[float], str | None]]:
     """Fresh models trained on their ``fits``, in stacks (``altrack.stack``) of at most
     ``stack_limit`` models of one training-set size. Each model trains exactly as it would alone:
@@ -131,11 +134,22 @@ def fit_many(
                 epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                 generators=[torch.Generator().manual_seed(stream_seed(fits[i].seed, order_stream)) for i in chunk],
                 weights=weights, on_epoch=on_epoch,
+                on_epoch_each=None if on_fit_epoch is None else _each(on_fit_epoch, chunk),
             )  # fmt: skip
             for j, i in enumerate(chunk):
                 error = outcome.diverged[j]
                 out[i] = (None if error else outcome.models[j], outcome.losses[j], error)
     return out
+
+
+def _each(hook: Callable[[int, int, float], None], chunk: Sequence[int]) -> Callable[[int, list[float]], None]:
+    """A stack's per-model epoch losses as (fit index, epoch, loss) calls."""
+
+    def each(epoch: int, losses: list[float]) -> None:
+        for i, loss in zip(chunk, losses, strict=True):
+            hook(i, epoch, loss)
+
+    return each
 
 
 def fit(
@@ -193,6 +207,7 @@ def train_seed_stages(
     holdout: np.ndarray | None = None,
     stack: int = 0,
     memory_cap: int | None = None,
+    live: LiveHook | None = None,
 ) -> list[SeedStage | str]:
     """For each seed: draw the seed set, train M on it (all seeds' Ms in stacks), and score the
     whole train split with M. A seed whose M diverged gives its error message instead.
@@ -206,7 +221,8 @@ def train_seed_stages(
         rng = np.random.default_rng(stream_seed(seed, SEED_SET))
         seed_sets.append(np.sort(rng.choice(available, size=settings.n_seed(budget), replace=False)).astype(np.int64))
     fitted = fit_many(data, [Fit(s, seed) for s, seed in zip(seed_sets, seeds, strict=True)], settings,
-                      SEED_INIT, SEED_ORDER, on_epoch, stack, memory_cap)  # fmt: skip
+                      SEED_INIT, SEED_ORDER, on_epoch, stack, memory_cap,
+                      None if live is None else lambda i, epoch, loss: live(seeds[i], epoch, loss))  # fmt: skip
     seconds = (time.perf_counter() - started) / len(seeds)
     labels = data.y_train.cpu().numpy()
     stages: list[SeedStage | str] = []
@@ -304,6 +320,7 @@ def run_methods(
     holdout: np.ndarray | None = None,
     stack: int = 0,
     memory_cap: int | None = None,
+    live: LiveHook | None = None,
 ) -> list[RunResult]:
     """Every method on every stage: select from the stage's pool, then retrain from scratch on
     all k points, the final models of all (stage, method) pairs in stacks.
@@ -328,7 +345,8 @@ def run_methods(
             results.append(result)
             fits.append(Fit(result.selected_indices, stage.seed, weights))
     started = time.perf_counter()
-    fitted = fit_many(data, fits, settings, FINAL_INIT, FINAL_ORDER, on_epoch, stack, memory_cap)
+    each = None if live is None else lambda i, epoch, loss: live(results[i].key, epoch, loss)
+    fitted = fit_many(data, fits, settings, FINAL_INIT, FINAL_ORDER, on_epoch, stack, memory_cap, each)
     seconds = (time.perf_counter() - started) / max(len(fits), 1)
     for result, (model, losses, error) in zip(results, fitted, strict=True):
         if model is None:
@@ -350,7 +368,7 @@ def run_method(
     return run_methods(data, [stage], [method], settings, holdout=holdout)[0]
 
 
-class _Progress:
+class Progress:
     """Runs bar plus a transient epochs bar; silent when disabled."""
 
     def __init__(self, total: int, enabled: bool) -> None:
@@ -388,19 +406,22 @@ def run_block(
     budget: int,
     seeds: Sequence[int],
     methods: Sequence[str],
-    bar: _Progress | None = None,
+    bar: Progress | None = None,
+    live: LiveHook | None = None,
 ) -> list[RunResult]:
     """Every method of several seeds of one (dataset, k) on ``device``: the seeds' models M in
-    stacks, then every final model in stacks. A diverged M fails every method of its seed."""
+    stacks, then every final model in stacks. A diverged M fails every method of its seed.
+    ``live`` hears every model's epoch losses as they come (a seed for M, a RunKey for a final model)."""
     data = load_dataset(dataset, cfg.data_dir, device)
-    bar = bar or _Progress(0, False)
+    bar = bar or Progress(0, False)
     label = f"{dataset} k={budget} s={seeds[0]}" + (f"..{seeds[-1]}" if len(seeds) > 1 else "")
     hook = bar.start_training(f"seed models {label}", cfg.settings.epochs)
     stages = train_seed_stages(data, budget, seeds, cfg.settings, hook, stack=cfg.stack,
-                               memory_cap=cfg.memory_cap_bytes)  # fmt: skip
+                               memory_cap=cfg.memory_cap_bytes, live=live)  # fmt: skip
     good = [s for s in stages if not isinstance(s, str)]
     hook = bar.start_training(f"final models {label}", cfg.settings.epochs)
-    ran = run_methods(data, good, methods, cfg.settings, hook, stack=cfg.stack, memory_cap=cfg.memory_cap_bytes)
+    ran = run_methods(data, good, methods, cfg.settings, hook, stack=cfg.stack, memory_cap=cfg.memory_cap_bytes,
+                      live=live)  # fmt: skip
     finished = {(r.key.seed, r.key.method): r for r in ran}
     results = []
     ident = identity(data.x_train.device, data.digest)
@@ -426,7 +447,8 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _init_worker(threads: int, parent_pid: int) -> None:
+def init_worker(threads: int, parent_pid: int) -> None:
+    """A pool worker: its share of the cores, and death with the process that spawned it."""
     die_with_parent(parent_pid)  # a SIGKILLed grid must not leave its workers training for minutes
     torch.set_num_threads(threads)
 
@@ -486,7 +508,7 @@ def iterate_grid(
         set_determinism(device)
     keys = [key for key in cfg.run_keys() if key not in skip]
     work = grid_blocks(cfg, device, keys, workers)
-    bar = _Progress(len(keys), progress)
+    bar = Progress(len(keys), progress)
     try:
         if workers <= 1:
             for block in work:
@@ -496,7 +518,7 @@ def iterate_grid(
             return
         threads = threads_per_worker(workers)
         context = multiprocessing.get_context("spawn")
-        init = {"initializer": _init_worker, "initargs": (threads, os.getpid())}
+        init = {"initializer": init_worker, "initargs": (threads, os.getpid())}
         with ProcessPoolExecutor(workers, mp_context=context, **init) as pool:
             futures = [pool.submit(_block_worker, cfg, device, *block) for block in work]
             for future in as_completed(futures):

@@ -147,12 +147,14 @@ def train_stacked(
     generators: Sequence[torch.Generator],
     weights: torch.Tensor | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    on_epoch_each: Callable[[int, list[float]], None] | None = None,
 ) -> StackOutcome:
     """Train ``models`` (N, freshly initialised, one architecture) on their own rows of ``x``.
 
     ``indices``: (N, n) int64 train indices per model, on x's device; ``generators``: N CPU
     generators for the batch orders; ``weights``: (N, n) per-example weights or None (each row is
-    normalised to mean 1, as ``train.train`` does). Returns trained copies of ``models``.
+    normalised to mean 1, as ``train.train`` does). ``on_epoch`` hears each epoch's mean loss over
+    the stack, ``on_epoch_each`` every model's. Returns trained copies of ``models``.
     Raises ``ValueError`` when the counts disagree.
     """
     n_models, n = indices.shape
@@ -184,6 +186,8 @@ def train_stacked(
                 diverged[i] = f"training loss became {value} in epoch {epoch + 1} (lr={lr})"
             if diverged[i] is None:
                 losses[i].append(value)
+        if on_epoch_each is not None:  # every model's loss, as it happens (live MLflow metrics)
+            on_epoch_each(epoch, epoch_losses)
         if on_epoch is not None:
             finite = [v for v in epoch_losses if math.isfinite(v)]
             on_epoch(epoch, sum(finite) / len(finite) if finite else float("nan"))

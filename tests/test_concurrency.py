@@ -8,6 +8,7 @@ import sys
 import textwrap
 from collections import Counter
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 SPEC = """\
@@ -79,3 +80,30 @@ def test_concurrent_writers_lose_and_duplicate_nothing(data_dir, tmp_path):
     trial_ids = {r.info.run_id for r in runs if r.data.tags.get("altrack.kind") == "trial"}
     sweep_runs = [r for r in runs if r.data.tags.get("altrack.kind") == "sweep-protocol"]
     assert Counter(r.data.tags["mlflow.parentRunId"] for r in sweep_runs) == Counter({t: 2 for t in trial_ids})
+
+
+@pytest.mark.slow
+def test_two_identical_grids_at_once_do_each_run_once_and_both_report_it(data_dir, tmp_path):
+    """Each run is claimed (a RUNNING child) before its work starts; the other process leaves it
+    alone, waits for it, and reports it as reused."""
+    env = {**os.environ, "ALTRACK_DATA_DIR": str(data_dir), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    subprocess.run([sys.executable, "-c", "import mlflow; mlflow.set_experiment('twin')"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True)  # fmt: skip
+    grid = [sys.executable, "-m", "altrack", "run", "--methods", "margin,random", "--budget", "100,200", "--runs", "2",
+            "--epochs", "2", "--no-log-models", "--quiet", "--experiment", "twin", "--stack", "2"]  # fmt: skip
+    procs = [subprocess.Popen([*grid, "--out", f"out{i}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("twin")
+    runs = client.search_runs([experiment.experiment_id], "tags.`altrack.kind` = 'protocol'", max_results=1000)
+    finished = Counter(r.data.tags["altrack.config_hash"] for r in runs if r.info.status == "FINISHED")
+    assert len(finished) == 8 and set(finished.values()) == {1}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for i in range(2):  # both reports hold all 8 runs, each over its 2 seeds
+        table = (tmp_path / f"out{i}" / "active_learning_results.txt").read_text().split("paired")[0]
+        counts = [line.split()[3] for line in table.splitlines() if line.strip().startswith(("margin ", "random "))]
+        assert counts == ["2"] * 4

@@ -88,13 +88,14 @@ def test_sigkilled_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path
 def test_fail_fast_stops_the_grid_at_a_diverged_run(data_dir, mlflow_store, capsys):
     from altrack.cli import main
 
-    code = main(["run", "--methods", "random,margin", "--budget", "100", "--runs", "2", "--epochs", "1",
+    code = main(["run", "--methods", "random,margin", "--budget", "100,200", "--runs", "2", "--epochs", "1",
                  "--lr", "1e30", "--data-dir", str(data_dir), "--no-log-models", "--quiet", "--fail-fast"])  # fmt: skip
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("altrack")]
     assert code == 1 and len(err) == 1 and "failed" in err[0] and "--fail-fast" in err[0]
     experiment = MlflowClient().get_experiment_by_name(mlflow_store)
     runs = MlflowClient().search_runs([experiment.experiment_id])
-    assert len([r for r in runs if r.data.tags.get("altrack.kind") == "protocol"]) == 1
+    # the first block (k=100: 2 seeds x 2 methods, trained together) fails; the k=200 block never starts
+    assert len([r for r in runs if r.data.tags.get("altrack.kind") == "protocol"]) == 4
     assert {r.info.status for r in runs} == {"FAILED"}
 
 

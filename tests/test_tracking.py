@@ -164,3 +164,37 @@ def test_paper_page_carries_the_lambda_ablation_paired_by_seed(data_dir, mlflow_
     assert f"| MNIST | 100 | `coreset` λ = `auto` − λ = 0 | 2 | {diff:+.4f}" in text
     assert "| MNIST | 100 | `0` |" in text and "| MNIST | 100 | `random` |" in text
     assert all(parent in text for parent in ids)
+
+
+@pytest.mark.slow
+def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir, tmp_path):
+    """The UI can watch a run train: its child is RUNNING before the grid ends, and train_loss
+    has one point per epoch with increasing timestamps."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'live.db'}"
+    env = {**os.environ, "ALTRACK_DATA_DIR": str(data_dir), "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [sys.executable, "-m", "altrack", "run", "--methods", "random", "--budget", "1000", "--epochs", "25",
+               "--no-log-models", "--quiet", "--experiment", "live", "--out", "out"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client = MlflowClient(uri)
+    seen_running = False
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("live") if (tmp_path / "live.db").exists() else None
+        if experiment is not None:
+            query = "tags.`altrack.kind` = 'protocol' and attributes.status = 'RUNNING'"
+            seen_running = seen_running or bool(client.search_runs([experiment.experiment_id], query))
+        time.sleep(0.3)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert seen_running, "the child run appeared only after its work was done"
+    experiment = client.get_experiment_by_name("live")
+    [child] = client.search_runs([experiment.experiment_id], "tags.`altrack.kind` = 'protocol'")
+    history = sorted(client.get_metric_history(child.info.run_id, "train_loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(25))
+    stamps = [m.timestamp for m in history]
+    assert all(b > a for a, b in zip(stamps, stamps[1:], strict=False))

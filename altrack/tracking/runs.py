@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from altrack import report
 from altrack.errors import AltrackError, ConfigError, first_line
@@ -32,6 +33,7 @@ from altrack.stores import probe
 from altrack.tracking.tags import (
     DEFAULT_EXPERIMENT,
     ERROR_TAG,
+    GROUP_TAG,
     HASH_TAG,
     HEARTBEAT_TAG,
     KIND_PROTOCOL,
@@ -189,20 +191,51 @@ def run_params(result: RunResult) -> dict:
     return params
 
 
-def _run_metrics(result: RunResult) -> list[Metric]:
+def _run_metrics(result: RunResult, live: bool = False) -> list[Metric]:
     now = now_ms()
     stage = result.stage
     metrics = [Metric(name, getattr(result, name), now, 0) for name in ("test_accuracy", "test_loss", "val_accuracy")]
     if stage is not None:
         metrics.append(Metric("seed_test_accuracy", stage.test_accuracy, now, 0))
-        metrics += [Metric("seed_train_loss", v, now, i) for i, v in enumerate(stage.epoch_losses)]
-    metrics += [Metric("train_loss", v, now, i) for i, v in enumerate(result.final_epoch_losses)]
+        if not live:
+            metrics += [Metric(SEED_LOSS_METRIC, v, now, i) for i, v in enumerate(stage.epoch_losses)]
+    if not live:
+        metrics += [Metric(LOSS_METRIC, v, now, i) for i, v in enumerate(result.final_epoch_losses)]
     metrics += [Metric(k, v, now, 0) for k, v in result.timings.items()]
     if result.selection is not None:
         for k, v in result.selection.info.items():
             if isinstance(v, int | float) and k != "lam":
                 metrics.append(Metric(f"selection_{k}", float(v), now, 0))
     return [m for m in metrics if np.isfinite(m.value)]
+
+
+LOSS_METRIC = "train_loss"  # the final model's, one step per epoch
+SEED_LOSS_METRIC = "seed_train_loss"  # the seed model M's, one step per epoch
+
+
+class LiveLosses:
+    """Epoch losses to claimed runs as they happen, so the MLflow UI draws training while it runs:
+    a seed model's go to every run of its seed, a final model's to its own run. Asynchronous
+    (MLflow's queue), flushed before the runs are filled in."""
+
+    def __init__(self, runs: dict[object, str]) -> None:
+        self.runs = runs
+        self.client = MlflowClient()
+
+    def __call__(self, what: object, epoch: int, loss: float) -> None:
+        if not np.isfinite(loss):
+            return
+        if isinstance(what, int):  # a seed: its model M serves every method of the seed
+            targets = [(run_id, SEED_LOSS_METRIC) for key, run_id in self.runs.items() if key.seed == what]
+        else:
+            targets = [(self.runs[what], LOSS_METRIC)] if what in self.runs else []
+        now = now_ms()
+        for run_id, name in targets:
+            self.client.log_batch(run_id, metrics=[Metric(name, float(loss), now, epoch)], synchronous=False)
+
+    @staticmethod
+    def flush() -> None:
+        mlflow.flush_async_logging()
 
 
 def _blank_nan(value: float) -> str | float:
@@ -246,6 +279,41 @@ def _log_model(model: torch.nn.Module, name: str) -> None:
     )
 
 
+def claim_runs(
+    parent_run_id: str, experiment_id: str, wanted: Sequence[tuple[object, str, str]], tags: dict[str, str]
+) -> dict[object, str]:
+    """Open a RUNNING child run for each wanted (key, config hash, group hash) before its work
+    starts, and keep only those no other live process has claimed: two identical commands at
+    once then do each run once. Returns {key: run id} of the runs this process owns.
+
+    Claims are made first and compared after: of several RUNNING claims of one hash, the oldest
+    (start time, then run id) whose owner lives wins; a FINISHED run of the hash beats them all.
+    Losing claims are deleted."""
+    client = MlflowClient()
+    mine: dict[str, tuple[object, Run]] = {}
+    for key, config_hash, group in wanted:
+        run_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: key.name, KIND_TAG: KIND_PROTOCOL,
+                    HASH_TAG: config_hash, GROUP_TAG: group, **owner_tags(), **tags}  # fmt: skip
+        mine[config_hash] = (key, client.create_run(experiment_id, run_name=key.name, tags=run_tags))
+    won: dict[object, str] = {}
+    for group in sorted({group for _, _, group in wanted}):
+        rivals = client.search_runs([experiment_id], f"tags.`{GROUP_TAG}` = '{group}'", max_results=5000)
+        for config_hash in [h for _, h, g in wanted if g == group]:
+            key, run = mine[config_hash]
+            order = (run.info.start_time, run.info.run_id)
+            others = [r for r in rivals if r.data.tags.get(HASH_TAG) == config_hash and r is not run]
+            others = [r for r in others if r.info.run_id != run.info.run_id]
+            taken = any(r.info.status == FINISHED for r in others) or any(
+                r.info.status == RUNNING and (r.info.start_time, r.info.run_id) < order and not run_is_dead(r)
+                for r in others
+            )
+            if taken:
+                client.delete_run(run.info.run_id)
+            else:
+                won[key] = run.info.run_id
+    return won
+
+
 def log_run(
     result: RunResult,
     log_models: bool,
@@ -253,9 +321,13 @@ def log_run(
     name: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+    live: bool = False,
 ) -> str:
     """One nested child run under the active run (or under ``parent_run_id``, from a process
     that does not own the parent: a Slurm task); FAILED with the reason when the run failed.
+    ``run_id``: a run ``claim_runs`` opened, filled in instead of a new one; ``live``: its epoch
+    losses were logged as they came, so they are not logged again.
 
     Sweeps log theirs as ``kind=KIND_SWEEP_PROTOCOL``: they train on a pool without the
     validation split, so grid resumes and reports must never mistake them for grid runs.
@@ -263,12 +335,16 @@ def log_run(
     is then FAILED, never FINISHED without its files).
     """
     tags = {KIND_TAG: kind, HASH_TAG: result.config_hash, **owner_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags,
-                          parent_run_id=parent_run_id) as run:  # fmt: skip
+    opened = (
+        mlflow.start_run(run_id=run_id, nested=True)
+        if run_id
+        else mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags, parent_run_id=parent_run_id)
+    )
+    with opened as run:
         client = MlflowClient()
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]
-        client.log_batch(run_id, metrics=_run_metrics(result), params=params)
+        client.log_batch(run_id, metrics=_run_metrics(result, live), params=params)
         if result.status != FINISHED:
             client.log_batch(run_id, tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])
             mlflow.end_run(status=FAILED)

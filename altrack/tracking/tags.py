@@ -20,6 +20,7 @@ KIND_REPLAY = "replay"
 WORKER_TAG = "altrack.worker"  # host:pidns:pid of the process that owns a RUNNING run (altrack.liveness)
 HEARTBEAT_TAG = "altrack.heartbeat"  # when the owner of a RUNNING parent last said it was alive (epoch s)
 HASH_TAG = "altrack.config_hash"
+GROUP_TAG = "altrack.group"  # the config hash of a run's (dataset, k, seed) group: claims are found by it
 ERROR_TAG = "altrack.error"
 COMMAND_TAG = "altrack.command"  # the command line that made a parent run, for the results page
 RESUMED_TAG = "altrack.resumed_runs"
