@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from altrack.catalog import METHODS
 from altrack.errors import AltrackError, ConfigError, first_line
 from altrack.redaction import redact
 from altrack.settings import CORESET_SPACES, DEVICES, SETTINGS_RULES, Settings, parse_lam
@@ -27,9 +28,7 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 def _methods(value: str) -> tuple[str, ...]:
-    from altrack.selection import available_methods  # lazy: the registry imports torch
-
-    return available_methods() if value == ALL else _split(value)
+    return METHODS if value == ALL else _split(value)
 
 
 def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -157,13 +156,13 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     """Run the §5.2.2 protocol over datasets x budgets x seeds x methods."""
-    from altrack import report  # lazy: torch, matplotlib and MLflow load only for a real run
-    from altrack.config import GridConfig
-    from altrack.grid import run_grid
+    from altrack.config import GridConfig  # lazy, and light: bad input is refused before torch loads
 
     settings = Settings(**{name: opts.pop(name) for name in SETTINGS_RULES})  # type: ignore[arg-type]
     slurm = _slurm_config(opts)
     cfg = GridConfig(datasets=_split(datasets), methods=_methods(methods), settings=settings, slurm=slurm, **opts)  # type: ignore[arg-type]
+    from altrack import report  # lazy: torch, matplotlib and MLflow load only for a real run
+    from altrack.grid import run_grid
     outcome = run_grid(cfg, progress=not quiet, say=click.echo)
     if cfg.detach:
         click.echo(f"MLflow parent run: {outcome.parent_run_id}")
@@ -263,9 +262,11 @@ def sweep(
 ) -> None:
     """Optuna study over cluster_ratio, seed_ratio and lam; resumes when re-run."""
     slurm = _slurm_config(opts)
-    from altrack.sweep import describe, load_spec, run_sweep  # lazy: Optuna, MLflow and torch
+    from altrack.sweep.spec import load_spec  # lazy, and light: a bad spec is refused before torch loads
 
     spec = load_spec(spec_path)
+    from altrack.sweep.run import describe, run_sweep  # lazy: Optuna, MLflow and torch
+
     outcome = run_sweep(
         spec,
         n_trials=n_trials or None,

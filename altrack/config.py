@@ -13,9 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from altrack.data import DATASETS
+from altrack.catalog import DATASETS, METHODS
 from altrack.errors import ConfigError
-from altrack.selection import available_methods
 from altrack.settings import DEVICES, SETTINGS_RULES, Rule, RunKey, Settings, at_least
 from altrack.slurm import EXECUTORS, SlurmConfig
 
@@ -24,7 +23,7 @@ MAX_RUNS = 1_000_000  # each run is at least a second of training: more is a typ
 RULES: dict[str, Rule] = {
     **SETTINGS_RULES,
     "dataset": Rule(str, choices=lambda: tuple(DATASETS), unknown=True),
-    "method": Rule(str, choices=available_methods, unknown=True),
+    "method": Rule(str, choices=lambda: METHODS, unknown=True),
     "device": Rule(str, choices=lambda: DEVICES),
     "runs": at_least(1),
     "workers": at_least(1),

@@ -18,25 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from altrack.catalog import DATASETS, DatasetSpec  # noqa: F401  (re-exported)
 from altrack.errors import ConfigError, DataError, first_line
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    n_train: int
-    n_test: int
-    image_shape: tuple[int, int, int]  # C, H, W
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int = 10
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec("mnist", 60000, 10000, (1, 28, 28), (0.1307,), (0.3081,)),
-    "fashion_mnist": DatasetSpec("fashion_mnist", 60000, 10000, (1, 28, 28), (0.2860,), (0.3530,)),
-    "cifar10": DatasetSpec("cifar10", 50000, 10000, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
 
 _TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 CIFAR_NPZ = {"train": "cifar10_train.npz", "test": "cifar10_test.npz"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from altrack.data import DATASETS
+from altrack.catalog import DATASETS
 
 
 class MLP(nn.Module):

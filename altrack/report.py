@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 from scipy import stats as st  # noqa: E402
 
-from altrack.data import DATASETS  # noqa: E402
+from altrack.catalog import DATASETS  # noqa: E402
 from altrack.results import ROW_FIELDS, ResultRow  # noqa: E402
 from altrack.selection import available_methods  # noqa: E402
 from altrack.settings import PAPER_SETTING_LABEL  # noqa: E402

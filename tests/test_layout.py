@@ -94,3 +94,22 @@ def test_imports_inside_functions_are_lazy_on_purpose():
                 if isinstance(node, ast.Import | ast.ImportFrom) and not _says_lazy(lines, node.lineno - 1):
                     hidden.append(f"{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert hidden == []
+
+
+def test_the_catalog_names_every_registered_method_in_order():
+    from altrack.catalog import METHODS
+    from altrack.selection import available_methods
+
+    assert available_methods() == METHODS
+
+
+def test_refusing_bad_grid_input_needs_no_torch():
+    """The one-line refusals come before torch, MLflow or Optuna load (start-up under 1.5 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from altrack.cli import main; main(['run', '--budget', '0']); "
+            "print([m for m in ('torch', 'mlflow', 'optuna', 'matplotlib') if m in sys.modules])")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "budget k must be >= 1" in done.stderr
+    assert done.stdout.strip() == "[]"

@@ -37,10 +37,17 @@ def test_mlflow_run_logs_every_item(data_dir, tmp_path):
     [child] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
     assert parent.data.tags.get("mlflow.project.entryPoint") == "main"
+    assert parent.info.run_name == "grid" and child.info.run_name == "mnist-coreset-k100-s0"
     assert {"active_learning_results.png", "active_learning_results.txt"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)
     }
     assert child.data.params["method"] == "coreset" and child.data.params["budget"] == "100"
+    rerun = child.data.tags["altrack.rerun"]  # lineage: how to redo it, from which code and data
+    assert rerun.startswith("altrack run --datasets mnist --methods coreset --budget 100 --seed 0 --runs 1 --epochs 1")
+    assert child.data.tags.get("mlflow.source.git.commit") and child.data.tags["altrack.version"]
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+              for d in client.get_run(child.info.run_id).inputs.dataset_inputs}  # fmt: skip
+    assert inputs == {("mnist", "train"), ("mnist-labelled", "labelled")}
     assert {"test_accuracy", "test_loss", "seed_test_accuracy", "train_loss", "seed_train_loss"} <= set(
         child.data.metrics
     )

@@ -12,11 +12,10 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import optuna
 import yaml
 
+from altrack.catalog import DATASETS
 from altrack.config import RULES
-from altrack.data import DATASETS
 from altrack.errors import ConfigError
 from altrack.settings import AUTO, SETTINGS_RULES, Rule, Settings, at_least
 
@@ -106,7 +105,7 @@ class ParamRange:
         low, high = self.bounds
         return value in self.choices if self.choices is not None else low <= value <= high
 
-    def suggest(self, trial: optuna.Trial) -> float:
+    def suggest(self, trial: optuna.Trial) -> float:  # noqa: F821 - the annotation is never evaluated
         if self.choices is not None:
             return float(trial.suggest_categorical(self.name, list(self.choices)))
         assert self.low is not None and self.high is not None

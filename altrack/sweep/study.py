@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from altrack.data import DATASETS
+from altrack.catalog import DATASETS
 from altrack.errors import ConfigError
 from altrack.liveness import grace_seconds, is_dead, is_stale
 from altrack.protocol import stream_seed

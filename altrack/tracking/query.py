@@ -9,7 +9,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from altrack.data import DATASETS
+from altrack.catalog import DATASETS
 from altrack.errors import AltrackError
 from altrack.results import FINISHED, RUNNING, ResultRow
 from altrack.settings import Settings

@@ -7,6 +7,7 @@ that run as the parent, so the project run and the CLI run are the same thing.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import tempfile
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
 
 from altrack import report
+from altrack.catalog import DATASETS
 from altrack.errors import AltrackError, ConfigError, first_line
 from altrack.liveness import Heartbeat, is_dead, is_stale, worker_id
 from altrack.protocol import RunResult
@@ -39,8 +41,10 @@ from altrack.tracking.tags import (
     KIND_PROTOCOL,
     KIND_TAG,
     MLFLOW_PARENT_RUN_ID,
+    RERUN_TAG,
     SLURM_ARRAY_TASK_TAG,
     SLURM_JOB_TAG,
+    VERSION_TAG,
     WORKER_TAG,
 )
 
@@ -150,10 +154,9 @@ def under_project_run() -> bool:
 
 def start_parent(experiment: str | None, run_name: str, tags: dict | None = None) -> mlflow.ActiveRun:
     """The invocation's parent run; under ``mlflow run``, the run the launcher created."""
-    if under_project_run():
+    if under_project_run():  # the launcher named it at random: name it as the CLI does
         run = mlflow.start_run()
-        if tags:
-            mlflow.set_tags(tags)
+        mlflow.set_tags({MLFLOW_RUN_NAME: run_name, **(tags or {})})
         return run
     mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     return mlflow.start_run(run_name=run_name, tags=tags)
@@ -314,6 +317,45 @@ def claim_runs(
     return won
 
 
+DATA_SOURCES = {  # where each dataset comes from; the digest pins the exact arrays read
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html",
+}
+
+
+def rerun_command(result: RunResult) -> str:
+    """The ``altrack run`` that does this run alone, with the same result (grouping never matters)."""
+    key, s = result.key, result.settings
+    return (f"altrack run --datasets {key.dataset} --methods {key.method} --budget {key.budget} --seed {key.seed} "
+            f"--runs 1 --epochs {s.epochs} --batch-size {s.batch_size} --lr {s.lr:g} --seed-ratio {s.seed_ratio:g} "
+            f"--cluster-ratio {s.cluster_ratio:g} --lam {s.lam} --coreset-space {s.coreset_space} "
+            f"--{'weighted' if s.weighted else 'unweighted'} --device {result.device.split(':')[0]}")  # fmt: skip
+
+
+def _log_lineage(client: MlflowClient, run_id: str, result: RunResult) -> None:
+    """What produced the run and how to redo it: the commit, versions, the rerun command, and the
+    data as MLflow dataset inputs (the train split, and the labelled subset derived from it)."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource  # lazy: only real runs log inputs
+    from mlflow.data.meta_dataset import MetaDataset
+
+    ident = result.identity
+    tags = {RERUN_TAG: rerun_command(result), VERSION_TAG: ident.get("altrack", ""), "torch_version": ident["torch"]}
+    if ident.get("git_commit"):
+        tags[MLFLOW_GIT_COMMIT] = ident["git_commit"]
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    key = result.key
+    source = HTTPDatasetSource(DATA_SOURCES.get(key.dataset, "https://example.invalid/"))
+    spec = DATASETS[key.dataset]
+    train = MetaDataset(source, name=key.dataset, digest=ident.get("data", "")[:16] or None)
+    mlflow.log_input(train, context="train", tags={"n_train": str(spec.n_train), "n_test": str(spec.n_test)})
+    if result.stage is not None and result.selection is not None:
+        picked = hashlib.sha256(result.selected_indices.tobytes()).hexdigest()[:16]
+        labelled = MetaDataset(source, name=f"{key.dataset}-labelled", digest=picked)
+        mlflow.log_input(labelled, context="labelled", tags={"derived_from": key.dataset, "k": str(key.budget),
+                                                             "artifact": "selected_indices.npy"})  # fmt: skip
+
+
 def log_run(
     result: RunResult,
     log_models: bool,
@@ -345,6 +387,7 @@ def log_run(
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]
         client.log_batch(run_id, metrics=_run_metrics(result, live), params=params)
+        _log_lineage(client, run_id, result)
         if result.status != FINISHED:
             client.log_batch(run_id, tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])
             mlflow.end_run(status=FAILED)
