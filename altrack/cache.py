@@ -4,6 +4,10 @@ Trials that differ only in selection settings (cluster_ratio, lam, ...) share a 
 sweep trains each M once. Entries are keyed by a hash of everything that determines them,
 written atomically (temp file, then rename) and read with ``torch.load(weights_only=True)``;
 an unreadable entry is rebuilt, never trusted.
+
+The folder is capped (``ALTRACK_CACHE_MAX_GB``, default 4 GB; an MNIST stage is about 34 MB, a
+CIFAR-10 one about 30 MB): a hit marks its entry used, and after each write the least recently
+used entries go until the folder fits. ``altrack cache info`` and ``altrack cache clear``.
 """
 
 from __future__ import annotations
@@ -26,8 +30,58 @@ FORMAT = 2  # 2: stages carry the train labels; keys name the code and the data
 _ARRAYS = ("seed_indices", "pool_indices", "labels", "probs", "embeddings", "ce_loss", "grad_loss")
 
 
+DEFAULT_MAX_GB = 4.0
+
+
 def default_cache_dir() -> Path:
     return user_folder("ALTRACK_CACHE_DIR", "seed-stages")
+
+
+def max_bytes() -> int:
+    """The cache's size cap: ``ALTRACK_CACHE_MAX_GB`` (GB), default 4."""
+    try:
+        gb = float(os.environ.get("ALTRACK_CACHE_MAX_GB", DEFAULT_MAX_GB))
+    except ValueError:
+        gb = DEFAULT_MAX_GB
+    return int(max(gb, 0.0) * 1e9)
+
+
+def entries(folder: Path) -> list[Path]:
+    """The cache's entries, least recently used first."""
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("*.pt"), key=lambda path: path.stat().st_mtime)
+
+
+def evict(folder: Path, cap: int, keep: Path | None = None) -> int:
+    """Delete least recently used entries until the folder holds at most ``cap`` bytes (never
+    ``keep``, the entry just written). Returns how many went."""
+    found = entries(folder)
+    total = sum(path.stat().st_size for path in found)
+    removed = 0
+    for path in found:
+        if total <= cap:
+            break
+        if path == keep:
+            continue
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def cache_info(folder: Path) -> tuple[int, int]:
+    """(entries, bytes) in the cache folder."""
+    found = entries(folder)
+    return len(found), sum(path.stat().st_size for path in found)
+
+
+def clear(folder: Path) -> int:
+    """Delete every entry (and stray temp files); returns how many entries went."""
+    found = entries(folder)
+    for path in [*found, *folder.glob(".*.tmp")] if folder.is_dir() else []:
+        path.unlink(missing_ok=True)
+    return len(found)
 
 
 def stage_key(data: Dataset, budget: int, seed: int, settings: Settings, holdout: np.ndarray | None) -> str:
@@ -128,8 +182,10 @@ class SeedStageCache:
         stage = self.load(key, data)
         if stage is not None:
             self.hits += 1
+            os.utime(self.path(key))  # used now: the last to be evicted
             return stage
         self.misses += 1
         stage = train_seed_stage(data, budget, seed, settings, on_epoch=on_epoch, holdout=holdout)
         atomic_torch_save(_to_payload(stage), self.path(key))
+        evict(self.folder, max_bytes(), keep=self.path(key))
         return stage

@@ -300,6 +300,37 @@ def replay(run_id: str, data_dir: str | None, device: str | None) -> None:
         raise AltrackError("the replayed accuracy differs (another device, torch version or MKL mode?)")
 
 
+@cli.group()
+def cache() -> None:
+    """The seed-stage cache of sweeps: its size, and clearing it."""
+
+
+CACHE_DIR_OPTION = click.option("--cache-dir", default=None, callback=_blank_is_none,
+                                help="[default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages]")  # fmt: skip
+
+
+@cache.command("info")
+@CACHE_DIR_OPTION
+def cache_info_cmd(cache_dir: str | None) -> None:
+    """Where the cache is, how many seed stages it holds, their size and the cap."""
+    from altrack.cache import cache_info, default_cache_dir, max_bytes  # lazy: torch
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    n, size = cache_info(folder)
+    click.echo(f"{folder}: {n} seed stages, {size / 1e9:.2f} GB of {max_bytes() / 1e9:.2f} GB "
+               "(ALTRACK_CACHE_MAX_GB; least recently used go first)")  # fmt: skip
+
+
+@cache.command("clear")
+@CACHE_DIR_OPTION
+def cache_clear_cmd(cache_dir: str | None) -> None:
+    """Delete every cached seed stage (sweeps retrain them when needed)."""
+    from altrack.cache import clear, default_cache_dir  # lazy: torch
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    click.echo(f"{folder}: removed {clear(folder)} seed stages")
+
+
 def _mlflow_error(exc: BaseException) -> bool:
     """Whether ``exc`` is MLflow's, without importing MLflow when it was never loaded."""
     module = sys.modules.get("mlflow.exceptions")

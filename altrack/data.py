@@ -244,4 +244,9 @@ def release_datasets() -> None:
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, device: str = "cpu") -> Dataset:
     """Both splits of ``name`` on ``device`` (a resolved device, not 'auto'), loaded once per
     process; callers must treat the tensors as read-only. Raises ``DataError``."""
-    return _load_cached(name, str(resolve_data_dir(data_dir).resolve()), str(torch.device(device)))
+    folder = resolve_data_dir(data_dir)
+    explicit = bool(data_dir) or bool(os.environ.get("ALTRACK_DATA_DIR"))
+    if explicit and not folder.is_dir():  # torchvision would leave empty MNIST/raw folders behind
+        raise ConfigError(f"data folder {folder} does not exist: create it (altrack downloads into it when online) "
+                        "or leave --data-dir and ALTRACK_DATA_DIR unset for ~/.cache/altrack/data")  # fmt: skip
+    return _load_cached(name, str(folder.resolve()), str(torch.device(device)))

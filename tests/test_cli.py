@@ -53,6 +53,7 @@ BAD_INPUT = [
     (["--lam", "lemma9"], "--lam: must be"),
     (["--lam", "auto*0"], "--lam: must be"),
     (["--runs", "x"], "'x' is not a valid integer"),
+    (["--data-dir", "/nonexistent/x"], "data folder /nonexistent/x does not exist"),
 ]
 
 
@@ -91,6 +92,7 @@ def test_missing_data_offline_says_where_the_files_go(capsys, tmp_path, monkeypa
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
+    (tmp_path / "nodata").mkdir()  # an empty folder; one that does not exist is refused (BAD_INPUT)
     code, _, err = _run_cli(["run", "--data-dir", str(tmp_path / "nodata"), *TINY], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "MNIST/raw/" in err and "train-images-idx3-ubyte.gz" in err
