@@ -268,9 +268,13 @@ def run_logged_block(
     results = run_block(cfg, device, dataset, budget, todo, methods, bar, live)
     live.flush()
     rows = []
+    seed_models: dict[int, str] = {}  # seed -> the run that logged its seed model
     for result in results:
         if result.key in claimed:
-            run_id = log_run(result, cfg.log_models, run_id=claimed[result.key], live=True)
+            home = seed_models.get(result.key.seed)
+            run_id = log_run(result, cfg.log_models, run_id=claimed[result.key], live=True, seed_model_run=home)
+            if home is None and result.status == FINISHED and cfg.log_models:
+                seed_models[result.key.seed] = run_id
             rows.append(result.row(run_id))
         if bar is not None:
             bar.finished(result)

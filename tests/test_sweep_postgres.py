@@ -19,6 +19,8 @@ from test_sweep import TINY_SPEC
 
 from altrack.sweep import open_storage
 
+pytestmark = pytest.mark.slow  # a real PostgreSQL server: run by .ci/run with -m slow
+
 
 @pytest.fixture(scope="module")
 def postgres_url():

@@ -73,9 +73,20 @@ def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_stor
         assert float(w) == pytest.approx(1 / float(q)) and (p != "") == (role == "sampled")
         assert 0 < float(q) <= 1 and (role == "sampled" or float(q) == 1)
 
-    models = mlflow.search_logged_models(filter_string=f"source_run_id='{coreset.info.run_id}'", output_format="list")
-    assert sorted(m.name for m in models) == ["final_model", "seed_model"]
-    reloaded = mlflow.pytorch.load_model(next(m for m in models if m.name == "final_model").model_uri)
+    # one seed model per (dataset, k, seed), in the first method's run, with its own metrics
+    experiment = [parent.info.experiment_id]
+    models = {c.data.params["method"]: mlflow.search_logged_models(
+        experiment_ids=experiment, filter_string=f"source_run_id='{c.info.run_id}'", output_format="list")
+        for c in children}  # fmt: skip
+    assert sorted(m.name for m in models["coreset"]) == ["final_model", "seed_model"]
+    assert [m.name for m in models["random"]] == ["final_model"]
+    random_run = next(c for c in children if c.data.params["method"] == "random")
+    assert random_run.data.tags["altrack.seed_model_run"] == coreset.info.run_id
+    by_name = {m.name: {x.key: x.value for x in m.metrics or []} for m in models["coreset"]}
+    assert by_name["seed_model"]["seed_test_accuracy"] == metrics["seed_test_accuracy"]
+    assert "test_accuracy" not in by_name["seed_model"]
+    assert by_name["final_model"]["test_accuracy"] == metrics["test_accuracy"]
+    reloaded = mlflow.pytorch.load_model(next(m for m in models["coreset"] if m.name == "final_model").model_uri)
     assert reloaded.head.out_features == 10
 
 

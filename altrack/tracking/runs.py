@@ -42,6 +42,7 @@ from altrack.tracking.tags import (
     KIND_TAG,
     MLFLOW_PARENT_RUN_ID,
     RERUN_TAG,
+    SEED_MODEL_RUN_TAG,
     SLURM_ARRAY_TASK_TAG,
     SLURM_JOB_TAG,
     VERSION_TAG,
@@ -271,15 +272,23 @@ def write_run_artifacts(result: RunResult, folder: Path) -> None:
     )
 
 
-def _log_model(model: torch.nn.Module, name: str) -> None:
-    """Pickle format: pt2 needs an input example and torch.export, and these models are our own."""
+def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> str:
+    """The model, then its own metrics attached to it (MLflow 3 ``model_id``); returns its id.
+
+    MLflow links a run's metrics logged *before* a model to that model, so models are logged
+    before the run's result metrics: the seed model then carries its own accuracy, not the final
+    model's. Pickle format: pt2 needs an input example and torch.export, and these are our own."""
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model.cpu(),
         name=name,
         serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
+    finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+    if finite:
+        mlflow.log_metrics(finite, model_id=info.model_id)
+    return info.model_id
 
 
 def claim_runs(
@@ -365,11 +374,13 @@ def log_run(
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
     live: bool = False,
+    seed_model_run: str | None = None,
 ) -> str:
     """One nested child run under the active run (or under ``parent_run_id``, from a process
     that does not own the parent: a Slurm task); FAILED with the reason when the run failed.
     ``run_id``: a run ``claim_runs`` opened, filled in instead of a new one; ``live``: its epoch
-    losses were logged as they came, so they are not logged again.
+    losses were logged as they came, so they are not logged again; ``seed_model_run``: a run
+    that already holds this seed's model (tagged, not logged again).
 
     Sweeps log theirs as ``kind=KIND_SWEEP_PROTOCOL``: they train on a pool without the
     validation split, so grid resumes and reports must never mistake them for grid runs.
@@ -386,20 +397,30 @@ def log_run(
         client = MlflowClient()
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]
-        client.log_batch(run_id, metrics=_run_metrics(result, live), params=params)
+        client.log_batch(run_id, params=params)
         _log_lineage(client, run_id, result)
         if result.status != FINISHED:
-            client.log_batch(run_id, tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])
+            client.log_batch(run_id, metrics=_run_metrics(result, live),
+                             tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])  # fmt: skip
             mlflow.end_run(status=FAILED)
             return run_id
         try:  # a run is FINISHED only with its artifacts; leaving this block by an error marks it FAILED
             with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
                 write_run_artifacts(result, Path(tmp))
                 mlflow.log_artifacts(tmp)
+            on_model: set[str] = set()  # metrics already logged, attached to their model
             if log_models:
                 assert result.stage is not None and result.final_model is not None
-                _log_model(result.stage.model, "seed_model")
-                _log_model(result.final_model, "final_model")
+                if seed_model_run is None:
+                    _log_model(result.stage.model, "seed_model", {"seed_test_accuracy": result.stage.test_accuracy})
+                    on_model.add("seed_test_accuracy")
+                else:  # one seed model per (dataset, k, seed): the first method's run holds it
+                    client.set_tag(run_id, SEED_MODEL_RUN_TAG, seed_model_run)
+                final = {"test_accuracy": result.test_accuracy, "test_loss": result.test_loss}
+                _log_model(result.final_model, "final_model", final)
+                on_model |= set(final)
+            metrics = [m for m in _run_metrics(result, live) if m.key not in on_model]
+            client.log_batch(run_id, metrics=metrics)
         except Exception as exc:
             client.set_tag(run_id, ERROR_TAG, f"artifacts not stored: {first_line(exc, 500)}")
             raise AltrackError(

@@ -28,6 +28,7 @@ RUNS_FINISHED_TAG = "altrack.runs_finished"
 RUNS_FAILED_TAG = "altrack.runs_failed"
 REPLAY_OF_TAG = "altrack.replay_of"
 RERUN_TAG = "altrack.rerun"  # the command that does a run alone, with the same result
+SEED_MODEL_RUN_TAG = "altrack.seed_model_run"  # the run that holds this run's seed model M
 VERSION_TAG = "altrack.version"
 SLURM_JOB_TAG = "slurm.job_id"  # the Slurm (array) job that ran a run or that a parent submitted
 SLURM_ARRAY_TASK_TAG = "slurm.array_task_id"
