@@ -69,6 +69,22 @@ class GridOutcome:
     resumed: int = 0  # rows reused from earlier invocations (same config hash)
 
 
+SLOW_CLUSTERS = 5000  # k-means with more clusters than this takes minutes per run on a CPU
+PROGRESS_METRIC = "progress/runs_done"  # the parent's share of its runs done (finished, failed or reused)
+
+
+def slow_warnings(cfg: GridConfig) -> list[str]:
+    """What will take long, said before it starts (a k'' of 10,000 runs for minutes per run)."""
+    warnings = []
+    if {"coreset", "coreset-grad"} & set(cfg.methods):
+        for budget in cfg.budgets:
+            clusters = cfg.settings.n_clusters(budget)
+            if clusters > SLOW_CLUSTERS:
+                warnings.append(f"warning: k={budget} means k''={clusters} k-means clusters per coreset run; "
+                                "expect minutes per run")  # fmt: skip
+    return warnings
+
+
 def grid_params(cfg: GridConfig, device: str) -> dict:
     return {
         "datasets": ",".join(cfg.datasets),
@@ -105,6 +121,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         require_shared_store(mlflow.get_tracking_uri())
         cfg.slurm.check_partition()
     check_tracking_store()  # then the store, still before any training
+    for warning in slow_warnings(cfg):
+        say(warning)
     tags = {KIND_TAG: KIND_GRID, COMMAND_TAG: redact(" ".join(sys.argv)), **owner_tags()}
     with start_parent(cfg.experiment, KIND_GRID, tags) as parent, heartbeat(parent.info.run_id):
         parent_id = parent.info.run_id
@@ -141,8 +159,10 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
                                        "has the rest; rerun the same command to run only the missing runs")  # fmt: skip
                 return GridOutcome(parent_id, rows, paths, len(done))
         keys = [key for key in cfg.run_keys() if key not in skip]
+        client = MlflowClient()
         for block_rows in _run_blocks(cfg, device, keys, parent_id, parent.info.experiment_id, progress):
             rows += block_rows
+            client.log_metric(parent_id, PROGRESS_METRIC, len(rows) / len(hashes), step=len(rows))  # the UI's bar
             failed = [row for row in block_rows if not row.finished]
             if failed and cfg.fail_fast:
                 raise AltrackError(f"{failed[0].run_id} failed: {failed[0].error} (--fail-fast)")

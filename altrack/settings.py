@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -57,7 +58,7 @@ class Rule:
         if value is None and self.optional:
             return value
         if not _is(self.kind, value):
-            raise ConfigError(f"{label} must be {_TYPE_WORDS[self.kind]}, got {value!r}")
+            raise ConfigError(f"{label} must be {_TYPE_WORDS[self.kind]}, got {reprlib.repr(value)}")
         if self.kind is float:
             value = float(value)
         if self.convert is not None:

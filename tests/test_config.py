@@ -6,6 +6,7 @@ import pytest
 
 from altrack.config import GridConfig
 from altrack.errors import ConfigError
+from altrack.grid import slow_warnings
 from altrack.settings import Settings
 
 
@@ -63,3 +64,10 @@ def test_paper_defaults():
 
 def test_budget_equal_to_the_train_split_is_allowed():
     GridConfig(budgets=(60000,), out=None)
+
+
+def test_a_grid_that_will_take_long_says_so_first():
+    assert slow_warnings(GridConfig(datasets=("mnist",), methods=("coreset",), budgets=(2000,))) == []
+    [warning] = slow_warnings(GridConfig(datasets=("mnist",), methods=("coreset", "random"), budgets=(2000, 50000)))
+    assert "k''=10000" in warning and "k=50000" in warning
+    assert slow_warnings(GridConfig(datasets=("mnist",), methods=("random",), budgets=(50000,))) == []

@@ -77,6 +77,11 @@ def test_a_binary_or_bottomless_spec_is_refused_in_one_line(tmp_path):
         load_spec(binary)
     with pytest.raises(ConfigError, match="nested too deeply"):
         load_spec(_spec(tmp_path, "study_name: " + "[" * 20000 + "]" * 20000 + "\n"))
+    pairs = zip("abcdefgh", "bcdefghi", strict=True)
+    levels = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in pairs)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + levels
+    with pytest.raises(ConfigError, match=r"line 2\): aliases \(\*name\) are not allowed"):  # billion laughs
+        load_spec(_spec(tmp_path, bomb + "study_name: *i\n"))
 
 
 def test_bad_spec_on_the_cli_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):

@@ -40,6 +40,7 @@ def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_stor
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["methods"] == "coreset,random"
+    assert parent.data.metrics["progress/runs_done"] == 1.0  # the share of its runs done, as it ran
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {report.PNG_NAME, report.TXT_NAME} <= parent_files
     assert {p.name for p in outcome.report_paths} >= {report.PNG_NAME, report.TXT_NAME}

@@ -204,7 +204,15 @@ def _validate(spec: SweepSpec, where: str) -> None:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice (YAML's default: the last one silently wins)."""
+    """safe_load that refuses a key given twice (YAML's default: the last one silently wins) and
+    any alias (``*name``): a spec needs none, and aliases are how a few lines expand to gigabytes."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a spec",
+                                              event.start_mark)  # fmt: skip
+        return super().compose_node(parent, index)
 
 
 def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -238,7 +246,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", "")
-        detail = f": {problem}" if problem and "twice" in str(problem) else ""
+        detail = f": {problem}" if problem and ("twice" in str(problem) or "alias" in str(problem)) else ""
         raise ConfigError(f"{where}: not valid YAML{line}{detail}") from None
     except RecursionError:
         raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
