@@ -151,6 +151,8 @@ def cli() -> None:
               help="Models trained together at most (0: 64 on a GPU, 16 on a CPU; CifarNet 1 on a CPU).")  # fmt: skip
 @click.option("--memory-cap", type=float, default=None,
               help="GiB the stacked models may take [default: a quarter of the device's free memory].")  # fmt: skip
+@click.option("--system-metrics", is_flag=True,
+              help="MLflow samples CPU, memory (and GPU) use into the parent run (needs psutil).")  # fmt: skip
 @slurm_options
 @click.option("--detach", is_flag=True, help="slurm: submit, print the parent run id and return.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -86,6 +86,7 @@ class GridConfig:
     executor: str = "local"  # or "slurm": blocks as Slurm array tasks (altrack.slurm)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     detach: bool = False  # slurm: submit, print the parent run id and return
+    system_metrics: bool = False  # MLflow samples CPU, memory and GPU use into the parent run
 
     def __post_init__(self) -> None:
         for values, what in ((self.datasets, "dataset"), (self.methods, "method"), (self.budgets, "budget")):

@@ -29,6 +29,7 @@ from altrack.slurm import TaskOutcome, job_alive, require_shared_store, slurm_ta
 from altrack.tracking.query import finished_rows, get_run, rows_from_mlflow
 from altrack.tracking.runs import (
     LiveLosses,
+    check_system_metrics,
     check_tracking_store,
     claim_runs,
     close_dead_runs,
@@ -120,11 +121,13 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     if slurm:  # the jobs log to a shared server, and Slurm must accept them
         require_shared_store(mlflow.get_tracking_uri())
         cfg.slurm.check_partition()
+    if cfg.system_metrics:
+        check_system_metrics()
     check_tracking_store()  # then the store, still before any training
     for warning in slow_warnings(cfg):
         say(warning)
     tags = {KIND_TAG: KIND_GRID, COMMAND_TAG: redact(" ".join(sys.argv)), **owner_tags()}
-    with start_parent(cfg.experiment, KIND_GRID, tags) as parent, heartbeat(parent.info.run_id):
+    with start_parent(cfg.experiment, KIND_GRID, tags, cfg.system_metrics) as parent, heartbeat(parent.info.run_id):
         parent_id = parent.info.run_id
         log_new_params(parent_id, grid_params(cfg, device))
         close_dead_runs(parent.info.experiment_id)

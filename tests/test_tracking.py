@@ -210,3 +210,13 @@ def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir
     assert [m.step for m in history] == list(range(25))
     stamps = [m.timestamp for m in history]
     assert all(b > a for a, b in zip(stamps, stamps[1:], strict=False))
+
+
+def test_system_metrics_are_sampled_into_the_parent(data_dir, mlflow_store, tmp_path, monkeypatch):
+    pytest.importorskip("psutil", reason="psutil (the test extra) samples the system metrics")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    outcome = run_grid(_cfg(data_dir, None, methods=("random",), system_metrics=True), progress=False)
+    metrics = MlflowClient().get_run(outcome.parent_run_id).data.metrics
+    assert any(name.startswith("system/cpu") for name in metrics), sorted(metrics)
+    assert any(name.startswith("system/system_memory") for name in metrics), sorted(metrics)

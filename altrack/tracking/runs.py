@@ -153,14 +153,26 @@ def under_project_run() -> bool:
     return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
-def start_parent(experiment: str | None, run_name: str, tags: dict | None = None) -> mlflow.ActiveRun:
-    """The invocation's parent run; under ``mlflow run``, the run the launcher created."""
+def start_parent(
+    experiment: str | None, run_name: str, tags: dict | None = None, system_metrics: bool = False
+) -> mlflow.ActiveRun:
+    """The invocation's parent run; under ``mlflow run``, the run the launcher created.
+    ``system_metrics``: MLflow samples CPU, memory (and GPU) use into it while it runs."""
+    logged = {"log_system_metrics": True} if system_metrics else {}
     if under_project_run():  # the launcher named it at random: name it as the CLI does
-        run = mlflow.start_run()
+        run = mlflow.start_run(**logged)
         mlflow.set_tags({MLFLOW_RUN_NAME: run_name, **(tags or {})})
         return run
     mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
-    return mlflow.start_run(run_name=run_name, tags=tags)
+    return mlflow.start_run(run_name=run_name, tags=tags, **logged)
+
+
+def check_system_metrics() -> None:
+    """``--system-metrics`` needs psutil (MLflow's sampler); ``ConfigError`` in one line if absent."""
+    try:
+        import psutil  # noqa: F401  # lazy: only asked for with --system-metrics
+    except ImportError as exc:
+        raise ConfigError("--system-metrics needs psutil: pip install psutil") from exc
 
 
 def log_new_params(run_id: str, params: dict) -> None:
