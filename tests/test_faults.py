@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import optuna
 import pytest
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from test_sweep import TINY_SPEC
+from test_sweep import TINY_SPEC, _spec
 
 from altrack.redaction import redact
 from altrack.tracking.tags import WORKER_ATTR
@@ -37,12 +36,6 @@ def _altrack(*args, env, cwd, timeout=300):
 
 def _journal(path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-
-
-def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 @pytest.mark.parametrize(
