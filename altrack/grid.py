@@ -341,11 +341,16 @@ def _run_blocks(
 def publish_report(rows: Sequence[ResultRow], out: str | None, resumed: int = 0) -> list[Path]:
     """Write the report to ``out`` (if given) and log it to the active run."""
     with tempfile.TemporaryDirectory(prefix="altrack-report-") as tmp:
-        report.write_report(rows, tmp, resumed)
+        written = report.write_report(rows, tmp, resumed)
         mlflow.log_artifacts(tmp)
         if out is None:
             return []
-        return report.write_report(rows, out, resumed)
+        try:
+            return report.install(written, Path(out))
+        except OSError as exc:
+            run = mlflow.active_run()
+            again = f"; 'altrack report --run-id {run.info.run_id} --out {out}' writes it again" if run else ""
+            raise AltrackError(f"cannot write the report to {out}: {exc.strerror or exc}{again}") from exc
 
 
 def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str | None) -> list[Path]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
+import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -169,6 +171,23 @@ def write_report(rows: Sequence[ResultRow], out_dir: str | Path, resumed: int = 
         if curves is not None:
             paths.insert(1, curves)
     return paths
+
+
+def install(paths: Sequence[Path], out: Path) -> list[Path]:
+    """Copy finished files into ``out``, each whole or not at all (a temp file, then a rename): a
+    full disk leaves no empty or half-written report behind. Raises ``OSError``."""
+    out.mkdir(parents=True, exist_ok=True)
+    installed = []
+    for path in paths:
+        target = out / path.name
+        partial = out / f".{path.name}.partial"
+        try:
+            shutil.copyfile(path, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        installed.append(target)
+    return installed
 
 
 def plot_selection(

@@ -211,3 +211,25 @@ def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.5)
     assert not any(_alive(p) for p in workers), "workers outlived their grid"
+
+
+@pytest.mark.slow
+def test_a_full_disk_for_the_report_is_one_line_and_leaves_no_half_written_file(data_dir, tmp_path):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(full)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        done = _altrack("run", "--methods", "random", "--budget", "100", "--epochs", "1", "--no-log-models",
+                        "--quiet", "--out", str(full / "out"), env=_env(data_dir, tmp_path), cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 1
+        ours = [line for line in done.stderr.splitlines() if line.startswith("altrack")]
+        assert len(ours) == 1 and "cannot write the report to" in ours[0] and "Traceback" not in done.stderr
+        assert "No space left on device" in done.stderr and "altrack report --run-id" in done.stderr
+        left = list((full / "out").iterdir()) if (full / "out").exists() else []
+        assert all(p.stat().st_size > 0 and not p.name.endswith(".partial") for p in left), left
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True)
