@@ -220,3 +220,26 @@ def test_system_metrics_are_sampled_into_the_parent(data_dir, mlflow_store, tmp_
     metrics = MlflowClient().get_run(outcome.parent_run_id).data.metrics
     assert any(name.startswith("system/cpu") for name in metrics), sorted(metrics)
     assert any(name.startswith("system/system_memory") for name in metrics), sorted(metrics)
+
+
+def test_a_dead_runs_half_logged_models_are_marked_failed(mlflow_store):
+    """SIGKILL during a model upload leaves it PENDING; the next invocation closes the run and
+    fails the model, so the Models tab does not show it uploading for ever."""
+    import subprocess
+
+    from mlflow.entities import LoggedModelStatus
+
+    from altrack.liveness import worker_id
+    from altrack.tracking.runs import close_dead_runs
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner = worker_id().rsplit(":", 1)[0] + f":{dead.pid}"
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
+    run = client.create_run(experiment_id, tags={"altrack.worker": owner})
+    model = client.create_logged_model(experiment_id=experiment_id, name="final_model", source_run_id=run.info.run_id)
+    assert model.status == LoggedModelStatus.PENDING
+    assert close_dead_runs(experiment_id) == 1
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert client.get_logged_model(model.model_id).status == LoggedModelStatus.FAILED

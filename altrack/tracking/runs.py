@@ -113,6 +113,19 @@ def heartbeat(run_id: str) -> Heartbeat:
     return Heartbeat(lambda now: client.set_tag(run_id, HEARTBEAT_TAG, f"{now:.0f}"))
 
 
+def fail_pending_models(client: MlflowClient, run: Run) -> int:
+    """Models a killed run was still uploading stay PENDING in the UI's Models tab for ever:
+    mark them FAILED. Returns how many."""
+    from mlflow.entities import LoggedModelStatus  # lazy: only dead runs need it
+
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id='{run.info.run_id}'")  # fmt: skip
+    pending = [m for m in models if m.status == LoggedModelStatus.PENDING]
+    for model in pending:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    return len(pending)
+
+
 def close_dead_runs(experiment_id: str) -> int:
     """Mark KILLED the RUNNING runs of this experiment whose owner has died (a SIGKILLed grid
     leaves its parent, and maybe one child, RUNNING; a cancelled Slurm task its runs). Returns
@@ -123,6 +136,7 @@ def close_dead_runs(experiment_id: str) -> int:
         if run_is_dead(run):
             owner = run.data.tags.get(SLURM_JOB_TAG) or run.data.tags.get(WORKER_TAG, "")
             client.set_tag(run.info.run_id, ERROR_TAG, f"{owner} died before the run ended")
+            fail_pending_models(client, run)
             client.set_terminated(run.info.run_id, status=KILLED)
             closed += 1
     return closed
