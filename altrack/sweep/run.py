@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
@@ -30,6 +31,7 @@ from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: 
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
 from altrack.protocol import threads_per_worker  # noqa: E402
 from altrack.redaction import redact  # noqa: E402
+from altrack.results import RUNNING  # noqa: E402
 from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
 from altrack.sweep.spec import SweepSpec  # noqa: E402
 from altrack.sweep.study import DEFAULT_STORAGE, open_storage, paper_baseline, validation_indices  # noqa: E402
@@ -40,6 +42,7 @@ from altrack.tracking.runs import (  # noqa: E402
     heartbeat,
     log_new_params,
     owner_tags,
+    run_is_dead,
     start_parent,
 )
 from altrack.tracking.tags import (  # noqa: E402
@@ -48,6 +51,7 @@ from altrack.tracking.tags import (  # noqa: E402
     COMMAND_TAG,
     KIND_SWEEP,
     KIND_TAG,
+    PARENT_ATTR,
     RETRY_OF_ATTR,
     RUN_ATTR,
     SLURM_JOB_TAG,
@@ -131,10 +135,15 @@ def run_sweep(
         STORAGE_TAG: redact(storage_label),
         **owner_tags(),
     }
-    with start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags) as parent, heartbeat(
-        parent.info.run_id
-    ):
+    earlier = _earlier_parent(study)
+    opened = (
+        mlflow.start_run(run_id=earlier, tags=tags)
+        if earlier
+        else start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags)
+    )
+    with opened as parent, heartbeat(parent.info.run_id):
         parent_id = parent.info.run_id
+        study.set_user_attr(PARENT_ATTR, parent_id)  # a resumed invocation goes on in this run
         close_dead_runs(parent.info.experiment_id)  # sweep parents of killed invocations
         log_new_params(
             parent_id,
@@ -184,6 +193,21 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")
+
+
+def _earlier_parent(study: optuna.Study) -> str | None:
+    """The MLflow parent run of the study's earlier invocations, when it still exists and no live
+    process holds it: a resumed sweep goes on in it instead of opening a second parent."""
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if not run_id:
+        return None
+    try:
+        run = MlflowClient().get_run(run_id)
+    except Exception:  # deleted, or another tracking store
+        return None
+    if run.info.lifecycle_stage != "active" or (run.info.status == RUNNING and not run_is_dead(run)):
+        return None
+    return run_id
 
 
 def _study_for(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str, new_study: bool) -> str:

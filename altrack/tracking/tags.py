@@ -47,6 +47,7 @@ RUN_ATTR = "altrack.mlflow_run_id"
 BASELINE_ATTR = "altrack.paper_baseline"
 RETRY_OF_ATTR = "altrack.retry_of"
 TEST_ACCURACY_ATTR = "test_accuracy"
+PARENT_ATTR = "altrack.mlflow_parent_run_id"  # study attribute: the sweep's MLflow parent run
 SPEC_ATTR = "altrack.spec"  # study attribute: the spec fingerprint its trials were made from
 HEARTBEAT_ATTR = "altrack.heartbeat"  # trial attribute: when its worker last said it was alive (epoch s)
 
