@@ -129,7 +129,9 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     trials = [r for r in _trial_runs(outcome.parent_run_id) if r.info.status == "FINISHED"]
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == sorted(t.number for t in complete)
     for run in trials:
-        assert {"objective", "val_accuracy", "test_accuracy", "val_accuracy_seed0"} <= set(run.data.metrics)
+        assert {"objective", "val_accuracy", "test_accuracy", "per_seed/val_accuracy"} <= set(run.data.metrics)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "per_seed/val_accuracy")]
+        assert steps == list(range(len(spec.seeds)))
         assert len(_trial_runs(run.info.run_id)) == 1  # the protocol run nests under its trial
 
     again = run_sweep(spec, n_trials=4, workers=1, **common)  # resume: one more, not four more

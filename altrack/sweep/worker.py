@@ -132,9 +132,12 @@ class Worker:
                     raise TrainingDiverged(result.error or "training failed")
                 val.append(result.val_accuracy)
                 test.append(result.test_accuracy)
-                mlflow.log_metrics({f"val_accuracy_seed{seed}": val[-1], f"test_accuracy_seed{seed}": test[-1]})
+                # one metric per quantity, a step per seed: the UI then compares trials on objective,
+                # not on whichever per-seed name sorts first
+                per_seed = {"per_seed/val_accuracy": val[-1], "per_seed/test_accuracy": test[-1]}
                 if "lam" in result.selection.info:
-                    mlflow.log_metric(f"lam_used_seed{seed}", result.selection.info["lam"])
+                    per_seed["per_seed/lam_used"] = result.selection.info["lam"]
+                mlflow.log_metrics(per_seed, step=len(val) - 1)
             value = float(np.mean(val))
             mlflow.log_metrics(
                 {

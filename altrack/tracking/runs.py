@@ -208,8 +208,7 @@ def run_params(result: RunResult) -> dict:
         "seed": key.seed,
         "n_seed": settings.n_seed(key.budget),
         "n_select": settings.n_select(key.budget),
-        "device": result.device,
-        "config_hash": result.config_hash,
+        "device": result.device,  # the config hash is a tag (altrack.config_hash), not a param to plot
         "torch_version": torch.__version__,
         **settings.as_params(),
     }
