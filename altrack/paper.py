@@ -282,8 +282,9 @@ def ablation_runs(parent_ids: Sequence[str]) -> list[AblationRun]:
         for run in search(experiment, query):
             row = row_of(run)
             if row is not None and row.finished:
-                runs.append(AblationRun(row, float(run.data.params.get("lam_used", "nan")),
-                                        run.data.metrics.get("selection_distance_share", float("nan"))))  # fmt: skip
+                metrics = run.data.metrics  # runs logged before 2026-11-26 say selection_distance_share
+                share = metrics.get("selection/distance_share", metrics.get("selection_distance_share", float("nan")))
+                runs.append(AblationRun(row, float(run.data.params.get("lam_used", "nan")), share))
     return runs
 
 

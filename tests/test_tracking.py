@@ -52,8 +52,8 @@ def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_stor
     params, metrics = coreset.data.params, coreset.data.metrics
     assert params["n_seed"] == "20" and params["n_clusters"] == "20" and params["lam"] == "auto"
     assert float(params["lam_used"]) >= 0 and params["device"] == "cpu"
-    for name in ("test_accuracy", "test_loss", "seed_test_accuracy", "selection_seconds", "final_train_seconds",
-                 "seed_train_seconds"):  # fmt: skip
+    for name in ("test_accuracy", "test_loss", "seed_test_accuracy", "time/selection_seconds",
+                 "time/final_train_seconds", "time/seed_train_seconds", "selection/distance_share"):  # fmt: skip
         assert np.isfinite(metrics[name]), name
     history = client.get_metric_history(coreset.info.run_id, "seed_train_loss")
     assert sorted(m.step for m in history) == [0, 1]

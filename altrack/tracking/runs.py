@@ -230,15 +230,18 @@ def _run_metrics(result: RunResult, live: bool = False) -> list[Metric]:
             metrics += [Metric(SEED_LOSS_METRIC, v, now, i) for i, v in enumerate(stage.epoch_losses)]
     if not live:
         metrics += [Metric(LOSS_METRIC, v, now, i) for i, v in enumerate(result.final_epoch_losses)]
-    metrics += [Metric(k, v, now, 0) for k, v in result.timings.items()]
+    # grouped by prefix, so the UI puts the timings and the selector's figures in sections of their own
+    metrics += [Metric(f"{TIME_PREFIX}{k}", v, now, 0) for k, v in result.timings.items()]
     if result.selection is not None:
         for k, v in result.selection.info.items():
             if isinstance(v, int | float) and k != "lam":
-                metrics.append(Metric(f"selection_{k}", float(v), now, 0))
+                metrics.append(Metric(f"{SELECTION_PREFIX}{k}", float(v), now, 0))
     return [m for m in metrics if np.isfinite(m.value)]
 
 
 LOSS_METRIC = "train_loss"  # the final model's, one step per epoch
+TIME_PREFIX = "time/"  # time/selection_seconds, time/seed_train_seconds, time/final_train_seconds
+SELECTION_PREFIX = "selection/"  # the selector's own figures: selection/distance_share, ...
 SEED_LOSS_METRIC = "seed_train_loss"  # the seed model M's, one step per epoch
 
 
