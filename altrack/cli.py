@@ -74,7 +74,9 @@ def slurm_options(f: Callable) -> Callable:
         click.option("--executor", type=click.Choice(("local", "slurm")), default="local", show_default=True,
                      help="local: processes on this machine; slurm: Slurm jobs through submitit."),
         click.option("--executor-config", type=click.Path(dir_okay=False), default=None,
-                     help="YAML file of Slurm settings (the names below, with _); flags override it."),
+                     help="YAML file of Slurm settings: partition, time_limit, cpus_per_task, gpus_per_task, "
+                          "mem_gb, array_parallelism, blocks_per_task, log_dir, sbatch, shared_filesystem; "
+                          "flags override it."),
         click.option("--partition", default=None, help="Slurm partition [default: the cluster's]."),
         click.option("--time-limit", type=int, default=None, help="Minutes per Slurm job [default: 60]."),
         click.option("--cpus-per-task", type=int, default=None, help="Cores per Slurm job [default: 2]."),
@@ -95,13 +97,19 @@ def slurm_options(f: Callable) -> Callable:
     return f
 
 
-def _slurm_config(opts: dict) -> object:
-    """The ``SlurmConfig`` from ``--executor-config`` and the Slurm flags, popped from ``opts``."""
+def _slurm_config(opts: dict, executor: str) -> object:
+    """The ``SlurmConfig`` from ``--executor-config`` and the Slurm flags, popped from ``opts``.
+    Slurm settings without ``--executor slurm`` are refused rather than silently ignored."""
     from altrack.slurm import load_slurm_config  # lazy: keeps --help quick
 
     path = opts.pop("executor_config")
     values = {name: opts.pop(name) for name in SLURM_FLAGS}
     values["log_dir"] = values.pop("slurm_log_dir")
+    given = [name for name, value in values.items() if value not in (None, ())]
+    if executor != "slurm" and (given or path):
+        flag = "slurm_log_dir" if given and given[0] == "log_dir" else (given[0] if given else "")
+        option = "--executor-config" if path else "--" + flag.replace("_", "-")
+        raise click.UsageError(f"{option} needs --executor slurm")
     return load_slurm_config(path, values)
 
 
@@ -161,7 +169,7 @@ def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     from altrack.config import GridConfig  # lazy, and light: bad input is refused before torch loads
 
     settings = Settings(**{name: opts.pop(name) for name in SETTINGS_RULES})  # type: ignore[arg-type]
-    slurm = _slurm_config(opts)
+    slurm = _slurm_config(opts, str(opts["executor"]))
     cfg = GridConfig(datasets=_split(datasets), methods=_methods(methods), settings=settings, slurm=slurm, **opts)  # type: ignore[arg-type]
     from altrack import report  # lazy: torch, matplotlib and MLflow load only for a real run
     from altrack.grid import run_grid
@@ -242,7 +250,7 @@ def report_cmd(
               help="Optuna storage URL or journal file [default: altrack-optuna.journal].")  # fmt: skip
 @click.option("--study-name", default=None, callback=_blank_is_none, help="[default: the spec's study_name]")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Processes on this machine sharing the storage.")  # fmt: skip
+              help="Processes sharing the storage: on this machine, or Slurm jobs with --executor slurm.")  # fmt: skip
 @experiment_option("MLflow experiment [default: the spec's, else altrack].")
 @data_dir_option
 @click.option("--cache-dir", default=None, callback=_blank_is_none,
@@ -263,7 +271,7 @@ def sweep(
     **opts: object,
 ) -> None:
     """Optuna study over cluster_ratio, seed_ratio and lam; resumes when re-run."""
-    slurm = _slurm_config(opts)
+    slurm = _slurm_config(opts, executor)
     from altrack.sweep.spec import load_spec  # lazy, and light: a bad spec is refused before torch loads
 
     spec = load_spec(spec_path)

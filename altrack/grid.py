@@ -202,6 +202,7 @@ def _wait_for_others(
             query = f"tags.`{HASH_TAG}` = '{config_hash}' and attributes.status = '{RUNNING}'"
             alive = alive or any(not run_is_dead(r) for r in client.search_runs([experiment_id], query))
         if not alive:
+            say(f"{len(pending)} of them ended without finishing (their process died); rerun to do them")
             return found
         time.sleep(2)
 
@@ -283,7 +284,8 @@ def run_logged_block(
         for method in methods:
             key = RunKey(dataset, method, budget, seed)
             wanted.append((key, key.config_hash(cfg.settings, ident), group))
-    claimed = claim_runs(parent_id, experiment_id, wanted, tags or {})
+    since = 0 if cfg.resume else MlflowClient().get_run(parent_id).info.start_time  # --no-resume: redo old runs
+    claimed = claim_runs(parent_id, experiment_id, wanted, tags or {}, since)
     todo = tuple(seed for seed in seeds if any(key.seed == seed for key in claimed))
     if not todo:
         return []
@@ -329,11 +331,14 @@ def _run_blocks(
         with ProcessPoolExecutor(cfg.workers, mp_context=context, **init) as pool:
             futures = {pool.submit(_block_worker, cfg, device, block, parent_id, experiment_id, uri): block
                        for block in work}  # fmt: skip
-            for future in as_completed(futures):
-                rows = future.result()
-                dataset, budget, seeds, methods = futures[future]
-                bar.runs.update(len(seeds) * len(methods))
-                yield rows
+            try:
+                for future in as_completed(futures):
+                    rows = future.result()
+                    dataset, budget, seeds, methods = futures[future]
+                    bar.runs.update(len(seeds) * len(methods))
+                    yield rows
+            finally:  # --fail-fast or an error: the blocks not started yet never start
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
 
@@ -375,7 +380,11 @@ def close_detached(parent_run_id: str) -> None:
     client = MlflowClient()
     parent = get_run(parent_run_id, client)
     tags = parent.data.tags
-    if parent.info.status != RUNNING or tags.get(DETACHED_TAG) != "true" or job_alive(tags.get(SLURM_JOB_TAG, "")):
+    if parent.info.status != RUNNING or tags.get(DETACHED_TAG) != "true":
+        return
+    if job_alive(tags.get(SLURM_JOB_TAG, "")):
+        print(f"Slurm job {tags.get(SLURM_JOB_TAG)} is still queued or running (or squeue cannot tell): a partial "
+              "report; the parent stays open until the job has left the queue", file=sys.stderr)  # fmt: skip
         return
     kill_running_children(client, parent_run_id, parent.info.experiment_id, "its Slurm task ended before the run did")
     rows = rows_from_mlflow(parent_run_id, None)

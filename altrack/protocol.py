@@ -65,9 +65,10 @@ class Fit:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes the device can still give: CUDA's free memory, else the host's available memory."""
+    """Bytes the device can still give: CUDA's free memory, else the host's available memory.
+    A Slurm launcher plans CUDA blocks without a GPU of its own: it assumes 16 GiB free."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else 16 << 30
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

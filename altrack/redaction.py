@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import re
 
-SECRET_PARAMS = ("password", "passwd", "pass", "pwd", "token", "secret", "api_key", "apikey")
+SECRET_PARAMS = ("password", "passwd", "pass", "pwd", "token", "secret", "key")
 MASK = "***"
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/?#@\s]*):(?P<pw>[^@/?#\s]*)@")
-_QUERY = re.compile(r"(?P<key>[?&;](?:" + "|".join(SECRET_PARAMS) + r")=)(?P<value>[^&#\s'\"]*)", re.IGNORECASE)
+# the password runs to the *last* @ before the host, so a raw @ inside it does not leak its tail
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/?#@\s]*):(?P<pw>[^/?#\s]*)@")
+# any key that is, or ends in, a secret's name: password, access_token, client_secret, api_key, ...
+_QUERY = re.compile(r"(?P<key>[?&;][\w.-]*?(?:" + "|".join(SECRET_PARAMS) + r")=)(?P<value>[^&#\s'\"]*)",
+                    re.IGNORECASE)  # fmt: skip
 
 
 def redact(text: str) -> str:

@@ -54,6 +54,7 @@ BAD_INPUT = [
     (["--lam", "auto*0"], "--lam: must be"),
     (["--runs", "x"], "'x' is not a valid integer"),
     (["--data-dir", "/nonexistent/x"], "data folder /nonexistent/x does not exist"),
+    (["--partition", "gpu"], "--partition needs --executor slurm"),
 ]
 
 

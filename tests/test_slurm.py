@@ -140,7 +140,7 @@ def test_a_partition_slurm_does_not_know_is_refused_before_anything_is_written(c
         ((), None, "needs a shared MLflow tracking server"),
         (("--executor", "nomad"), None, "'nomad' is not one of"),
         ((), "partition: [debug\n", "executor file"),
-        ((), "array_parallelism: 0\n", "array_parallelism must be >= 1"),
+        ((), "array_parallelism: 0\n", "--array-parallelism (array_parallelism) must be >= 1"),
         ((), "colour: blue\n", "unknown Slurm setting 'colour'"),
     ],
 )

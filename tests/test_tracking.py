@@ -243,3 +243,13 @@ def test_a_dead_runs_half_logged_models_are_marked_failed(mlflow_store):
     assert close_dead_runs(experiment_id) == 1
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert client.get_logged_model(model.model_id).status == LoggedModelStatus.FAILED
+
+
+def test_no_resume_reruns_what_an_earlier_invocation_finished(data_dir, mlflow_store):
+    """Claims leave a run FINISHED by an earlier invocation alone only when resuming."""
+    first = run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
+    again = run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
+    fresh = run_grid(_cfg(data_dir, None, methods=("random",), resume=False), progress=False)
+    assert again.resumed == 1 and fresh.resumed == 0
+    assert fresh.rows[0].run_id not in {first.rows[0].run_id}
+    assert _children(fresh.parent_run_id)[0].info.status == "FINISHED"

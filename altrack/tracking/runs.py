@@ -34,6 +34,7 @@ from altrack.slurm import job_alive
 from altrack.stores import probe
 from altrack.tracking.tags import (
     DEFAULT_EXPERIMENT,
+    DETACHED_TAG,
     ERROR_TAG,
     GROUP_TAG,
     HASH_TAG,
@@ -103,7 +104,16 @@ def run_is_dead(run: Run) -> bool:
         return not job_alive(f"{job}_{task}" if task else job)
     owner = tags.get(WORKER_TAG, "")
     beat = tags.get(HEARTBEAT_TAG)
-    return (bool(owner) and is_dead(owner)) or (beat is not None and is_stale(float(beat)))
+    if (bool(owner) and is_dead(owner)) or (beat is not None and is_stale(float(beat))):
+        return True
+    parent_id = tags.get(MLFLOW_PARENT_RUN_ID)
+    if beat is None and parent_id:  # a child lives while its parent does (the parent heart-beats)
+        try:
+            parent = MlflowClient().get_run(parent_id)
+        except Exception:  # the parent is gone from the store
+            return True
+        return parent.info.status != RUNNING or run_is_dead(parent)
+    return False
 
 
 def heartbeat(run_id: str) -> Heartbeat:
@@ -133,6 +143,8 @@ def close_dead_runs(experiment_id: str) -> int:
     client = MlflowClient()
     closed = 0
     for run in client.search_runs([experiment_id], f"attributes.status = '{RUNNING}'", max_results=5000):
+        if run.data.tags.get(DETACHED_TAG) == "true":  # 'altrack report --run-id' closes it, with its report
+            continue
         if run_is_dead(run):
             owner = run.data.tags.get(SLURM_JOB_TAG) or run.data.tags.get(WORKER_TAG, "")
             client.set_tag(run.info.run_id, ERROR_TAG, f"{owner} died before the run ended")
@@ -320,15 +332,20 @@ def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> 
 
 
 def claim_runs(
-    parent_run_id: str, experiment_id: str, wanted: Sequence[tuple[object, str, str]], tags: dict[str, str]
+    parent_run_id: str,
+    experiment_id: str,
+    wanted: Sequence[tuple[object, str, str]],
+    tags: dict[str, str],
+    finished_since: int = 0,
 ) -> dict[object, str]:
     """Open a RUNNING child run for each wanted (key, config hash, group hash) before its work
     starts, and keep only those no other live process has claimed: two identical commands at
     once then do each run once. Returns {key: run id} of the runs this process owns.
 
     Claims are made first and compared after: of several RUNNING claims of one hash, the oldest
-    (start time, then run id) whose owner lives wins; a FINISHED run of the hash beats them all.
-    Losing claims are deleted."""
+    (start time, then run id) whose owner lives wins; a FINISHED run of the hash started after
+    ``finished_since`` (ms; 0: any, as a resume wants; the parent's start under --no-resume)
+    beats them all. Losing claims are deleted."""
     client = MlflowClient()
     mine: dict[str, tuple[object, Run]] = {}
     for key, config_hash, group in wanted:
@@ -343,7 +360,7 @@ def claim_runs(
             order = (run.info.start_time, run.info.run_id)
             others = [r for r in rivals if r.data.tags.get(HASH_TAG) == config_hash and r is not run]
             others = [r for r in others if r.info.run_id != run.info.run_id]
-            taken = any(r.info.status == FINISHED for r in others) or any(
+            taken = any(r.info.status == FINISHED and r.info.start_time >= finished_since for r in others) or any(
                 r.info.status == RUNNING and (r.info.start_time, r.info.run_id) < order and not run_is_dead(r)
                 for r in others
             )
@@ -363,21 +380,23 @@ DATA_SOURCES = {  # where each dataset comes from; the digest pins the exact arr
 
 def rerun_command(result: RunResult) -> str:
     """The ``altrack run`` that does this run alone, with the same result (grouping never matters)."""
-    key, s = result.key, result.settings
+    key, s = result.key, result.settings  # floats as repr: exactly the values that were run
     return (f"altrack run --datasets {key.dataset} --methods {key.method} --budget {key.budget} --seed {key.seed} "
-            f"--runs 1 --epochs {s.epochs} --batch-size {s.batch_size} --lr {s.lr:g} --seed-ratio {s.seed_ratio:g} "
-            f"--cluster-ratio {s.cluster_ratio:g} --lam {s.lam} --coreset-space {s.coreset_space} "
+            f"--runs 1 --epochs {s.epochs} --batch-size {s.batch_size} --lr {s.lr!r} --seed-ratio {s.seed_ratio!r} "
+            f"--cluster-ratio {s.cluster_ratio!r} --lam {s.lam!r} --coreset-space {s.coreset_space} "
             f"--{'weighted' if s.weighted else 'unweighted'} --device {result.device.split(':')[0]}")  # fmt: skip
 
 
-def _log_lineage(client: MlflowClient, run_id: str, result: RunResult) -> None:
+def _log_lineage(client: MlflowClient, run_id: str, result: RunResult, kind: str) -> None:
     """What produced the run and how to redo it: the commit, versions, the rerun command, and the
     data as MLflow dataset inputs (the train split, and the labelled subset derived from it)."""
     from mlflow.data.http_dataset_source import HTTPDatasetSource  # lazy: only real runs log inputs
     from mlflow.data.meta_dataset import MetaDataset
 
     ident = result.identity
-    tags = {RERUN_TAG: rerun_command(result), VERSION_TAG: ident.get("altrack", ""), "torch_version": ident["torch"]}
+    tags = {VERSION_TAG: ident.get("altrack", ""), "torch_version": ident["torch"]}
+    if kind == KIND_PROTOCOL:  # a sweep's runs train without its validation split: no grid command redoes them
+        tags[RERUN_TAG] = rerun_command(result)
     if ident.get("git_commit"):
         tags[MLFLOW_GIT_COMMIT] = ident["git_commit"]
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -426,7 +445,7 @@ def log_run(
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]
         client.log_batch(run_id, params=params)
-        _log_lineage(client, run_id, result)
+        _log_lineage(client, run_id, result, kind)
         if result.status != FINISHED:
             client.log_batch(run_id, metrics=_run_metrics(result, live),
                              tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])  # fmt: skip
