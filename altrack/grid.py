@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -20,6 +19,7 @@ from altrack import report
 from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
+from altrack.liveness import clean_stale_temp_dirs, temp_dir
 from altrack.protocol import Progress, grid_blocks, init_worker, run_block, stack_limit, threads_per_worker
 from altrack.provenance import identity
 from altrack.redaction import redact
@@ -124,6 +124,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     if cfg.system_metrics:
         check_system_metrics()
     check_tracking_store()  # then the store, still before any training
+    clean_stale_temp_dirs()  # what SIGKILLed invocations left in /tmp
     for warning in slow_warnings(cfg):
         say(warning)
     tags = {KIND_TAG: KIND_GRID, COMMAND_TAG: redact(" ".join(sys.argv)), **owner_tags()}
@@ -138,7 +139,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         if done:
             experiment = mlflow.get_experiment(parent.info.experiment_id).name
             say(f"reusing {len(done)} finished runs from {experiment}; --no-resume to rerun")
-            with tempfile.TemporaryDirectory(prefix="altrack-resumed-") as tmp:
+            with temp_dir("resumed") as tmp:
                 report.write_rows_csv(rows, Path(tmp) / RESUMED_RUNS_CSV)
                 mlflow.log_artifacts(tmp)
         skip = frozenset(hashes[h] for h in done)
@@ -176,7 +177,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
             theirs = _wait_for_others(parent.info.experiment_id, others, say)
             rows += list(theirs.values())
             done.update(theirs)
-            with tempfile.TemporaryDirectory(prefix="altrack-resumed-") as tmp:
+            with temp_dir("resumed") as tmp:
                 report.write_rows_csv(list(done.values()), Path(tmp) / RESUMED_RUNS_CSV)
                 mlflow.log_artifacts(tmp)
         paths = publish_report(rows, cfg.out, resumed=len(done))
@@ -345,7 +346,7 @@ def _run_blocks(
 
 def publish_report(rows: Sequence[ResultRow], out: str | None, resumed: int = 0) -> list[Path]:
     """Write the report to ``out`` (if given) and log it to the active run."""
-    with tempfile.TemporaryDirectory(prefix="altrack-report-") as tmp:
+    with temp_dir("report") as tmp:
         written = report.write_report(rows, tmp, resumed)
         mlflow.log_artifacts(tmp)
         if out is None:
@@ -390,7 +391,7 @@ def close_detached(parent_run_id: str) -> None:
     rows = rows_from_mlflow(parent_run_id, None)
     finished = sum(r.finished for r in rows)
     with mlflow.start_run(run_id=parent_run_id):
-        with tempfile.TemporaryDirectory(prefix="altrack-report-") as tmp:
+        with temp_dir("report") as tmp:
             report.write_report(rows, tmp)
             mlflow.log_artifacts(tmp)
         mlflow.set_tags({RUNS_FINISHED_TAG: finished, RUNS_FAILED_TAG: len(rows) - finished})

@@ -16,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 DEFAULT_GRACE_SECONDS = 90.0
 PR_SET_PDEATHSIG = 1
@@ -84,6 +88,29 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # it died before the signal was armed
         os._exit(1)
+
+
+TEMP_PREFIX = "altrack-"
+
+
+def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A temp folder named by its owner (``altrack-<pidns>-<pid>-<kind>-…``), so that one a
+    SIGKILLed process leaves behind can be told from one a live process is using."""
+    return tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{_pid_namespace()}-{os.getpid()}-{kind}-")
+
+
+def clean_stale_temp_dirs() -> int:
+    """Delete the altrack temp folders whose owner (this pid namespace) is gone; returns how many."""
+    pattern = re.compile(rf"{TEMP_PREFIX}(?P<ns>\d+)-(?P<pid>\d+)-")
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        found = pattern.match(path.name)
+        if found is None or found["ns"] != _pid_namespace() or int(found["pid"]) == os.getpid():
+            continue
+        if path.is_dir() and not pid_alive(int(found["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def is_stale(last_beat: float | None, grace: float | None = None) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import tempfile
 from dataclasses import dataclass
 
 import mlflow
@@ -13,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from altrack.data import load_dataset, resolve_device, set_determinism
 from altrack.errors import AltrackError
+from altrack.liveness import temp_dir
 from altrack.protocol import FINAL_INIT, FINAL_ORDER, fit
 from altrack.results import FINISHED
 from altrack.settings import Settings
@@ -64,7 +64,7 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
             f"run {run_id} trained on {wanted}, which this machine lacks; pass --device cpu (not bit-exact)"
         ) from None
     set_determinism(resolved)
-    with tempfile.TemporaryDirectory(prefix="altrack-replay-") as tmp:
+    with temp_dir("replay") as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selected_indices.npy", dst_path=tmp)
         selected = np.load(path, allow_pickle=False).astype(np.int64)
         weights = _replay_weights(run_id, tmp) if settings.weighted else None

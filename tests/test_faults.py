@@ -9,16 +9,21 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from test_sweep import TINY_SPEC, _spec
 
+from altrack.liveness import clean_stale_temp_dirs, temp_dir
 from altrack.redaction import redact
+from altrack.tracking.runs import close_dead_runs
 from altrack.tracking.tags import WORKER_ATTR
 
 
@@ -233,3 +238,45 @@ def test_a_full_disk_for_the_report_is_one_line_and_leaves_no_half_written_file(
         assert all(p.stat().st_size > 0 and not p.name.endswith(".partial") for p in left), left
     finally:
         subprocess.run(["umount", str(full)], capture_output=True)
+
+
+def test_temp_folders_of_dead_owners_are_cleaned_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    namespace = os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    stale = Path(tempfile.gettempdir()) / f"altrack-{namespace}-{dead.pid}-run-x1"
+    stale.mkdir()
+    (stale / "selection.png").write_bytes(b"left by a SIGKILL")
+    with temp_dir("run") as mine:
+        assert clean_stale_temp_dirs() >= 1
+        assert not stale.exists() and Path(mine).exists()
+
+
+@pytest.mark.slow
+def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_path):
+    """Same hostname, its own pid namespace (a container): its pid means nothing out here, so a
+    process out here must not mark its RUNNING parent KILLED."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid is not permitted here: {probe.stderr.strip()}")
+    env = _env(data_dir, tmp_path)
+    command = ["unshare", "--pid", "--fork", sys.executable, "-m", "altrack", "run", "--methods", "random",
+               "--budget", "500", "--epochs", "60", "--no-log-models", "--quiet", "--experiment", "ns"]  # fmt: skip
+    grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    deadline = time.monotonic() + 120
+    parent = None
+    while parent is None and time.monotonic() < deadline and grid.poll() is None:
+        experiment = client.get_experiment_by_name("ns") if (tmp_path / "m.db").exists() else None
+        if experiment is not None:
+            found = client.search_runs([experiment.experiment_id], "tags.`altrack.kind` = 'grid'")
+            parent = found[0] if found else None
+        time.sleep(0.3)
+    assert parent is not None, "the namespaced grid never opened its parent"
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    assert close_dead_runs(parent.info.experiment_id) == 0  # its owner pid is not ours to judge
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+    grid.kill()
+    grid.wait()

@@ -13,6 +13,7 @@ import textwrap
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from services import Unavailable, postgres
 from test_sweep import TINY_SPEC
@@ -57,3 +58,25 @@ def test_two_machines_share_a_postgres_study(postgres_url, data_dir, tmp_path):
     numbers = [t.number for t in study.trials]
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
     assert len(numbers) == len(set(numbers))
+
+
+def test_a_storage_password_never_reaches_tags_or_output_and_workers_stay_quiet(postgres_url, data_dir, tmp_path):
+    """A ``?password=`` storage URL (the server trusts, so any password works) is redacted in the
+    sweep's tags; two spawned workers print no Optuna INFO lines and no download bars."""
+    spec = tmp_path / "secret.yaml"
+    spec.write_text(textwrap.dedent(TINY_SPEC.replace("study_name: tiny", "study_name: secret")))
+    storage = f"{postgres_url}?password=S3cretPW"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "ALTRACK_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--storage", storage, "--workers", "2",
+               "--n-trials", "2", "--data-dir", str(data_dir), "--experiment", "secret"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "S3cretPW" not in done.stdout + done.stderr
+    assert "[I " not in done.stderr and "Downloading artifacts" not in done.stderr
+    client = MlflowClient(uri)
+    [parent] = client.search_runs([client.get_experiment_by_name("secret").experiment_id],
+                                  "tags.`altrack.kind` = 'sweep'")  # fmt: skip
+    for tag in ("optuna.storage", "altrack.command"):
+        assert "S3cretPW" not in parent.data.tags[tag] and "password=***" in parent.data.tags[tag]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from altrack import report  # noqa: E402
 from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
+from altrack.liveness import clean_stale_temp_dirs, temp_dir  # noqa: E402
 from altrack.protocol import threads_per_worker  # noqa: E402
 from altrack.redaction import redact  # noqa: E402
 from altrack.results import RUNNING  # noqa: E402
@@ -116,6 +116,7 @@ def run_sweep(
         raise ConfigError(f"--cache-dir {cache_dir!r} is not a writable directory")
     opened = open_storage(storage)  # an unreachable storage, then store, before either is written
     check_tracking_store()
+    clean_stale_temp_dirs()  # what SIGKILLed invocations left in /tmp
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = _study_for(spec, opened, study_name, new_study)
     study = optuna.create_study(study_name=study_name, storage=opened, direction=spec.direction, load_if_exists=True)
@@ -158,7 +159,7 @@ def run_sweep(
                 "seeds_per_trial": spec.seeds_per_trial,
             },
         )
-        with tempfile.TemporaryDirectory(prefix="altrack-sweep-") as tmp:
+        with temp_dir("sweep") as tmp:
             np.save(Path(tmp) / "validation_indices.npy", validation_indices(spec))
             Path(tmp, "spec.yaml").write_text(Path(spec.source).read_text() if Path(spec.source).exists() else "")
             mlflow.log_artifacts(tmp)
@@ -295,7 +296,7 @@ def plot_study(study: optuna.Study, folder: Path) -> list[Path]:
 
 def publish_sweep(study: optuna.Study) -> list[Path]:
     """trials.csv and Optuna's matplotlib plots, logged to the active (parent) run."""
-    with tempfile.TemporaryDirectory(prefix="altrack-sweep-report-") as tmp:
+    with temp_dir("sweep-report") as tmp:
         folder = Path(tmp)
         paths = [report.write_rows_csv(trials_table(study), folder / "trials.csv")]
         paths += plot_study(study, folder)

@@ -10,7 +10,6 @@ import csv
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
 from altrack import report
 from altrack.catalog import DATASETS
 from altrack.errors import AltrackError, ConfigError, first_line
-from altrack.liveness import Heartbeat, is_dead, is_stale, worker_id
+from altrack.liveness import Heartbeat, is_dead, is_stale, temp_dir, worker_id
 from altrack.protocol import RunResult
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, KILLED, RUNNING
@@ -452,7 +451,7 @@ def log_run(
             mlflow.end_run(status=FAILED)
             return run_id
         try:  # a run is FINISHED only with its artifacts; leaving this block by an error marks it FAILED
-            with tempfile.TemporaryDirectory(prefix="altrack-") as tmp:
+            with temp_dir("run") as tmp:
                 write_run_artifacts(result, Path(tmp))
                 mlflow.log_artifacts(tmp)
             on_model: set[str] = set()  # metrics already logged, attached to their model
