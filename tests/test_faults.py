@@ -280,3 +280,37 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"
     grid.kill()
     grid.wait()
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_leaves_no_workers_and_the_next_one_finishes_its_parent(data_dir, tmp_path):
+    journal = tmp_path / "study.journal"
+    spec = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 40"))
+    env = _env(data_dir, tmp_path)
+    command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--n-trials", "2", "--workers", "2",
+               "--storage", str(journal)]  # fmt: skip
+    sweep = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = [p for p in _children(sweep.pid) if "resource_tracker" not in _cmdline(p)]
+        time.sleep(0.5)
+    assert len(workers) >= 2, "the sweep never started its workers"
+    time.sleep(3)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in workers), "sweep workers went on alone"
+
+    quick = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 40"), "again.yaml")
+    again = _altrack("sweep", str(quick), "--n-trials", "2", "--storage", str(journal),
+                     env=_env(data_dir, tmp_path, ALTRACK_LIVENESS_GRACE="3"), cwd=tmp_path, timeout=400)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("altrack").experiment_id
+    parents = client.search_runs([experiment], "tags.`altrack.kind` = 'sweep'")
+    # the rerun goes on in the dead invocation's parent (the study remembers it) and ends it
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
