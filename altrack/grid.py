@@ -202,8 +202,11 @@ def _wait_for_others(
         for config_hash in pending:
             query = f"tags.`{HASH_TAG}` = '{config_hash}' and attributes.status = '{RUNNING}'"
             alive = alive or any(not run_is_dead(r) for r in client.search_runs([experiment_id], query))
-        if not alive:
-            say(f"{len(pending)} of them ended without finishing (their process died); rerun to do them")
+        if not alive:  # none RUNNING now: read once more, a run may have finished between the queries
+            found = finished_rows(experiment_id, set(others))
+            gone = len(others) - len(found)
+            if gone:
+                say(f"{gone} of them ended without finishing (their process died); rerun to do them")
             return found
         time.sleep(2)
 
