@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
 from altrack.liveness import clean_stale_temp_dirs, temp_dir
-from altrack.protocol import Progress, grid_blocks, init_worker, run_block, stack_limit, threads_per_worker
+from altrack.protocol import Progress, grid_blocks, map_in_workers, run_block, stack_limit
 from altrack.provenance import identity
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
@@ -139,9 +136,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         if done:
             experiment = mlflow.get_experiment(parent.info.experiment_id).name
             say(f"reusing {len(done)} finished runs from {experiment}; --no-resume to rerun")
-            with temp_dir("resumed") as tmp:
-                report.write_rows_csv(rows, Path(tmp) / RESUMED_RUNS_CSV)
-                mlflow.log_artifacts(tmp)
+            _log_resumed(rows)
         skip = frozenset(hashes[h] for h in done)
         if slurm:
             submitted = _submit(cfg, device, skip, parent_id)
@@ -154,9 +149,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
             else:
                 failures = _collect(submitted, parent_id, progress)
                 rows = rows_from_mlflow(parent_id)  # this parent's runs and the ones it reused
-                paths = publish_report(rows, cfg.out, resumed=len(done))
-                n_failed = sum(not r.finished for r in rows)
-                mlflow.set_tags({RUNS_FINISHED_TAG: len(rows) - n_failed, RUNS_FAILED_TAG: n_failed})
+                paths = _publish(rows, cfg.out, len(done))
                 if failures:
                     mlflow.end_run(FAILED)
                     raise AltrackError(f"{failures} of {len(submitted[0])} Slurm tasks failed (above); the report "
@@ -177,13 +170,24 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
             theirs = _wait_for_others(parent.info.experiment_id, others, say)
             rows += list(theirs.values())
             done.update(theirs)
-            with temp_dir("resumed") as tmp:
-                report.write_rows_csv(list(done.values()), Path(tmp) / RESUMED_RUNS_CSV)
-                mlflow.log_artifacts(tmp)
-        paths = publish_report(rows, cfg.out, resumed=len(done))
-        n_failed = sum(not r.finished for r in rows)
-        mlflow.set_tags({RUNS_FINISHED_TAG: len(rows) - n_failed, RUNS_FAILED_TAG: n_failed})
+            _log_resumed(list(done.values()))
+        paths = _publish(rows, cfg.out, len(done))
     return GridOutcome(parent_id, rows, paths, len(done))
+
+
+def _log_resumed(rows: list[ResultRow]) -> None:
+    """The rows reused from other invocations, as the active parent's ``resumed_runs.csv``."""
+    with temp_dir("resumed") as tmp:
+        report.write_rows_csv(rows, Path(tmp) / RESUMED_RUNS_CSV)
+        mlflow.log_artifacts(tmp)
+
+
+def _publish(rows: list[ResultRow], out: str | None, resumed: int) -> list[Path]:
+    """The report, and the finished and failed counts as the active parent's tags."""
+    paths = publish_report(rows, out, resumed=resumed)
+    n_failed = sum(not r.finished for r in rows)
+    mlflow.set_tags({RUNS_FINISHED_TAG: len(rows) - n_failed, RUNS_FAILED_TAG: n_failed})
+    return paths
 
 
 def _wait_for_others(
@@ -321,7 +325,7 @@ def _run_blocks(
     cfg: GridConfig, device: str, keys: list[RunKey], parent_id: str, experiment_id: str, progress: bool
 ) -> Iterator[list[ResultRow]]:
     """Each block's rows as it ends: in this process, or in ``cfg.workers`` processes that log
-    their own runs (each with its share of the cores, dying with this process)."""
+    their own runs (``map_in_workers``)."""
     work = grid_blocks(cfg, device, keys, cfg.workers)
     bar = Progress(len(keys), progress)
     try:
@@ -329,20 +333,12 @@ def _run_blocks(
             for block in work:
                 yield run_logged_block(cfg, device, block, parent_id, experiment_id, bar=bar)
             return
-        context = multiprocessing.get_context("spawn")
-        init = {"initializer": init_worker, "initargs": (threads_per_worker(cfg.workers), os.getpid())}
         uri = mlflow.get_tracking_uri()
-        with ProcessPoolExecutor(cfg.workers, mp_context=context, **init) as pool:
-            futures = {pool.submit(_block_worker, cfg, device, block, parent_id, experiment_id, uri): block
-                       for block in work}  # fmt: skip
-            try:
-                for future in as_completed(futures):
-                    rows = future.result()
-                    dataset, budget, seeds, methods = futures[future]
-                    bar.runs.update(len(seeds) * len(methods))
-                    yield rows
-            finally:  # --fail-fast or an error: the blocks not started yet never start
-                pool.shutdown(wait=True, cancel_futures=True)
+        jobs = [(cfg, device, block, parent_id, experiment_id, uri) for block in work]
+        for job, rows in map_in_workers(cfg.workers, _block_worker, jobs):
+            _, _, seeds, methods = job[2]
+            bar.runs.update(len(seeds) * len(methods))
+            yield rows
     finally:
         bar.close()
 
@@ -392,11 +388,7 @@ def close_detached(parent_run_id: str) -> None:
         return
     kill_running_children(client, parent_run_id, parent.info.experiment_id, "its Slurm task ended before the run did")
     rows = rows_from_mlflow(parent_run_id, None)
-    finished = sum(r.finished for r in rows)
     with mlflow.start_run(run_id=parent_run_id):
-        with temp_dir("report") as tmp:
-            report.write_report(rows, tmp)
-            mlflow.log_artifacts(tmp)
-        mlflow.set_tags({RUNS_FINISHED_TAG: finished, RUNS_FAILED_TAG: len(rows) - finished})
-        complete = finished >= int(tags.get(EXPECTED_RUNS_TAG, "0"))
+        _publish(rows, None, 0)
+        complete = sum(r.finished for r in rows) >= int(tags.get(EXPECTED_RUNS_TAG, "0"))
         mlflow.end_run(FINISHED if complete else FAILED)

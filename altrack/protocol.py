@@ -454,6 +454,21 @@ def init_worker(threads: int, parent_pid: int) -> None:
     torch.set_num_threads(threads)
 
 
+def map_in_workers(workers: int, fn: Callable, jobs: Sequence[tuple]) -> Iterator[tuple[tuple, object]]:
+    """(job, ``fn(*job)``) for each job, in completion order, from ``workers`` spawned processes,
+    each with its share of the cores and dying with this one (``init_worker``). When the caller
+    stops early (``--fail-fast``, an error), the jobs not started yet never start."""
+    context = multiprocessing.get_context("spawn")
+    init = {"initializer": init_worker, "initargs": (threads_per_worker(workers), os.getpid())}
+    with ProcessPoolExecutor(workers, mp_context=context, **init) as pool:
+        futures = {pool.submit(fn, *job): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def blocks(
     keys: Sequence[RunKey], seeds_per_block: Callable[[str, int], int]
 ) -> list[tuple[str, int, tuple[int, ...], tuple[str, ...]]]:
@@ -517,14 +532,9 @@ def iterate_grid(
                     bar.finished(result)
                     yield result
             return
-        threads = threads_per_worker(workers)
-        context = multiprocessing.get_context("spawn")
-        init = {"initializer": init_worker, "initargs": (threads, os.getpid())}
-        with ProcessPoolExecutor(workers, mp_context=context, **init) as pool:
-            futures = [pool.submit(_block_worker, cfg, device, *block) for block in work]
-            for future in as_completed(futures):
-                for result in future.result():
-                    bar.finished(result)
-                    yield result
+        for _, results in map_in_workers(workers, _block_worker, [(cfg, device, *block) for block in work]):
+            for result in results:
+                bar.finished(result)
+                yield result
     finally:
         bar.close()

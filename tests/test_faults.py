@@ -196,6 +196,24 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _sigkill_leaves_no_workers(proc: subprocess.Popen) -> bool:
+    """Wait for ``proc``'s two worker processes, let them work, SIGKILL ``proc``; whether every
+    worker is gone 15 s later."""
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = [p for p in _children(proc.pid) if "resource_tracker" not in _cmdline(p)]
+        time.sleep(0.5)
+    assert len(workers) >= 2, "the workers never started"
+    time.sleep(3)  # they are training
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.5)
+    return not any(_alive(p) for p in workers)
+
+
 @pytest.mark.slow
 def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)
@@ -203,19 +221,7 @@ def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
                "--methods", "random", "--budget", "500", "--epochs", "40", "--workers", "2", "--quiet",
                "--no-log-models"]  # fmt: skip
     grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    workers: list[int] = []
-    while time.monotonic() < deadline and len(workers) < 2:
-        workers = [p for p in _children(grid.pid) if "resource_tracker" not in _cmdline(p)]
-        time.sleep(0.5)
-    assert len(workers) >= 2, "the grid never started its workers"
-    time.sleep(3)  # they are training
-    grid.send_signal(signal.SIGKILL)
-    grid.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.5)
-    assert not any(_alive(p) for p in workers), "workers outlived their grid"
+    assert _sigkill_leaves_no_workers(grid), "workers outlived their grid"
 
 
 @pytest.mark.slow
@@ -290,19 +296,7 @@ def test_a_sigkilled_sweep_leaves_no_workers_and_the_next_one_finishes_its_paren
     command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--n-trials", "2", "--workers", "2",
                "--storage", str(journal)]  # fmt: skip
     sweep = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    workers: list[int] = []
-    while time.monotonic() < deadline and len(workers) < 2:
-        workers = [p for p in _children(sweep.pid) if "resource_tracker" not in _cmdline(p)]
-        time.sleep(0.5)
-    assert len(workers) >= 2, "the sweep never started its workers"
-    time.sleep(3)
-    sweep.send_signal(signal.SIGKILL)
-    sweep.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.5)
-    assert not any(_alive(p) for p in workers), "sweep workers went on alone"
+    assert _sigkill_leaves_no_workers(sweep), "sweep workers went on alone"
 
     quick = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 40"), "again.yaml")
     again = _altrack("sweep", str(quick), "--n-trials", "2", "--storage", str(journal),
