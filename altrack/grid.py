@@ -42,6 +42,7 @@ from altrack.tracking.runs import (
 from altrack.tracking.tags import (
     COMMAND_TAG,
     DETACHED_TAG,
+    ERROR_TAG,
     EXPECTED_RUNS_TAG,
     HASH_TAG,
     KIND_GRID,
@@ -386,9 +387,15 @@ def close_detached(parent_run_id: str) -> None:
         print(f"Slurm job {tags.get(SLURM_JOB_TAG)} is still queued or running (or squeue cannot tell): a partial "
               "report; the parent stays open until the job has left the queue", file=sys.stderr)  # fmt: skip
         return
-    kill_running_children(client, parent_run_id, parent.info.experiment_id, "its Slurm task ended before the run did")
+    killed = kill_running_children(client, parent_run_id, parent.info.experiment_id,
+                                   "its Slurm task ended before the run did")  # fmt: skip
     rows = rows_from_mlflow(parent_run_id, None)
+    finished, expected = sum(r.finished for r in rows), int(tags.get(EXPECTED_RUNS_TAG, "0"))
     with mlflow.start_run(run_id=parent_run_id):
         _publish(rows, None, 0)
-        complete = sum(r.finished for r in rows) >= int(tags.get(EXPECTED_RUNS_TAG, "0"))
-        mlflow.end_run(FINISHED if complete else FAILED)
+        if finished < expected:
+            why = (f"{finished} of {expected} runs finished ({killed} left RUNNING by their Slurm task, now "
+                   f"KILLED); the Slurm logs of job {tags.get(SLURM_JOB_TAG)} say why")  # fmt: skip
+            mlflow.set_tag(ERROR_TAG, why)
+            print(f"the parent run ends FAILED: {why}", file=sys.stderr)
+        mlflow.end_run(FINISHED if finished >= expected else FAILED)

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from services import Unavailable, create_database, mlflow_server, postgres, slurm_cluster
 from test_sweep import TINY_SPEC
 
-from altrack.tracking.tags import HASH_TAG, KIND_PROTOCOL, KIND_TAG, MLFLOW_PARENT_RUN_ID, SLURM_JOB_TAG
+from altrack.tracking.tags import ERROR_TAG, HASH_TAG, KIND_PROTOCOL, KIND_TAG, MLFLOW_PARENT_RUN_ID, SLURM_JOB_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,11 @@ def test_a_grid_runs_as_slurm_array_tasks_under_one_parent(cluster, tmp_path):
     assert all(r.data.tags.get(SLURM_JOB_TAG) for r in runs)
     table = (tmp_path / "out" / "active_learning_results.txt").read_text()
     assert table.count("\n  random ") == 2 and "View run" not in done.stdout
+
+
+def _logs(tmp_path, tail=1500):
+    """The tail of each Slurm task log under ``tmp_path``: what a failing test should show."""
+    return {p.name: p.read_text(errors="replace")[-tail:] for p in sorted(tmp_path.rglob("*_log.*"))}
 
 
 def _squeue(cluster):
@@ -172,5 +177,7 @@ def test_a_detached_grid_is_collected_later_by_report(cluster, tmp_path):
     collected = altrack(cluster, tmp_path, "report", "--run-id", parent_id, "--out", "later")
     assert collected.returncode == 0, collected.stderr[-3000:]
     assert (tmp_path / "later" / "active_learning_results.txt").read_text().count("\n  random ") == 1
-    assert client.get_run(parent_id).info.status == "FINISHED"
-    assert len(protocol_runs(cluster, "slurm-detach")) == 2
+    runs = protocol_runs(cluster, "slurm-detach")
+    why = [collected.stderr[-2000:], [(r.info.status, r.data.tags.get(ERROR_TAG)) for r in runs], _logs(tmp_path)]
+    assert client.get_run(parent_id).info.status == "FINISHED", why
+    assert len(runs) == 2
