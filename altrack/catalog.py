@@ -30,3 +30,13 @@ DATASETS: dict[str, DatasetSpec] = {
 
 # the selection methods, in the order reports list them (altrack.selection registers the classes)
 METHODS = ("coreset", "coreset-grad", "kcenter", "margin", "entropy", "least-confidence", "random")
+
+# the Settings fields only Algorithm 1 reads: logged on the coreset methods' runs alone, so the UI
+# never plots a random run against a lam it did not use (the config hash still covers them all)
+CORESET_SETTINGS = ("cluster_ratio", "lam", "coreset_space", "weighted")
+CORESET_METHODS = ("coreset", "coreset-grad")
+
+
+def applies(setting: str, method: str) -> bool:
+    """Whether ``method`` reads the Settings field ``setting``."""
+    return setting not in CORESET_SETTINGS or method in CORESET_METHODS

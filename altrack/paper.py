@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from altrack import report
 from altrack.errors import AltrackError
 from altrack.results import ResultRow
-from altrack.settings import PAPER_SETTING_LABEL, Settings
-from altrack.tracking.query import experiment_ids, get_run, row_of, rows_from_mlflow, search
+from altrack.settings import PAPER_SETTING_LABEL
+from altrack.tracking.query import experiment_ids, get_run, row_of, rows_from_mlflow, search, setting_of
 from altrack.tracking.tags import (
     COMMAND_TAG,
     KIND_GRID,
@@ -32,6 +32,7 @@ from altrack.tracking.tags import (
     RUNS_FINISHED_TAG,
     STUDY_TAG,
     TRIAL_STATE_TAG,
+    VAL_ACCURACY_METRIC,
 )
 
 # arXiv 2402.17327 v1, §5.2.2: test accuracy at k = 2000, averaged over 100 runs.
@@ -175,12 +176,12 @@ def sweep_summary(parent_id: str) -> SweepSummary:
         f"tags.`{KIND_TAG}` = '{KIND_TRIAL}' and tags.`{STUDY_TAG}` = '{study}' "
         f"and tags.`{TRIAL_STATE_TAG}` = 'COMPLETE'",
     )
-    setting_of = {}
+    setting_by_trial = {}
     for run in search(experiment, f"tags.`{KIND_TAG}` = '{KIND_SWEEP_PROTOCOL}'"):
-        setting_of[run.data.tags.get(MLFLOW_PARENT_RUN_ID)] = Settings.from_params(run.data.params).label
+        setting_by_trial[run.data.tags.get(MLFLOW_PARENT_RUN_ID)] = setting_of(run)
     ranked = sorted(
-        ((t.data.metrics["val_accuracy"], t.data.params.get("paper_baseline") == "True", setting_of[t.info.run_id])
-         for t in trials if t.info.run_id in setting_of),
+        ((t.data.metrics[VAL_ACCURACY_METRIC], t.data.params.get("paper_baseline") == "True",
+          setting_by_trial[t.info.run_id]) for t in trials if t.info.run_id in setting_by_trial),
         key=lambda trial: -trial[0],
     )  # fmt: skip
     paper = next((i for i, trial in enumerate(ranked) if trial[1]), None)

@@ -18,7 +18,15 @@ from altrack.results import FINISHED
 from altrack.settings import Settings
 from altrack.tracking.query import get_run
 from altrack.tracking.runs import check_tracking_store, now_ms, under_project_run
-from altrack.tracking.tags import KIND_PROTOCOL, KIND_REPLAY, KIND_TAG, REPLAY_OF_TAG
+from altrack.tracking.tags import (
+    KIND_PROTOCOL,
+    KIND_REPLAY,
+    KIND_TAG,
+    REPLAY_OF_TAG,
+    TEST_ACCURACY_METRIC,
+    TEST_LOSS_METRIC,
+    TRAIN_LOSS_METRIC,
+)
 from altrack.train import evaluate
 
 
@@ -71,7 +79,7 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     data = load_dataset(params["dataset"], data_dir, resolved)
     model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights)
     accuracy, loss = evaluate(model, data.x_test, data.y_test)
-    logged = float(original.data.metrics["test_accuracy"])
+    logged = float(original.data.metrics[TEST_ACCURACY_METRIC])
     tags = {KIND_TAG: KIND_REPLAY, REPLAY_OF_TAG: run_id}
     if mlflow.active_run() is None and not under_project_run():
         mlflow.set_experiment(experiment_id=original.info.experiment_id)
@@ -81,9 +89,9 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
         client.log_batch(
             run.info.run_id,
             params=[Param(k, v) for k, v in params.items()],
-            metrics=[Metric("test_accuracy", accuracy, now, 0), Metric("test_loss", loss, now, 0),
+            metrics=[Metric(TEST_ACCURACY_METRIC, accuracy, now, 0), Metric(TEST_LOSS_METRIC, loss, now, 0),
                      Metric("logged_test_accuracy", logged, now, 0),
                      Metric("replay_equal", float(accuracy == logged), now, 0)]
-            + [Metric("train_loss", v, now, i) for i, v in enumerate(losses)],
+            + [Metric(TRAIN_LOSS_METRIC, v, now, i) for i, v in enumerate(losses)],
         )  # fmt: skip
     return ReplayOutcome(run_id, run.info.run_id, logged, accuracy)

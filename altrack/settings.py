@@ -187,12 +187,17 @@ class Settings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> Settings:
-        """The Settings a run logged with ``as_params``; fields it did not log keep their default."""
+        """The Settings a run logged with ``as_params``; fields it did not log (its method ignores
+        them, ``catalog.applies``) keep their default, except a cluster_ratio that would not fit
+        beside a large seed_ratio: half the room left is taken then (never used by that run)."""
         values: dict[str, object] = {}
         for name, rule in SETTINGS_RULES.items():
             if name not in params:
                 continue
             values[name] = params[name] if name == "lam" else _from_text(rule.kind, params[name])
+        seed_ratio = float(values.get("seed_ratio", cls.seed_ratio))  # type: ignore[arg-type]
+        if "cluster_ratio" not in values and seed_ratio + cls.cluster_ratio >= 1.0:
+            values["cluster_ratio"] = (1.0 - seed_ratio) / 2
         return cls(**values)  # type: ignore[arg-type]
 
     def as_params(self) -> dict[str, object]:

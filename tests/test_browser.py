@@ -1,6 +1,6 @@
 """The MLflow UI in a real headless Chromium (Debian's ``chromium``, driven by Playwright from pip;
 no browser download): a tiny grid's parent expands to its children, a child's ``selection.png``
-renders, and its ``train_loss`` has one point per epoch, in time order. Skips, saying why, where
+renders, and its ``loss/train`` has one point per epoch, in time order. Skips, saying why, where
 Chromium or Playwright is missing (.ci/run installs both)."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_the_ui_shows_the_grid_its_children_a_selection_plot_and_epoch_losses(ui
         assert page.evaluate("(img) => img.complete && img.naturalWidth", image.element_handle()) > 500
 
         answer = page.request.get(f"{base}/ajax-api/2.0/mlflow/metrics/get-history",
-                                  params={"run_id": child, "metric_key": "train_loss"})  # fmt: skip
+                                  params={"run_id": child, "metric_key": "loss/train"})  # fmt: skip
         history = sorted(answer.json()["metrics"], key=lambda m: m["step"])
         assert [m["step"] for m in history] == list(range(EPOCHS))
         stamps = [int(m["timestamp"]) for m in history]

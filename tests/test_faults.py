@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import mlflow
@@ -308,3 +309,31 @@ def test_a_sigkilled_sweep_leaves_no_workers_and_the_next_one_finishes_its_paren
     # the rerun goes on in the dead invocation's parent (the study remembers it) and ends it
     assert [r.info.status for r in parents] == ["FINISHED"]
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+
+
+@pytest.mark.slow
+def test_a_server_url_with_credentials_is_never_printed_nor_are_download_bars(data_dir, tmp_path):
+    """Against a real ``mlflow server`` reached as ``http://alice:S3cretPW@…``, MLflow itself would
+    print "View run … at: <that URL>" per run, and a progress bar per artifact download in
+    ``replay`` and ``report``: altrack prints neither, nor the password anywhere."""
+    from services import Unavailable, mlflow_server
+
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server"))
+        except Unavailable as exc:
+            pytest.skip(str(exc))
+        env = _env(data_dir, tmp_path, MLFLOW_TRACKING_URI=url.replace("http://", "http://alice:S3cretPW@"))
+        ran = _altrack("run", "--methods", "random", "--budget", "100", "--epochs", "1", "--no-log-models",
+                       "--experiment", "creds", "--out", "out", env=env, cwd=tmp_path)  # fmt: skip
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        parent = ran.stdout.strip().splitlines()[-1].split()[-1]
+        child = MlflowClient(url).search_runs([MlflowClient(url).get_run(parent).info.experiment_id],
+                                              f"tags.`mlflow.parentRunId` = '{parent}'")[0]  # fmt: skip
+        replayed = _altrack("replay", child.info.run_id, env=env, cwd=tmp_path)
+        reported = _altrack("report", "--run-id", parent, "--out", "again", env=env, cwd=tmp_path)
+        for done in (ran, replayed, reported):
+            text = done.stdout + done.stderr
+            assert done.returncode == 0, text[-2000:]
+            assert "S3cretPW" not in text and "View run" not in text and "Downloading artifacts" not in text, text
+        assert (tmp_path / "again" / "active_learning_results.txt").exists()

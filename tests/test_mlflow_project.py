@@ -48,7 +48,7 @@ def test_mlflow_run_logs_every_item(data_dir, tmp_path):
     inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
               for d in client.get_run(child.info.run_id).inputs.dataset_inputs}  # fmt: skip
     assert inputs == {("mnist", "train"), ("mnist-labelled", "labelled")}
-    assert {"test_accuracy", "test_loss", "seed_test_accuracy", "train_loss", "seed_train_loss"} <= set(
+    assert {"test_accuracy", "loss/test", "seed_test_accuracy", "loss/train", "loss/seed_train"} <= set(
         child.data.metrics
     )
     assert {"seed_losses.npy", "selected_indices.npy", "selection.csv", "selection.png"} <= {

@@ -52,12 +52,16 @@ def test_grid_logs_a_parent_and_one_complete_child_per_run(data_dir, mlflow_stor
     params, metrics = coreset.data.params, coreset.data.metrics
     assert params["n_seed"] == "20" and params["n_clusters"] == "20" and params["lam"] == "auto"
     assert float(params["lam_used"]) >= 0 and params["device"] == "cpu"
-    for name in ("test_accuracy", "test_loss", "seed_test_accuracy", "time/selection_seconds",
+    for name in ("test_accuracy", "loss/test", "seed_test_accuracy", "time/selection_seconds",
                  "time/final_train_seconds", "time/seed_train_seconds", "selection/distance_share"):  # fmt: skip
         assert np.isfinite(metrics[name]), name
-    history = client.get_metric_history(coreset.info.run_id, "seed_train_loss")
+    history = client.get_metric_history(coreset.info.run_id, "loss/seed_train")
     assert sorted(m.step for m in history) == [0, 1]
-    assert len(client.get_metric_history(coreset.info.run_id, "train_loss")) == 2
+    assert len(client.get_metric_history(coreset.info.run_id, "loss/train")) == 2
+    random = next(c for c in children if c.data.params["method"] == "random")  # only the settings it reads
+    assert not {"lam", "cluster_ratio", "coreset_space", "weighted"} & set(random.data.params)
+    assert {"epochs", "lr", "seed_ratio"} <= set(random.data.params)
+    assert random.data.tags["altrack.setting"] == coreset.data.tags["altrack.setting"] == Settings(epochs=2).label
 
     files = {a.path for a in client.list_artifacts(coreset.info.run_id)}
     assert {"seed_losses.npy", "selected_indices.npy", "selection.csv", "selection.png"} <= files
@@ -144,6 +148,19 @@ def test_paper_page_lists_the_table_the_parents_and_the_images(data_dir, mlflow_
     assert "| mnist | 100 | coreset | random | 2 |" in text
 
 
+def test_a_random_run_is_grouped_with_the_coreset_runs_of_its_grid_whatever_their_lam(data_dir, mlflow_store):
+    """A random run does not log lam (it ignores it), yet the report reads it back under the
+    grid's setting, lam=0.5, not under the default: the setting travels as a tag."""
+    settings = Settings(epochs=1, lam=0.5, seed_ratio=0.85, cluster_ratio=0.1)
+    outcome = run_grid(_cfg(data_dir, None, settings=settings), progress=False)
+    rows = rows_from_mlflow(outcome.parent_run_id)
+    assert sorted(r.method for r in rows) == ["coreset", "random"]
+    assert {r.setting for r in rows} == {settings.label}
+    random = next(c for c in _children(outcome.parent_run_id) if c.data.params["method"] == "random")
+    assert "lam" not in random.data.params
+    assert Settings.from_params(random.data.params).seed_ratio == 0.85  # a valid Settings, read back
+
+
 def test_paper_page_compares_a_tuned_setting_with_the_papers_paired_by_seed(data_dir, mlflow_store, tmp_path):
     grid = run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
     fresh = dict(methods=("coreset",), runs=2, seed=100)
@@ -180,7 +197,7 @@ def test_paper_page_carries_the_lambda_ablation_paired_by_seed(data_dir, mlflow_
 
 @pytest.mark.slow
 def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir, tmp_path):
-    """The UI can watch a run train: its child is RUNNING before the grid ends, and train_loss
+    """The UI can watch a run train: its child is RUNNING before the grid ends, and loss/train
     has one point per epoch with increasing timestamps."""
     import os
     import subprocess
@@ -206,7 +223,7 @@ def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir
     assert seen_running, "the child run appeared only after its work was done"
     experiment = client.get_experiment_by_name("live")
     [child] = client.search_runs([experiment.experiment_id], "tags.`altrack.kind` = 'protocol'")
-    history = sorted(client.get_metric_history(child.info.run_id, "train_loss"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(child.info.run_id, "loss/train"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(25))
     stamps = [m.timestamp for m in history]
     assert all(b > a for a, b in zip(stamps, stamps[1:], strict=False))

@@ -35,8 +35,10 @@ from altrack.tracking.tags import (
     RUN_ATTR,
     STUDY_TAG,
     TEST_ACCURACY_ATTR,
+    TEST_ACCURACY_METRIC,
     TRIAL_NUMBER_TAG,
     TRIAL_STATE_TAG,
+    VAL_ACCURACY_METRIC,
     WORKER_ATTR,
 )
 
@@ -142,8 +144,8 @@ class Worker:
             mlflow.log_metrics(
                 {
                     "objective": value,
-                    "val_accuracy": value,
-                    "test_accuracy": float(np.mean(test)),
+                    VAL_ACCURACY_METRIC: value,
+                    TEST_ACCURACY_METRIC: float(np.mean(test)),
                     "seed_cache_hits": self.cache.hits,
                 }
             )

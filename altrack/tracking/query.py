@@ -13,7 +13,16 @@ from altrack.catalog import DATASETS
 from altrack.errors import AltrackError
 from altrack.results import FINISHED, RUNNING, ResultRow
 from altrack.settings import Settings
-from altrack.tracking.tags import ERROR_TAG, HASH_TAG, KIND_PROTOCOL, KIND_TAG, MLFLOW_PARENT_RUN_ID, RESUMED_RUNS_CSV
+from altrack.tracking.tags import (
+    ERROR_TAG,
+    HASH_TAG,
+    KIND_PROTOCOL,
+    KIND_TAG,
+    MLFLOW_PARENT_RUN_ID,
+    RESUMED_RUNS_CSV,
+    SETTING_TAG,
+    TEST_ACCURACY_METRIC,
+)
 
 PROTOCOL_QUERY = f"tags.`{KIND_TAG}` = '{KIND_PROTOCOL}'"
 
@@ -54,11 +63,17 @@ def row_of(run: Run) -> ResultRow | None:
         budget=int(p["budget"]),
         seed=int(p["seed"]),
         status=run.info.status,
-        test_accuracy=run.data.metrics.get("test_accuracy", float("nan")),
+        test_accuracy=run.data.metrics.get(TEST_ACCURACY_METRIC, float("nan")),
         run_id=run.info.run_id,
         error=run.data.tags.get(ERROR_TAG, ""),
-        setting=Settings.from_params(p).label,
+        setting=setting_of(run),
     )
+
+
+def setting_of(run: Run) -> str:
+    """The Settings label a run was made with: its tag (runs logged before the tag existed logged
+    every setting as a param, so those are read back instead)."""
+    return run.data.tags.get(SETTING_TAG) or Settings.from_params(run.data.params).label
 
 
 def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[ResultRow, str]]:

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
 
 from altrack import report
-from altrack.catalog import DATASETS
+from altrack.catalog import DATASETS, applies
 from altrack.errors import AltrackError, ConfigError, first_line
 from altrack.liveness import Heartbeat, is_dead, is_stale, temp_dir, worker_id
 from altrack.protocol import RunResult
@@ -43,8 +43,17 @@ from altrack.tracking.tags import (
     MLFLOW_PARENT_RUN_ID,
     RERUN_TAG,
     SEED_MODEL_RUN_TAG,
+    SEED_TEST_ACCURACY_METRIC,
+    SEED_TRAIN_LOSS_METRIC,
+    SELECTION_PREFIX,
+    SETTING_TAG,
     SLURM_ARRAY_TASK_TAG,
     SLURM_JOB_TAG,
+    TEST_ACCURACY_METRIC,
+    TEST_LOSS_METRIC,
+    TIME_PREFIX,
+    TRAIN_LOSS_METRIC,
+    VAL_ACCURACY_METRIC,
     VERSION_TAG,
     WORKER_TAG,
 )
@@ -210,7 +219,8 @@ def log_new_params(run_id: str, params: dict) -> None:
 
 
 def run_params(result: RunResult) -> dict:
-    """A protocol run's params: its key, the derived sizes, where it ran and every setting."""
+    """A protocol run's params: its key, the derived sizes, where it ran and the settings its
+    method reads (``catalog.applies``; the full label is the run's ``SETTING_TAG``)."""
     key, settings = result.key, result.settings
     params = {
         "dataset": key.dataset,
@@ -221,7 +231,7 @@ def run_params(result: RunResult) -> dict:
         "n_select": settings.n_select(key.budget),
         "device": result.device,  # the config hash is a tag (altrack.config_hash), not a param to plot
         "torch_version": torch.__version__,
-        **settings.as_params(),
+        **{k: v for k, v in settings.as_params().items() if applies(k, key.method)},
     }
     info = result.selection.info if result.selection is not None else {}
     if "n_clusters" in info:
@@ -234,13 +244,15 @@ def run_params(result: RunResult) -> dict:
 def _run_metrics(result: RunResult, live: bool = False) -> list[Metric]:
     now = now_ms()
     stage = result.stage
-    metrics = [Metric(name, getattr(result, name), now, 0) for name in ("test_accuracy", "test_loss", "val_accuracy")]
+    metrics = [Metric(TEST_ACCURACY_METRIC, result.test_accuracy, now, 0),
+               Metric(TEST_LOSS_METRIC, result.test_loss, now, 0),
+               Metric(VAL_ACCURACY_METRIC, result.val_accuracy, now, 0)]  # fmt: skip
     if stage is not None:
-        metrics.append(Metric("seed_test_accuracy", stage.test_accuracy, now, 0))
+        metrics.append(Metric(SEED_TEST_ACCURACY_METRIC, stage.test_accuracy, now, 0))
         if not live:
-            metrics += [Metric(SEED_LOSS_METRIC, v, now, i) for i, v in enumerate(stage.epoch_losses)]
+            metrics += [Metric(SEED_TRAIN_LOSS_METRIC, v, now, i) for i, v in enumerate(stage.epoch_losses)]
     if not live:
-        metrics += [Metric(LOSS_METRIC, v, now, i) for i, v in enumerate(result.final_epoch_losses)]
+        metrics += [Metric(TRAIN_LOSS_METRIC, v, now, i) for i, v in enumerate(result.final_epoch_losses)]
     # grouped by prefix, so the UI puts the timings and the selector's figures in sections of their own
     metrics += [Metric(f"{TIME_PREFIX}{k}", v, now, 0) for k, v in result.timings.items()]
     if result.selection is not None:
@@ -248,12 +260,6 @@ def _run_metrics(result: RunResult, live: bool = False) -> list[Metric]:
             if isinstance(v, int | float) and k != "lam":
                 metrics.append(Metric(f"{SELECTION_PREFIX}{k}", float(v), now, 0))
     return [m for m in metrics if np.isfinite(m.value)]
-
-
-LOSS_METRIC = "train_loss"  # the final model's, one step per epoch
-TIME_PREFIX = "time/"  # time/selection_seconds, time/seed_train_seconds, time/final_train_seconds
-SELECTION_PREFIX = "selection/"  # the selector's own figures: selection/distance_share, ...
-SEED_LOSS_METRIC = "seed_train_loss"  # the seed model M's, one step per epoch
 
 
 class LiveLosses:
@@ -269,9 +275,9 @@ class LiveLosses:
         if not np.isfinite(loss):
             return
         if isinstance(what, int):  # a seed: its model M serves every method of the seed
-            targets = [(run_id, SEED_LOSS_METRIC) for key, run_id in self.runs.items() if key.seed == what]
+            targets = [(run_id, SEED_TRAIN_LOSS_METRIC) for key, run_id in self.runs.items() if key.seed == what]
         else:
-            targets = [(self.runs[what], LOSS_METRIC)] if what in self.runs else []
+            targets = [(self.runs[what], TRAIN_LOSS_METRIC)] if what in self.runs else []
         now = now_ms()
         for run_id, name in targets:
             self.client.log_batch(run_id, metrics=[Metric(name, float(loss), now, epoch)], synchronous=False)
@@ -443,7 +449,7 @@ def log_run(
         client = MlflowClient()
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]
-        client.log_batch(run_id, params=params)
+        client.log_batch(run_id, params=params, tags=[RunTag(SETTING_TAG, result.settings.label)])
         _log_lineage(client, run_id, result, kind)
         if result.status != FINISHED:
             client.log_batch(run_id, metrics=_run_metrics(result, live),
@@ -458,11 +464,12 @@ def log_run(
             if log_models:
                 assert result.stage is not None and result.final_model is not None
                 if seed_model_run is None:
-                    _log_model(result.stage.model, "seed_model", {"seed_test_accuracy": result.stage.test_accuracy})
-                    on_model.add("seed_test_accuracy")
+                    seed_metrics = {SEED_TEST_ACCURACY_METRIC: result.stage.test_accuracy}
+                    _log_model(result.stage.model, "seed_model", seed_metrics)
+                    on_model.add(SEED_TEST_ACCURACY_METRIC)
                 else:  # one seed model per (dataset, k, seed): the first method's run holds it
                     client.set_tag(run_id, SEED_MODEL_RUN_TAG, seed_model_run)
-                final = {"test_accuracy": result.test_accuracy, "test_loss": result.test_loss}
+                final = {TEST_ACCURACY_METRIC: result.test_accuracy, TEST_LOSS_METRIC: result.test_loss}
                 _log_model(result.final_model, "final_model", final)
                 on_model |= set(final)
             metrics = [m for m in _run_metrics(result, live) if m.key not in on_model]

@@ -20,6 +20,7 @@ KIND_REPLAY = "replay"
 WORKER_TAG = "altrack.worker"  # host:pidns:pid of the process that owns a RUNNING run (altrack.liveness)
 HEARTBEAT_TAG = "altrack.heartbeat"  # when the owner of a RUNNING parent last said it was alive (epoch s)
 HASH_TAG = "altrack.config_hash"
+SETTING_TAG = "altrack.setting"  # the Settings label a report groups a run by (its params omit what its method ignores)
 GROUP_TAG = "altrack.group"  # the config hash of a run's (dataset, k, seed) group: claims are found by it
 ERROR_TAG = "altrack.error"
 COMMAND_TAG = "altrack.command"  # the command line that made a parent run, for the results page
@@ -50,6 +51,17 @@ TEST_ACCURACY_ATTR = "test_accuracy"
 PARENT_ATTR = "altrack.mlflow_parent_run_id"  # study attribute: the sweep's MLflow parent run
 SPEC_ATTR = "altrack.spec"  # study attribute: the spec fingerprint its trials were made from
 HEARTBEAT_ATTR = "altrack.heartbeat"  # trial attribute: when its worker last said it was alive (epoch s)
+
+# Metrics of a protocol run: the accuracies at the top, the rest grouped by prefix so that the
+# MLflow UI draws each group in a section of its own (loss/, time/, selection/, per_seed/)
+TEST_ACCURACY_METRIC = "test_accuracy"
+VAL_ACCURACY_METRIC = "val_accuracy"
+SEED_TEST_ACCURACY_METRIC = "seed_test_accuracy"  # the seed model M's
+TRAIN_LOSS_METRIC = "loss/train"  # the final model's, one step per epoch
+SEED_TRAIN_LOSS_METRIC = "loss/seed_train"  # the seed model M's, one step per epoch
+TEST_LOSS_METRIC = "loss/test"
+TIME_PREFIX = "time/"  # time/selection_seconds, time/seed_train_seconds, time/final_train_seconds
+SELECTION_PREFIX = "selection/"  # the selector's own figures: selection/distance_share, ...
 
 RESUMED_RUNS_CSV = "resumed_runs.csv"
 DEFAULT_EXPERIMENT = "altrack"
