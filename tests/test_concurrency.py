@@ -25,6 +25,7 @@ search_space:
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_and_duplicate_nothing(data_dir, tmp_path):
     (tmp_path / "spec.yaml").write_text(textwrap.dedent(SPEC))
     env = {**os.environ, "ALTRACK_DATA_DIR": str(data_dir), "ALTRACK_CACHE_DIR": str(tmp_path / "cache")}

@@ -44,6 +44,7 @@ def _protocol_runs(uri: str, experiment: str):
     return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
 
 
+@pytest.mark.slow
 def test_sigkilled_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
     env, uri = _env(tmp_path, data_dir), f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [sys.executable, "-m", "altrack", *GRID, "--out", str(tmp_path / "out")]
