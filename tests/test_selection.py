@@ -9,10 +9,11 @@ from conftest import make_context
 from sklearn.cluster import KMeans
 
 from altrack.selection import available_methods, get_selector
+from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
 from altrack.selection.geometry import nearest, nearest_distinct
 from altrack.selection.kcenter import kcenter_greedy
-from altrack.selection.kmeans import kmeans
+from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus
 from altrack.settings import Settings, parse_lam_mode
 
 ALL_METHODS = available_methods()
@@ -189,3 +190,29 @@ def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
     points = torch.from_numpy(x)
     m = 0 if case == "no-seeds" else 25
     assert kcenter_greedy(points[m:], points[:m], 400) == _plain_kcenter(points[m:], points[:m], 400)
+
+
+@pytest.mark.parametrize("case", ["spread", "all-but-three-coincide"])
+def test_kmeans_plusplus_for_a_gpu_picks_what_the_cpu_loop_picks(case):
+    """The GPU's k-means++ (no host round trip per centre) run here on a CPU: the same centres,
+    the degenerate case (every point on a centre) included. Where CI has no GPU, this is the path
+    a GPU runs, checked against the CPU's."""
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(600, 16)).astype(np.float32))
+    if case != "spread":
+        x[3:] = 0.0
+    for k in (1, 2, 40):
+        cpu = kmeans_plusplus(x, k, torch.Generator().manual_seed(k))
+        assert torch.equal(_plusplus_on_device(x, k, torch.Generator().manual_seed(k)), cpu)
+
+
+def test_cluster_sums_for_a_gpu_match_the_cpus_up_to_rounding():
+    """A GPU sums clusters as one-hot GEMMs in fixed blocks (same bits each time); a CPU with
+    index_add_. Small blocks here, so that the blocking is exercised."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(5000, 8)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 37, size=5000))
+    expected = torch.zeros(37, 8).index_add_(0, labels, x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kmeans_module, "ONE_HOT_ELEMENTS", 37 * 300)
+        got = kmeans_module._sums_by_matmul(x, labels, 37)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

@@ -31,6 +31,12 @@ class KMeansResult:
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ (sklearn's: ``2 + ln k`` candidates per centre), the (k, d) centres.
+
+    ``generator`` is a CPU generator: a GPU draws the same numbers, so it picks the same centres
+    up to float rounding. There the loop never waits for the device (``_plusplus_on_device``)."""
+    if x.device.type != "cpu":
+        return _plusplus_on_device(x, k, generator)
     n = x.shape[0]
     n_trials = 2 + int(math.log(k))
     x_sq = (x * x).sum(1)
@@ -54,16 +60,62 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     return x[centres].clone()
 
 
+def _plusplus_on_device(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``kmeans_plusplus`` with no host round trip per centre: on a GPU each ``int()`` waits for
+    every kernel queued before it, and k of them cost more than the arithmetic. The uniforms are
+    drawn up front from the same CPU generator, in the same order; where every point coincides
+    with a centre the first unused point is taken, as on the CPU (a draw is then skipped there
+    and not here: the one case where the two can differ). Runs on any device; tests use a CPU."""
+    n, device = x.shape[0], x.device
+    n_trials = 2 + int(math.log(k))
+    x_sq = (x * x).sum(1)
+    first = int(torch.randint(n, (1,), generator=generator))
+    draws = [torch.rand(n_trials, generator=generator, dtype=torch.float64) for _ in range(k - 1)]
+    table = torch.stack(draws).to(device) if draws else torch.empty(0, n_trials, dtype=torch.float64)
+    chosen = torch.empty(k, dtype=torch.int64, device=device)
+    chosen[0] = first
+    used = torch.zeros(n, dtype=torch.bool, device=device)
+    used[first] = True
+    closest = sq_dists(x, x[first : first + 1], x_sq)[:, 0].double()
+    potential = closest.sum()
+    for step in range(1, k):
+        candidates = torch.searchsorted(torch.cumsum(closest, 0), table[step - 1] * potential).clamp_(max=n - 1)
+        trial = torch.minimum(closest.unsqueeze(1), sq_dists(x, x[candidates], x_sq).double())  # (n, trials)
+        sums = trial.sum(0)
+        best = sums.argmin()
+        degenerate = potential <= 0
+        pick = torch.where(degenerate, torch.argmin(used.to(torch.uint8)), candidates[best])
+        chosen[step] = pick
+        used[pick] = True
+        closest = torch.where(degenerate, closest, trial.index_select(1, best.view(1)).squeeze(1))
+        potential = torch.where(degenerate, potential, sums[best])
+    return x[chosen].clone()
+
+
 def cluster_sums(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(k, d) sum of the points of each cluster. On a GPU ``index_add_`` adds with atomics, in an
-    order that changes from run to run; a float64 prefix sum over the points sorted by cluster
-    gives the same bits every time. On a CPU ``index_add_`` is already ordered."""
+    order that changes from run to run; a product with the one-hot label matrix, in fixed blocks
+    of points, gives the same bits every time and is one GEMM per block (a float64 prefix sum,
+    the earlier way, took most of a Lloyd iteration on an H100). On a CPU ``index_add_`` is
+    already ordered, and it is what CPU results were made with."""
     if x.device.type == "cpu":
         return torch.zeros(len(counts), x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
-    order = torch.argsort(labels, stable=True)
-    prefix = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64), x[order].double().cumsum(0)])
-    ends = torch.cumsum(counts, 0)
-    return (prefix[ends] - prefix[ends - counts]).to(x.dtype)
+    return _sums_by_matmul(x, labels, len(counts))
+
+
+ONE_HOT_ELEMENTS = 1 << 25  # one block's (k, rows) one-hot matrix: 128 MB of float32
+
+
+def _sums_by_matmul(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``cluster_sums`` as one-hot (k, rows) @ x (rows, d), summed over blocks of rows in order.
+    Runs on any device; tests compare it with ``index_add_`` on a CPU."""
+    rows = max(1, ONE_HOT_ELEMENTS // max(k, 1))
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    clusters = torch.arange(k, device=x.device).unsqueeze(1)
+    for start in range(0, x.shape[0], rows):
+        block = labels[start : start + rows]
+        sums.addmm_((clusters == block.unsqueeze(0)).to(x.dtype), x[start : start + rows])
+    return sums
 
 
 def lloyd(
