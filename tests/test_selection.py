@@ -12,7 +12,7 @@ from altrack.selection import available_methods, get_selector
 from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
 from altrack.selection.geometry import nearest, nearest_distinct
-from altrack.selection.kcenter import kcenter_greedy
+from altrack.selection.kcenter import _kcenter_on_device, kcenter_greedy
 from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus
 from altrack.settings import Settings, parse_lam_mode
 
@@ -190,6 +190,8 @@ def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
     points = torch.from_numpy(x)
     m = 0 if case == "no-seeds" else 25
     assert kcenter_greedy(points[m:], points[:m], 400) == _plain_kcenter(points[m:], points[:m], 400)
+    # the GPU's loop (a CUDA graph there, the same kernels), run here on a CPU, picks the same
+    assert _kcenter_on_device(points[m:], points[:m], 400) == _plain_kcenter(points[m:], points[:m], 400)
 
 
 @pytest.mark.parametrize("case", ["spread", "all-but-three-coincide"])

@@ -5,10 +5,13 @@ results bit for bit, a GPU the same selections up to float rounding."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 BLOCK_ROWS = 4096  # a block of distances stays in cache for the min that follows (bench_kmeans)
+GRAPH_STEPS = 64  # steps per captured CUDA graph (repeat_steps)
 
 
 def as_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -59,3 +62,34 @@ def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
             taken[j] = True
             chosen[start + row] = j
     return chosen
+
+
+def padded_steps(n: int) -> int:
+    """How many steps ``repeat_steps(step, n, ...)`` may run: n rounded up to whole graphs."""
+    return -(-n // GRAPH_STEPS) * GRAPH_STEPS
+
+
+def repeat_steps(step: Callable[[], None], n: int, device: torch.device) -> None:
+    """Call ``step`` n times. On CUDA, whole rounds of ``GRAPH_STEPS`` calls, the first eager and
+    the rest as one captured graph replayed: a greedy loop (k-center, k-means++) launches a few
+    tiny kernels per step, and launching them one by one costs more than running them. The
+    kernels are the same either way, so are the results. ``step`` must keep its state in tensors
+    it updates in place, with no host round trip, and its buffers must hold ``padded_steps(n)``
+    steps (the last round may run past n)."""
+    rounds = -(-n // GRAPH_STEPS)
+    if device.type != "cuda" or rounds < 2:
+        for _ in range(n):
+            step()
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # the first round runs eagerly, on the side stream capture wants
+        for _ in range(GRAPH_STEPS):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run
+        for _ in range(GRAPH_STEPS):
+            step()
+    for _ in range(rounds - 1):
+        graph.replay()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from altrack.selection.base import SelectionContext, SelectionResult, Selector
-from altrack.selection.geometry import as_tensor, nearest
+from altrack.selection.geometry import as_tensor, nearest, padded_steps, repeat_steps
 from altrack.selection.registry import register
 
 # float32 rounding of ||x||^2 - 2 x.c + ||c||^2 is a few eps times the squared norms; the pruning
@@ -65,17 +65,24 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
 
 def _kcenter_on_device(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[int]:
     """The plain greedy with no host round trip per pick: on a GPU a product with every point
-    costs microseconds, while pruning needs the candidates' count on the host each time."""
+    costs microseconds, while pruning needs the candidates' count on the host each time. On CUDA
+    the picks run as captured graphs (``repeat_steps``). Runs on any device; tests use a CPU."""
     x_sq = (points * points).sum(1)
     _, min_d = nearest(points, centres) if len(centres) else (None, torch.full_like(x_sq, float("inf")))
-    chosen = torch.empty(n, dtype=torch.int64, device=points.device)
-    for step in range(n):
-        j = torch.argmax(min_d)
-        chosen[step] = j
-        d = (x_sq - 2.0 * (points @ points[j]) + x_sq[j]).clamp_(min=0.0)
+    chosen = torch.zeros(padded_steps(n), dtype=torch.int64, device=points.device)
+    step = torch.zeros(1, dtype=torch.int64, device=points.device)
+
+    def pick() -> None:
+        j = torch.argmax(min_d).view(1)
+        chosen.index_copy_(0, step, j)
+        step.add_(1)
+        d = torch.addmv(x_sq, points, points.index_select(0, j).squeeze(0), alpha=-2.0)
+        d.add_(x_sq.index_select(0, j)).clamp_(min=0.0)
         torch.minimum(min_d, d, out=min_d)
-        min_d[j] = -1.0
-    return chosen.tolist()
+        min_d.index_fill_(0, j, -1.0)
+
+    repeat_steps(pick, n, points.device)
+    return chosen[:n].tolist()
 
 
 @register

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from altrack.selection.geometry import as_tensor, nearest, sq_dists
+from altrack.selection.geometry import as_tensor, nearest, padded_steps, repeat_steps, sq_dists
 
 WARM_START_PER_CLUSTER = 32
 MIN_WARM_START = 10_000
@@ -62,34 +62,43 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
 
 def _plusplus_on_device(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """``kmeans_plusplus`` with no host round trip per centre: on a GPU each ``int()`` waits for
-    every kernel queued before it, and k of them cost more than the arithmetic. The uniforms are
-    drawn up front from the same CPU generator, in the same order; where every point coincides
-    with a centre the first unused point is taken, as on the CPU (a draw is then skipped there
-    and not here: the one case where the two can differ). Runs on any device; tests use a CPU."""
+    every kernel queued before it, and k of them cost more than the arithmetic; on CUDA the
+    centres are picked by captured graphs (``repeat_steps``). The uniforms are drawn up front
+    from the same CPU generator, in the same order; where every point coincides with a centre
+    the first unused point is taken, as on the CPU (a draw is then skipped there and not here:
+    the one case where the two can differ). Runs on any device; tests use a CPU."""
     n, device = x.shape[0], x.device
     n_trials = 2 + int(math.log(k))
     x_sq = (x * x).sum(1)
     first = int(torch.randint(n, (1,), generator=generator))
-    draws = [torch.rand(n_trials, generator=generator, dtype=torch.float64) for _ in range(k - 1)]
-    table = torch.stack(draws).to(device) if draws else torch.empty(0, n_trials, dtype=torch.float64)
-    chosen = torch.empty(k, dtype=torch.int64, device=device)
-    chosen[0] = first
+    steps = padded_steps(k - 1)
+    table = torch.zeros(max(steps, 1), n_trials, dtype=torch.float64)
+    for row in range(k - 1):
+        table[row] = torch.rand(n_trials, generator=generator, dtype=torch.float64)
+    table = table.to(device)
+    chosen = torch.full((steps + 1,), first, dtype=torch.int64, device=device)
     used = torch.zeros(n, dtype=torch.bool, device=device)
     used[first] = True
     closest = sq_dists(x, x[first : first + 1], x_sq)[:, 0].double()
     potential = closest.sum()
-    for step in range(1, k):
-        candidates = torch.searchsorted(torch.cumsum(closest, 0), table[step - 1] * potential).clamp_(max=n - 1)
-        trial = torch.minimum(closest.unsqueeze(1), sq_dists(x, x[candidates], x_sq).double())  # (n, trials)
+    step = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def pick() -> None:
+        u = table.index_select(0, step).squeeze(0) * potential
+        candidates = torch.searchsorted(torch.cumsum(closest, 0), u).clamp_(max=n - 1)
+        trial = torch.minimum(closest.unsqueeze(1), sq_dists(x, x.index_select(0, candidates), x_sq).double())
         sums = trial.sum(0)
-        best = sums.argmin()
+        best = sums.argmin().view(1)
         degenerate = potential <= 0
-        pick = torch.where(degenerate, torch.argmin(used.to(torch.uint8)), candidates[best])
-        chosen[step] = pick
-        used[pick] = True
-        closest = torch.where(degenerate, closest, trial.index_select(1, best.view(1)).squeeze(1))
-        potential = torch.where(degenerate, potential, sums[best])
-    return x[chosen].clone()
+        pick = torch.where(degenerate, torch.argmin(used.to(torch.uint8)), candidates.index_select(0, best).squeeze(0))
+        step.add_(1)
+        chosen.index_copy_(0, step, pick.view(1))
+        used.index_fill_(0, pick.view(1), True)
+        closest.copy_(torch.where(degenerate, closest, trial.index_select(1, best).squeeze(1)))
+        potential.copy_(torch.where(degenerate, potential, sums.index_select(0, best).squeeze(0)))
+
+    repeat_steps(pick, k - 1, device)
+    return x.index_select(0, chosen[:k]).clone()
 
 
 def cluster_sums(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
