@@ -394,8 +394,10 @@ def close_detached(parent_run_id: str) -> None:
     with mlflow.start_run(run_id=parent_run_id):
         _publish(rows, None, 0)
         if finished < expected:
-            why = (f"{finished} of {expected} runs finished ({killed} left RUNNING by their Slurm task, now "
-                   f"KILLED); the Slurm logs of job {tags.get(SLURM_JOB_TAG)} say why")  # fmt: skip
+            failed = sum(not r.finished for r in rows)
+            why = (f"{finished} of {expected} runs finished ({killed} left RUNNING by their Slurm task, now KILLED; "
+                   f"{failed} FAILED or KILLED in all): the runs' {ERROR_TAG} tags and the Slurm logs of job "
+                   f"{tags.get(SLURM_JOB_TAG)} say why")  # fmt: skip
             mlflow.set_tag(ERROR_TAG, why)
             print(f"the parent run ends FAILED: {why}", file=sys.stderr)
         mlflow.end_run(FINISHED if finished >= expected else FAILED)

@@ -218,3 +218,25 @@ def test_cluster_sums_for_a_gpu_match_the_cpus_up_to_rounding():
         patch.setattr(kmeans_module, "ONE_HOT_ELEMENTS", 37 * 300)
         got = kmeans_module._sums_by_matmul(x, labels, 37)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_padded_rounds_a_gpu_runs_past_the_last_step_change_nothing(monkeypatch):
+    """On CUDA the greedy loops run whole rounds of graph steps, so up to GRAPH_STEPS - 1 steps
+    past the last one; here, on a CPU, the loops are made to run those padded steps too: the
+    buffers hold them and the picks are unchanged."""
+    import altrack.selection.kcenter as kcenter_module
+    from altrack.selection.geometry import padded_steps
+
+    def padded(step, n, device):
+        for _ in range(padded_steps(n)):
+            step()
+
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=(300, 6)).astype(np.float32))
+    plain = {n: _kcenter_on_device(x[5:], x[:5], n) for n in (0, 1, 64, 65, 200)}
+    centres = {k: kmeans_plusplus(x, k, torch.Generator().manual_seed(k)) for k in (1, 2, 65, 130)}
+    monkeypatch.setattr(kcenter_module, "repeat_steps", padded)
+    monkeypatch.setattr(kmeans_module, "repeat_steps", padded)
+    for n, picks in plain.items():
+        assert _kcenter_on_device(x[5:], x[:5], n) == picks
+    for k, expected in centres.items():
+        assert torch.equal(_plusplus_on_device(x, k, torch.Generator().manual_seed(k)), expected)

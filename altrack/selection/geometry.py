@@ -81,15 +81,16 @@ def repeat_steps(step: Callable[[], None], n: int, device: torch.device) -> None
         for _ in range(n):
             step()
         return
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # the first round runs eagerly, on the side stream capture wants
-        for _ in range(GRAPH_STEPS):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # recorded, not run
-        for _ in range(GRAPH_STEPS):
-            step()
-    for _ in range(rounds - 1):
-        graph.replay()
+    with torch.cuda.device(device):  # capture on the tensors' GPU, not on whichever is current
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # the first round runs eagerly, on the side stream capture wants
+            for _ in range(GRAPH_STEPS):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run
+            for _ in range(GRAPH_STEPS):
+                step()
+        for _ in range(rounds - 1):
+            graph.replay()
