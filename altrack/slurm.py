@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -167,16 +167,33 @@ def require_shared_store(uri: str) -> None:
 
 
 def slurm_tags() -> dict[str, str]:
-    """This Slurm task's ids, as run tags; empty outside Slurm."""
-    from altrack.tracking.tags import SLURM_ARRAY_TASK_TAG, SLURM_JOB_TAG  # lazy: MLflow
+    """This Slurm task's ids and its attempt (``SLURM_RESTART_COUNT``), as run tags; empty
+    outside Slurm."""
+    from altrack.tracking.tags import SLURM_ARRAY_TASK_TAG, SLURM_JOB_TAG, SLURM_RESTART_TAG  # lazy: MLflow
 
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if not job:
         return {}
-    tags = {SLURM_JOB_TAG: job}
+    tags = {SLURM_JOB_TAG: job, SLURM_RESTART_TAG: os.environ.get("SLURM_RESTART_COUNT") or "0"}
     if os.environ.get("SLURM_ARRAY_TASK_ID"):
         tags[SLURM_ARRAY_TASK_TAG] = os.environ["SLURM_ARRAY_TASK_ID"]
     return tags
+
+
+def earlier_attempt(tags: Mapping[str, str]) -> bool:
+    """Whether a run with these tags was claimed by an earlier attempt of the very Slurm task this
+    process runs in. Slurm requeues a task (a node failure, ``scontrol requeue``) under the same
+    job id, so squeue still lists the job whose first attempt died with its runs RUNNING: those
+    runs are dead, and the new attempt must do them, not wait for them."""
+    from altrack.tracking.tags import SLURM_ARRAY_TASK_TAG, SLURM_JOB_TAG, SLURM_RESTART_TAG  # lazy: MLflow
+
+    here = slurm_tags()
+    if not here or any(tags.get(k) != here.get(k) for k in (SLURM_JOB_TAG, SLURM_ARRAY_TASK_TAG)):
+        return False
+    try:
+        return int(tags.get(SLURM_RESTART_TAG) or 0) < int(here[SLURM_RESTART_TAG])
+    except ValueError:
+        return False
 
 
 def task_threads() -> int:

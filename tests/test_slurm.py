@@ -118,6 +118,34 @@ def test_a_cancelled_task_is_rerun_alone_and_nothing_is_left_running(cluster, tm
     assert "RUNNING" not in {r.info.status for r in runs}
 
 
+def test_a_requeued_task_does_the_runs_its_killed_attempt_claimed(cluster, tmp_path):
+    """Slurm requeues a task while it trains (``scontrol requeue``, as after a node failure): the
+    killed attempt leaves its claimed run RUNNING under a job id squeue still lists. The second
+    attempt must take that run over, not wait on it nor leave it, and the grid ends complete."""
+    args = [*GRID, "--datasets", "mnist", "--runs", "1", "--budget", "1000", "--epochs", "40", "--stack", "1",
+            "--experiment", "slurm-requeue", "--out", "out"]  # fmt: skip
+    launcher = altrack(cluster, tmp_path, *args, wait=False)
+    deadline = time.monotonic() + 300
+    requeued = None
+    while requeued is None and time.monotonic() < deadline and launcher.poll() is None:
+        claimed = [r for r in protocol_runs(cluster, "slurm-requeue") if r.info.status == "RUNNING"]
+        if claimed:
+            requeued = claimed[0].data.tags[SLURM_JOB_TAG]
+            task = claimed[0].data.tags.get("slurm.array_task_id")
+            subprocess.run(["scontrol", "requeue", f"{requeued}_{task}" if task else requeued],
+                           env=cluster["env"], check=True)  # fmt: skip
+        time.sleep(0.3)
+    assert requeued is not None, "no run was ever seen RUNNING"
+    _, err = launcher.communicate(timeout=400)
+    assert launcher.returncode == 0, err[-3000:]
+    runs = protocol_runs(cluster, "slurm-requeue")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) == 1 and finished[0].data.tags["slurm.restart_count"] == "1", [
+        (r.info.status, r.data.tags.get("slurm.restart_count")) for r in runs]  # fmt: skip
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert (tmp_path / "out" / "active_learning_results.txt").read_text().count("\n  random ") == 1
+
+
 def test_a_sweep_runs_its_workers_as_slurm_jobs_on_postgres(cluster, tmp_path):
     storage = create_database(cluster["pg"], "optuna_slurm")
     spec = tmp_path / "spec.yaml"

@@ -29,7 +29,7 @@ from altrack.liveness import Heartbeat, is_dead, is_stale, temp_dir, worker_id
 from altrack.protocol import RunResult
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, KILLED, RUNNING
-from altrack.slurm import job_alive
+from altrack.slurm import earlier_attempt, job_alive
 from altrack.stores import probe
 from altrack.tracking.tags import (
     DEFAULT_EXPERIMENT,
@@ -104,12 +104,13 @@ def owner_tags() -> dict[str, str]:
 
 def run_is_dead(run: Run) -> bool:
     """Whether a RUNNING run's owner is gone: its Slurm task when it has one (Slurm no longer
-    lists it), else its process on this machine, or its heartbeat gone stale (``altrack.liveness``)."""
+    lists it, or this process is a later attempt of that same task), else its process on this
+    machine, or its heartbeat gone stale (``altrack.liveness``)."""
     tags = run.data.tags
     job = tags.get(SLURM_JOB_TAG)
     if job:
         task = tags.get(SLURM_ARRAY_TASK_TAG)
-        return not job_alive(f"{job}_{task}" if task else job)
+        return earlier_attempt(tags) or not job_alive(f"{job}_{task}" if task else job)
     owner = tags.get(WORKER_TAG, "")
     beat = tags.get(HEARTBEAT_TAG)
     if (bool(owner) and is_dead(owner)) or (beat is not None and is_stale(float(beat))):

@@ -33,6 +33,7 @@ SEED_MODEL_RUN_TAG = "altrack.seed_model_run"  # the run that holds this run's s
 VERSION_TAG = "altrack.version"
 SLURM_JOB_TAG = "slurm.job_id"  # the Slurm (array) job that ran a run or that a parent submitted
 SLURM_ARRAY_TASK_TAG = "slurm.array_task_id"
+SLURM_RESTART_TAG = "slurm.restart_count"  # how often Slurm had requeued the task that claimed the run
 DETACHED_TAG = "altrack.detached"  # a parent whose Slurm tasks were submitted with --detach
 EXPECTED_RUNS_TAG = "altrack.expected_runs"
 
