@@ -13,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from altrack import report
+from altrack.catalog import CORESET_METHODS
 from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
@@ -75,7 +76,7 @@ PROGRESS_METRIC = "progress/runs_done"  # the parent's share of its runs done (f
 def slow_warnings(cfg: GridConfig) -> list[str]:
     """What will take long, said before it starts (a k'' of 10,000 runs for minutes per run)."""
     warnings = []
-    if {"coreset", "coreset-grad"} & set(cfg.methods):
+    if set(CORESET_METHODS) & set(cfg.methods):
         for budget in cfg.budgets:
             clusters = cfg.settings.n_clusters(budget)
             if clusters > SLOW_CLUSTERS:
@@ -394,10 +395,9 @@ def close_detached(parent_run_id: str) -> None:
     with mlflow.start_run(run_id=parent_run_id):
         _publish(rows, None, 0)
         if finished < expected:
-            failed = sum(not r.finished for r in rows)
             why = (f"{finished} of {expected} runs finished ({killed} left RUNNING by their Slurm task, now KILLED; "
-                   f"{failed} FAILED or KILLED in all): the runs' {ERROR_TAG} tags and the Slurm logs of job "
-                   f"{tags.get(SLURM_JOB_TAG)} say why")  # fmt: skip
+                   f"{len(rows) - finished} FAILED or KILLED in all): the runs' {ERROR_TAG} tags and the Slurm "
+                   f"logs of job {tags.get(SLURM_JOB_TAG)} say why")  # fmt: skip
             mlflow.set_tag(ERROR_TAG, why)
             print(f"the parent run ends FAILED: {why}", file=sys.stderr)
         mlflow.end_run(FINISHED if finished >= expected else FAILED)

@@ -74,8 +74,8 @@ class Rule:
         return value
 
 
-def at_least(low: int) -> Rule:
-    return Rule(int, lambda v: v >= low, f"be >= {low}")
+def at_least(low: int, label: str | None = None) -> Rule:
+    return Rule(int, lambda v: v >= low, f"be >= {low}", label=label)
 
 
 def open_interval(low: float, high: float) -> Rule:

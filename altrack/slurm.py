@@ -32,26 +32,22 @@ from urllib.parse import urlsplit
 import yaml
 
 from altrack.errors import ConfigError, first_line
-from altrack.settings import Rule
+from altrack.settings import Rule, at_least
 
 EXECUTORS = ("local", "slurm")
 SHARED_STORE_SCHEMES = ("http", "https", "postgresql", "mysql", "mssql", "databricks")
 POLL_SECONDS = 2.0
 GONE_GRACE_SECONDS = 10.0  # a task squeue stopped listing has this long to leave its result file
 
-def _counted(low: int, label: str) -> Rule:
-    return Rule(int, lambda v: v >= low, f"be >= {low}", label=label)
-
-
 # labels name the flag and, after it, the executor file's key
 SLURM_RULES: dict[str, Rule] = {
     "partition": Rule(str, optional=True, label="--partition (partition)"),
     "time_limit": Rule(int, lambda v: v >= 1, "be >= 1 minute", label="--time-limit (time_limit)"),
-    "cpus_per_task": _counted(1, "--cpus-per-task (cpus_per_task)"),
-    "gpus_per_task": _counted(0, "--gpus-per-task (gpus_per_task)"),
+    "cpus_per_task": at_least(1, "--cpus-per-task (cpus_per_task)"),
+    "gpus_per_task": at_least(0, "--gpus-per-task (gpus_per_task)"),
     "mem_gb": Rule(float, lambda v: 0 < v < 1e6, "be a positive number of GiB", label="--mem-gb (mem_gb)"),
-    "array_parallelism": _counted(1, "--array-parallelism (array_parallelism)"),
-    "blocks_per_task": _counted(1, "--blocks-per-task (blocks_per_task)"),
+    "array_parallelism": at_least(1, "--array-parallelism (array_parallelism)"),
+    "blocks_per_task": at_least(1, "--blocks-per-task (blocks_per_task)"),
     "log_dir": Rule(str, label="--slurm-log-dir (log_dir)"),
     "shared_filesystem": Rule(bool, label="--shared-filesystem (shared_filesystem)"),
 }
