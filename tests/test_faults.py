@@ -20,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from services import Unavailable, mlflow_server
 from test_sweep import TINY_SPEC, _spec
 
 from altrack.liveness import clean_stale_temp_dirs, temp_dir
@@ -316,8 +317,6 @@ def test_a_server_url_with_credentials_is_never_printed_nor_are_download_bars(da
     """Against a real ``mlflow server`` reached as ``http://alice:S3cretPW@…``, MLflow itself would
     print "View run … at: <that URL>" per run, and a progress bar per artifact download in
     ``replay`` and ``report``: altrack prints neither, nor the password anywhere."""
-    from services import Unavailable, mlflow_server
-
     with ExitStack() as stack:
         try:
             url = stack.enter_context(mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server"))

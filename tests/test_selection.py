@@ -9,9 +9,10 @@ from conftest import make_context
 from sklearn.cluster import KMeans
 
 from altrack.selection import available_methods, get_selector
+from altrack.selection import kcenter as kcenter_module
 from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
-from altrack.selection.geometry import nearest, nearest_distinct
+from altrack.selection.geometry import nearest, nearest_distinct, padded_steps
 from altrack.selection.kcenter import _kcenter_on_device, kcenter_greedy
 from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus
 from altrack.settings import Settings, parse_lam_mode
@@ -224,9 +225,6 @@ def test_the_padded_rounds_a_gpu_runs_past_the_last_step_change_nothing(monkeypa
     """On CUDA the greedy loops run whole rounds of graph steps, so up to GRAPH_STEPS - 1 steps
     past the last one; here, on a CPU, the loops are made to run those padded steps too: the
     buffers hold them and the picks are unchanged."""
-    import altrack.selection.kcenter as kcenter_module
-    from altrack.selection.geometry import padded_steps
-
     def padded(step, n, device):
         for _ in range(padded_steps(n)):
             step()

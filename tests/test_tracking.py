@@ -1,20 +1,27 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from altrack import report
 from altrack.config import GridConfig
 from altrack.errors import AltrackError
 from altrack.grid import rebuild_report, run_grid
+from altrack.liveness import worker_id
 from altrack.paper import paper_page
 from altrack.replay import replay
 from altrack.settings import Settings
 from altrack.tracking.query import rows_from_mlflow
+from altrack.tracking.runs import close_dead_runs
 
 
 def _cfg(data_dir, out, **kw) -> GridConfig:
@@ -199,11 +206,6 @@ def test_paper_page_carries_the_lambda_ablation_paired_by_seed(data_dir, mlflow_
 def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir, tmp_path):
     """The UI can watch a run train: its child is RUNNING before the grid ends, and loss/train
     has one point per epoch with increasing timestamps."""
-    import os
-    import subprocess
-    import sys
-    import time
-
     uri = f"sqlite:///{tmp_path / 'live.db'}"
     env = {**os.environ, "ALTRACK_DATA_DIR": str(data_dir), "MLFLOW_TRACKING_URI": uri}
     env.pop("MLFLOW_RUN_ID", None)
@@ -242,13 +244,6 @@ def test_system_metrics_are_sampled_into_the_parent(data_dir, mlflow_store, tmp_
 def test_a_dead_runs_half_logged_models_are_marked_failed(mlflow_store):
     """SIGKILL during a model upload leaves it PENDING; the next invocation closes the run and
     fails the model, so the Models tab does not show it uploading for ever."""
-    import subprocess
-
-    from mlflow.entities import LoggedModelStatus
-
-    from altrack.liveness import worker_id
-    from altrack.tracking.runs import close_dead_runs
-
     dead = subprocess.Popen(["true"])
     dead.wait()
     owner = worker_id().rsplit(":", 1)[0] + f":{dead.pid}"
