@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import NullLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
 from scipy import stats as st  # noqa: E402
 
 from altrack.catalog import DATASETS  # noqa: E402
@@ -190,6 +190,9 @@ def install(paths: Sequence[Path], out: Path) -> list[Path]:
     return installed
 
 
+_PLAIN_POWERS = FuncFormatter(lambda value, _: f"{value:g}")
+
+
 def plot_selection(
     seed_losses: np.ndarray,
     labels: np.ndarray,
@@ -217,6 +220,7 @@ def plot_selection(
         left.stairs(share, bins, fill=True, alpha=0.45, color=color, label=f"{label} ({len(part)})")
     left.set_xscale("log")
     left.xaxis.set_minor_locator(NullLocator())  # hundreds of minor ticks cost most of the drawing
+    left.xaxis.set_major_formatter(_PLAIN_POWERS)  # "0.01", not mathtext's 10^-2: a third of the rest
     left.set_xlim(low, high)
     left.set_xlabel("seed-model cross-entropy (log scale)")
     left.set_ylabel("share of points per bin")

@@ -180,10 +180,12 @@ def _plain_kcenter(points, centres, n):
     return chosen
 
 
-@pytest.mark.parametrize("case", ["spread", "duplicates", "far-from-origin", "no-seeds"])
+@pytest.mark.parametrize("case", ["spread", "duplicates", "far-from-origin", "no-seeds", "wider-than-projection"])
 def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
     rng = np.random.default_rng(len(case))
     x = rng.normal(size=(2000, 12)).astype(np.float32) * 3
+    if case == "wider-than-projection":  # 40 dims: the projection bound keeps 16, so it truly bounds
+        x = (x @ rng.normal(size=(12, 40)) + 0.1 * rng.normal(size=(2000, 40))).astype(np.float32)
     if case == "duplicates":
         x[:1000] = x[0]
     if case == "far-from-origin":
