@@ -5,6 +5,7 @@ a6cf675's: ``git archive a6cf675 altrack | tar -x -C REF``), side by side.
 
     python benchmarks/bench_grid.py [--seeds 5] [--budgets 1000,2000,3000,4000,5000] [--workers 2]
     python benchmarks/bench_grid.py --main-job --reference REF   # the README's main job
+    python benchmarks/bench_grid.py --main-job --also "--workers 2"   # and beside it with extra options
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--main-job", action="store_true",
                         help="the README's: mnist,fashion_mnist x 7 methods x k=2000 x 3 seeds, models logged")
     parser.add_argument("--reference", default=None, help="folder holding another checkout's altrack package")
+    parser.add_argument("--also", default=None, help="options for a second run of this tree beside the first")
     args = parser.parse_args()
     if args.main_job:
         arguments = ["--datasets", "mnist,fashion_mnist", "--runs", "3"]
@@ -86,11 +88,15 @@ def main() -> None:
     sides = [("this tree", Path(__file__).resolve().parents[1])]
     if args.reference:
         sides.append(("reference", Path(args.reference).resolve()))
-    results = [(name, *run(root, arguments)) for name, root in sides]
+    runs = [(name, root, arguments) for name, root in sides]
+    if args.also:
+        runs.insert(1, (args.also, sides[0][1], [*arguments, *args.also.split()]))
+    results = [(name, *run(root, options)) for name, root, options in runs]
     base = results[0][1]
-    print(f"{'engine':<11}{'wall':>9}{'s/run':>8}{'peak MB':>9}{'x this':>8}")
+    width = max(11, *(len(name) + 2 for name, *_ in results))
+    print(f"{'engine':<{width}}{'wall':>9}{'s/run':>8}{'peak MB':>9}{'x this':>8}")
     for name, wall, peak, _ in results:
-        print(f"{name:<11}{wall / 60:>8.2f}m{wall / n_runs:>8.2f}{peak:>9.0f}{wall / base:>8.2f}")
+        print(f"{name:<{width}}{wall / 60:>8.2f}m{wall / n_runs:>8.2f}{peak:>9.0f}{wall / base:>8.2f}")
     print(results[0][3])
 
 

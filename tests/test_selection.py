@@ -197,6 +197,30 @@ def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
     assert _kcenter_on_device(points[m:], points[:m], 400) == _plain_kcenter(points[m:], points[:m], 400)
 
 
+def test_pruned_kcenter_takes_a_farthest_point_up_to_rounding_when_duplicates_tie():
+    """Duplicated pairs tie to the last bit, and BLAS may round a row differently in a short batch,
+    so which twin is taken can differ from the plain greedy; each pick must still be a farthest
+    untaken point (float64 distances, up to float32 rounding), and never a taken one."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1500, 20)).astype(np.float32)
+    x[1::2] = x[::2]
+    points, centres = torch.from_numpy(x), torch.from_numpy(rng.normal(size=(10, 20)).astype(np.float32))
+    picks = kcenter_greedy(points, centres, 500)
+    assert len(set(picks)) == 500
+    x64, nearest_sq = x.astype(np.float64), ((x[:, None, :] - centres.numpy()[None]) ** 2).sum(-1).min(1)
+    taken = np.zeros(len(x), dtype=bool)
+    for j in picks:
+        farthest = nearest_sq[~taken].max()
+        assert nearest_sq[j] >= farthest * (1 - 1e-5), (j, nearest_sq[j], farthest)
+        taken[j] = True
+        nearest_sq = np.minimum(nearest_sq, ((x64 - x64[j]) ** 2).sum(1))
+
+
+def test_kcenter_refuses_more_picks_than_points():
+    with pytest.raises(ValueError, match="5 picks but only 4 points"):
+        kcenter_greedy(torch.zeros(4, 2), torch.zeros(1, 2), 5)
+
+
 @pytest.mark.parametrize("case", ["spread", "all-but-three-coincide"])
 def test_kmeans_plusplus_for_a_gpu_picks_what_the_cpu_loop_picks(case):
     """The GPU's k-means++ (no host round trip per centre) run here on a CPU: the same centres,

@@ -7,9 +7,10 @@ from altrack.selection.base import SelectionContext, SelectionResult, Selector
 from altrack.selection.geometry import as_tensor, nearest, padded_steps, repeat_steps
 from altrack.selection.registry import register
 
-# float32 rounding of ||x||^2 - 2 x.c + ||c||^2 is a few eps times the squared norms; the pruning
-# margin stays well above it, so a pruned point is one the full pass would not have moved either.
-ROUNDING = 64 * torch.finfo(torch.float32).eps
+# float32 rounding of ||x||^2 - 2 x.c + ||c||^2 over d dimensions is at worst about 4 d eps times the
+# largest squared norm; the pruning margin covers that twice over (a bound and the distance it is
+# compared with), so a pruned point is one the full pass would not have moved either.
+ROUNDING_PER_DIM = 8 * torch.finfo(torch.float32).eps
 # the second filter's lower bound: distances in the top principal directions of the points; 16 of
 # 128 leave about 90 of the ~6,000 first-filter candidates per pick on MNIST (bench_selection)
 PROJECTION_DIMS = 16
@@ -26,15 +27,22 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     lies at distance r cannot have a new centre j nearer than c if ||j - c|| >= 2r (the triangle
     inequality); of the points left, one whose distance to j in the top principal directions
     (a projection, so never more than the true distance) is already >= r cannot either. Only the
-    few points left (about 90 of 59,600 per pick on MNIST) are measured, with the very arithmetic
-    of the plain greedy, so the picks are the plain greedy's (tests/test_selection.py). The
-    filters run in numpy (a pass over 60k points costs a few microseconds of overhead there,
-    tens in torch); both bounds keep a rounding margin.
+    few points left (about 90 of 59,600 per pick on MNIST) are measured, with the arithmetic of
+    the plain greedy, so the picks are the plain greedy's (tests/test_selection.py; identical on
+    the MNIST pools at k = 2000 and 5000) up to one caveat: MKL may round a row's dot product in a
+    short batch one ulp away from the same row in the full product, so distances that tie to the
+    last bit (duplicated points) can break the other way; the pick is then still a farthest point
+    up to rounding (tested). The filters run in numpy (a pass over 60k points costs a few
+    microseconds of overhead there, tens in torch); both bounds keep a rounding margin.
+
+    Raises ``ValueError`` if n exceeds the number of points (a taken row cannot be taken again).
     """
+    if n > points.shape[0]:
+        raise ValueError(f"{n} picks but only {points.shape[0]} points")
     if points.device.type != "cpu":
         return _kcenter_on_device(points, centres, n)
     n_points, dim = points.shape
-    if n_points == 0 or n == 0:
+    if n == 0:
         return []
     x_sq = (points * points).sum(1)
     centre_rows = torch.empty(len(centres) + n, dim, dtype=points.dtype)
@@ -49,7 +57,7 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     # numpy views of the same memory: the filters read them, the arithmetic stays in torch
     assign, min_d = assign_t.numpy(), min_d_t.numpy()
     top = max(float(x_sq.max()), float(centre_sq[: len(centres)].max()) if len(centres) else 0.0)
-    tau2 = np.float32(ROUNDING * top)
+    tau2 = np.float32(ROUNDING_PER_DIM * dim * top)
     tau = np.float32(tau2**0.5)
     proj, proj_sq = _principal_projection(points)
     # a point is measured only while ||j - c||^2 < reach = (2 r + tau)^2, r its distance to c
@@ -77,8 +85,8 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
         min_d[moved] = d_moved
         assign[moved] = m
         reach[moved] = np.square(2.0 * np.sqrt(d_moved) + tau, dtype=np.float32)
-        min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0
-        reach[j] = -1.0  # and are never measured again
+        min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0, so they never move again
+        reach[j] = -1.0  # and are hardly ever measured again
     return chosen
 
 
