@@ -267,7 +267,7 @@ def plot_learning_curves(rows: Sequence[ResultRow], path: Path) -> Path | None:
         ax.set_xlabel("label budget k")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")  # "lower right" hid the low single-budget points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
