@@ -74,6 +74,11 @@ def k2000_table(stats: dict, datasets: Sequence[str]) -> list[str]:
     return lines
 
 
+def paper_ranking(methods: Iterable[str], dataset: str) -> list[str]:
+    """``methods`` (of the paper's table) best first by the paper's k = 2000 figure on ``dataset``."""
+    return sorted(methods, key=lambda m: -PAPER_K2000[m][dataset])
+
+
 def ordering_checks(stats: dict, datasets: Sequence[str], rows: Sequence[ResultRow] = ()) -> list[str]:
     """Per dataset: the paper's ordering of its four methods against altrack's, each gap to the
     paper's figure in units of altrack's std and, given ``rows``, every pair of the paper's ordering
@@ -84,7 +89,7 @@ def ordering_checks(stats: dict, datasets: Sequence[str], rows: Sequence[ResultR
         ours = {m: stats[(dataset, TABLE_K, m)] for m in PAPER_K2000 if (dataset, TABLE_K, m) in stats}
         if len(ours) < 2:
             continue
-        paper_order = sorted(ours, key=lambda m: -PAPER_K2000[m][dataset])
+        paper_order = paper_ranking(ours, dataset)
         our_order = sorted(ours, key=lambda m: -ours[m].mean())
         same = "the same" if paper_order == our_order else "different"
         lines.append(f"- **{DATASET_NAMES[dataset]}**: paper {' > '.join(paper_order)}; "
@@ -112,8 +117,7 @@ def pair_verdicts(rows: Sequence[ResultRow], datasets: Sequence[str]) -> list[di
     by_seed = report.accuracy_by_seed([r for r in rows if r.budget == TABLE_K], "dataset", "method")
     tests = []
     for dataset in datasets:
-        methods = [m for m in PAPER_K2000 if (dataset, m) in by_seed]
-        ranked = sorted(methods, key=lambda m: -PAPER_K2000[m][dataset])
+        ranked = paper_ranking([m for m in PAPER_K2000 if (dataset, m) in by_seed], dataset)
         for i, high in enumerate(ranked):
             for low in ranked[i + 1 :]:
                 test = report.paired_difference(by_seed[(dataset, high)], by_seed[(dataset, low)])
