@@ -103,7 +103,9 @@ class StackedNet:
                 w = self._param(position, "weight")
                 b = self._param(position, "bias")
                 if h.device.type == "cpu":  # MKL's batched GEMM picks its kernels by batch count
-                    h = torch.stack([torch.addmm(b[i], h[i], w[i].t()) for i in range(n)])
+                    # unbind, not w[i]: one backward for all slices instead of a zero-filled stack each
+                    h = torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
+                                     zip(b.unbind(), h.unbind(), w.unbind(), strict=True)])  # fmt: skip
                 else:
                     h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
         return h

@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--main-job", action="store_true",
                         help="the README's: mnist,fashion_mnist x 7 methods x k=2000 x 3 seeds, models logged")
-    parser.add_argument("--reference", default=None, help="folder holding another checkout's altrack package")
+    parser.add_argument("--reference", action="append", default=[],
+                        help="folder holding another checkout's altrack package (repeatable)")
     parser.add_argument("--also", default=None, help="options for a second run of this tree beside the first")
     args = parser.parse_args()
     if args.main_job:
@@ -86,8 +87,8 @@ def main() -> None:
                 f"--workers {args.workers}, models not logged")  # fmt: skip
     print(what)
     sides = [("this tree", Path(__file__).resolve().parents[1])]
-    if args.reference:
-        sides.append(("reference", Path(args.reference).resolve()))
+    sides += [(Path(ref).name if len(args.reference) > 1 else "reference", Path(ref).resolve())
+              for ref in args.reference]  # fmt: skip
     runs = [(name, root, arguments) for name, root in sides]
     if args.also:
         runs.insert(1, (args.also, sides[0][1], [*arguments, *args.also.split()]))
