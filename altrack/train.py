@@ -35,6 +35,16 @@ class Adam:
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = 0
+        self._plans = [self._plan(p, m, v) for p, m, v in zip(params, self.exp_avg, self.exp_avg_sq, strict=True)]
+
+    def _plan(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> tuple:
+        """p, m and v as flat views in p's memory order (channels last included) cut into blocks,
+        with the dims order that reads the gradient the same way and a two-row scratch."""
+        block = self.CPU_BLOCK if p.device.type == "cpu" else max(p.numel(), 1)
+        order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+        views = list(zip(*(t.permute(order).view(-1).split(block) for t in (p, m, v)), strict=True))
+        scratch = torch.empty(2, min(block, p.numel()), dtype=p.dtype, device=p.device)
+        return order, block, views, scratch
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -46,13 +56,9 @@ class Adam:
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1**self.steps)
         bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            block = self.CPU_BLOCK if p.device.type == "cpu" else p.numel()
-            order = sorted(range(p.dim()), key=lambda d: -p.stride(d))  # p's memory order (channels last)
-            flat = [t.permute(order).view(-1).split(block) for t in (p, m, v)]  # views: updates land in p
-            flat.append(p.grad.permute(order).reshape(-1).split(block))  # the same elements in the same order
-            scratch = torch.empty(2, min(block, p.numel()), dtype=p.dtype, device=p.device)
-            for pb, mb, vb, g in zip(*flat, strict=True):  # the plain Adam above, into two scratch rows
+        for p, (order, block, views, scratch) in zip(self.params, self._plans, strict=True):
+            grads = p.grad.permute(order).reshape(-1).split(block)  # the same elements in the same order
+            for (pb, mb, vb), g in zip(views, grads, strict=True):  # the plain Adam above, into scratch
                 s, t = scratch[0, : len(pb)], scratch[1, : len(pb)]
                 mb.mul_(beta1).add_(torch.mul(g, 1 - beta1, out=s))
                 vb.mul_(beta2).add_(torch.mul(g, g, out=s).mul_(1 - beta2))
