@@ -27,7 +27,7 @@ from torch import nn
 
 from altrack.train import Adam, mean_loss
 
-PARAM_BYTES = 16  # fp32 weight, gradient and Adam's two moments
+PARAM_BYTES = 24  # fp32 weight, gradient, Adam's two moments and (off a CPU) its two scratch rows
 
 
 @dataclass
@@ -103,7 +103,8 @@ class StackedNet:
                 w = self._param(position, "weight")
                 b = self._param(position, "bias")
                 if h.device.type == "cpu":  # MKL's batched GEMM picks its kernels by batch count
-                    # unbind, not w[i]: one backward for all slices instead of a zero-filled stack each
+                    # unbind, not w[i]: one backward for all slices instead of a zero-filled stack
+                    # each (whose sum also turned an exact -0.0 gradient into +0.0, as nn.Linear does not)
                     h = torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
                                      zip(b.unbind(), h.unbind(), w.unbind(), strict=True)])  # fmt: skip
                 else:

@@ -21,13 +21,16 @@ class Adam:
     tensor it sits in. That is what lets a model train bit for bit the same alone (``train``) or
     stacked with others (``altrack.stack``), where a fused kernel's vector and scalar lanes differ.
 
-    On a CPU a tensor is updated in flat blocks of ``CPU_BLOCK`` elements, into preallocated
-    scratch: the update's dozen elementwise passes then run in cache instead of streaming a
-    stacked tensor through memory a dozen times (Adam 3x faster for 7 stacked MLPs on a 2-core CPU). Elementwise ops
-    give the same bits in any blocking.
+    Each tensor is updated in flat blocks (in its memory order, channels last included) through
+    two preallocated scratch rows: no temporaries, and on a CPU the blocks of ``CPU_BLOCK``
+    elements keep the update's dozen elementwise passes in cache instead of streaming a stacked
+    tensor through memory a dozen times (the update 3x faster for 7 stacked MLPs on a 2-core
+    CPU). Elementwise ops give the same bits in any blocking. The blocks are views planned once;
+    a parameter whose storage is swapped afterwards (``p.data = ...``) is planned again.
     """
 
-    CPU_BLOCK = 1 << 18  # elements (1 MiB): the fastest block measured for 1 to 21 stacked MLPs
+    CPU_BLOCK = 1 << 18  # elements (1 MiB of fp32): the fastest block measured for 1 to 21 stacked MLPs
+    DEVICE_BLOCK = 1 << 24  # off a CPU, one launch per op for any stack altrack trains
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:  # fmt: skip
@@ -35,16 +38,21 @@ class Adam:
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = 0
-        self._plans = [self._plan(p, m, v) for p, m, v in zip(params, self.exp_avg, self.exp_avg_sq, strict=True)]
+        self._plans = [self._plan(i) for i in range(len(params))]
+        self._scratch: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> (2, largest block)
 
-    def _plan(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> tuple:
-        """p, m and v as flat views in p's memory order (channels last included) cut into blocks,
-        with the dims order that reads the gradient the same way and a two-row scratch."""
-        block = self.CPU_BLOCK if p.device.type == "cpu" else max(p.numel(), 1)
+    def _plan(self, i: int) -> tuple:
+        """Parameter i's storage pointer, its dims in memory order, block size, (p, m, v) block
+        views and the largest block; a tensor whose strides do not flatten (a slice) is one block
+        as shaped."""
+        p, m, v = self.params[i], self.exp_avg[i], self.exp_avg_sq[i]
+        block = self.CPU_BLOCK if p.device.type == "cpu" else self.DEVICE_BLOCK
         order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
-        views = list(zip(*(t.permute(order).view(-1).split(block) for t in (p, m, v)), strict=True))
-        scratch = torch.empty(2, min(block, p.numel()), dtype=p.dtype, device=p.device)
-        return order, block, views, scratch
+        try:
+            views = list(zip(*(t.permute(order).view(-1).split(block) for t in (p, m, v)), strict=True))
+        except RuntimeError:  # not dense in any order: no blocks, the same ops on the whole tensor
+            order, block, views = None, p.numel(), [(p, m, v)]
+        return p.data_ptr(), order, block, views, max((pb.numel() for pb, _, _ in views), default=0)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -56,14 +64,28 @@ class Adam:
         beta1, beta2 = self.betas
         step_size = self.lr / (1 - beta1**self.steps)
         bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        for p, (order, block, views, scratch) in zip(self.params, self._plans, strict=True):
-            grads = p.grad.permute(order).reshape(-1).split(block)  # the same elements in the same order
+        for i, p in enumerate(self.params):
+            if p.grad is None:  # as torch's Adam: a parameter without a gradient is left alone
+                continue
+            if self._plans[i][0] != p.data_ptr():
+                self._plans[i] = self._plan(i)
+            _, order, block, views, largest = self._plans[i]
+            grads = [p.grad] if order is None else p.grad.permute(order).reshape(-1).split(block)
+            scratch = self._scratch_for(p, largest)
             for (pb, mb, vb), g in zip(views, grads, strict=True):  # the plain Adam above, into scratch
-                s, t = scratch[0, : len(pb)], scratch[1, : len(pb)]
+                s, t = scratch[0, : pb.numel()].view(pb.shape), scratch[1, : pb.numel()].view(pb.shape)
                 mb.mul_(beta1).add_(torch.mul(g, 1 - beta1, out=s))
                 vb.mul_(beta2).add_(torch.mul(g, g, out=s).mul_(1 - beta2))
                 denom = torch.sqrt(vb, out=s).div_(bias_correction2_sqrt).add_(self.eps)
                 pb.sub_(torch.div(mb, denom, out=t).mul_(step_size))
+
+    def _scratch_for(self, p: torch.Tensor, n: int) -> torch.Tensor:
+        """Two scratch rows of at least n elements on p's device, shared by every parameter."""
+        key = (p.device, p.dtype)
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.shape[1] < n:
+            scratch = self._scratch[key] = torch.empty(2, n, dtype=p.dtype, device=p.device)
+        return scratch
 
 
 def mean_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

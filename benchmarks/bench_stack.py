@@ -66,21 +66,24 @@ def main() -> None:
     args = parser.parse_args()
     sides = [("this tree", Path(__file__).resolve().parents[1])] + [(Path(r).name, Path(r).resolve())
                                                                    for r in args.reference]  # fmt: skip
-    results = {}
-    for name, root in sides:
+    results = []
+    for _, root in sides:
         command = [sys.executable, "-c", SIDE, str(root), data_dir(), args.stacks, str(args.repeats)]
-        results[name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    print("seconds per MNIST model (10 epochs of 2000 rows), best of", args.repeats)
+        results.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+    print(
+        f"seconds per MNIST model (10 epochs of 2000 rows), best of {args.repeats}; the stacked models' digest; "
+        "ratio = that tree's seconds / this tree's"
+    )
     print(f"{'':<16}" + "".join(f"{name:>22}" for name, _ in sides))
-    base = results["this tree"]
+    base = results[0]
     for row in base:
         cells = []
-        for name, _ in sides:
-            if row not in results[name]:
+        for position, result in enumerate(results):
+            if row not in result:
                 cells.append("-")
                 continue
-            seconds, digest = results[name][row]
-            ratio = f"{seconds / base[row][0]:.2f}x" if name != "this tree" else ""
+            seconds, digest = result[row]
+            ratio = f"{seconds / base[row][0]:.2f}x" if position else ""
             cells.append(f"{seconds:7.3f} {digest:>8} {ratio:>5}")
         print(f"{row:<16}" + "".join(f"{cell:>22}" for cell in cells))
 
