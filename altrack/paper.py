@@ -74,6 +74,18 @@ def k2000_table(stats: dict, datasets: Sequence[str]) -> list[str]:
     return lines
 
 
+def budget_table(stats: dict, datasets: Sequence[str]) -> list[str]:
+    """Every (dataset, k) the runs cover, one row each, a column per method: the numbers behind
+    the learning curves, for the budgets beside the paper's table."""
+    methods = report.method_order({m for _, _, m in stats})
+    lines = ["| dataset | k | " + " | ".join(f"`{m}`" for m in methods) + " |", "|" + " --- |" * (2 + len(methods))]
+    for dataset in datasets:
+        for budget in sorted({k for d, k, _ in stats if d == dataset}):
+            cells = [_cell(stats.get((dataset, budget, m))) for m in methods]
+            lines.append(f"| {DATASET_NAMES[dataset]} | {budget} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def paper_ranking(methods: Iterable[str], dataset: str) -> list[str]:
     """``methods`` (of the paper's table) best first by the paper's k = 2000 figure on ``dataset``."""
     return sorted(methods, key=lambda m: -PAPER_K2000[m][dataset])
@@ -443,6 +455,8 @@ def write_page(
     if curves is not None:
         lines += ["## Learning curves", "", "Accuracy against k, mean ± 1 std bands, one line per method.", "",
                   f"![learning curves]({curves.name})", ""]  # fmt: skip
+    if len({k for _, k, _ in stats}) > 1:
+        lines += ["Every budget, mean ± sample std (number of seeds):", "", *budget_table(stats, datasets), ""]
     if tests:
         lines += ["## All paired comparisons", "",
                   "Each method against `random` and against `kcenter`, per dataset and k, paired over the seeds "

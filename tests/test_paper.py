@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from altrack import report
-from altrack.paper import ordering_checks, pair_verdicts
+from altrack.paper import budget_table, ordering_checks, pair_verdicts
 from altrack.results import ResultRow
 
 # MNIST in the paper: coreset-grad > coreset > kcenter > random. Here coreset-grad and coreset tie,
@@ -60,3 +60,15 @@ def test_the_ordering_lines_say_which_pairs_hold_are_reversed_or_open():
     assert "coreset-grad > coreset open" in mnist
     assert "coreset-grad > random open" in fashion and "random > kcenter holds" in fashion
     assert "Holm's correction over all the pairs above (12 tests" in text
+
+
+def test_the_budget_table_has_a_row_per_dataset_and_budget_and_leaves_failed_runs_out():
+    stats = report.summarise(_rows())
+    table = budget_table(stats, ["mnist", "fashion_mnist"])
+    assert table[0] == "| dataset | k | `coreset` | `coreset-grad` | `kcenter` | `random` |"
+    assert [line.split(" | ")[:2] for line in table[2:]] == [
+        ["| MNIST", "1000"], ["| MNIST", "2000"], ["| Fashion-MNIST", "1000"], ["| Fashion-MNIST", "2000"]]  # fmt: skip
+    random_2000 = np.array([r.test_accuracy for r in _rows() if r.budget == 2000 and r.method == "random"
+                            and r.dataset == "mnist" and r.finished])  # fmt: skip
+    assert f"{random_2000.mean():.4f} ± {random_2000.std(ddof=1):.4f} ({N_SEEDS})" in table[3]
+    assert "0.5000 ± 0.0000 (30)" in table[2]
