@@ -2,13 +2,13 @@
 
 N models of one architecture, each with its own training indices, initialisation, batch order,
 example weights and Adam state, step together. Their parameters are stacked along a leading
-model axis and the forward pass is written for the stack: ``baddbmm`` for linear layers on an
-accelerator, and on a CPU one ``addmm`` per model, the very GEMM ``nn.Linear`` runs (MKL's batched
-GEMM picks its kernels by batch count, so its bits would depend on the stack); grouped
-convolutions for CifarNet. The loss is the sum of the models' mean
-losses, so each model's gradient is its own, and one Adam steps every stacked tensor (Adam is
-elementwise: N independent Adams). On a GPU a step of 100 small models costs about what a step
-of one does; on a CPU the batched GEMMs still save Python and kernel-launch overhead.
+model axis and the forward pass is written for the stack: one ``addmm`` per model for linear
+layers, the very GEMM ``nn.Linear`` runs (a batched GEMM, MKL's or cuBLAS's, picks its kernels by
+batch count, so a model's bits would depend on its stack); grouped convolutions for CifarNet. The
+loss is the sum of the models' mean losses, so each model's gradient is its own, and one Adam
+steps every stacked tensor (Adam is elementwise: N independent Adams). On a GPU a step's hundreds
+of tiny kernels are recorded once as a CUDA graph and replayed (``altrack.graphs``), so a step of
+35 small models costs little more than a step of one; on a CPU stacking saves Python overhead.
 
 A model whose loss stops being finite is reported diverged; the others go on (their parameters
 never mix).
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from altrack.graphs import warm_and_capture
 from altrack.train import Adam, mean_loss
 
 PARAM_BYTES = 24  # fp32 weight, gradient, Adam's two moments and (off a CPU) its two scratch rows
@@ -102,13 +103,12 @@ class StackedNet:
             else:
                 w = self._param(position, "weight")
                 b = self._param(position, "bias")
-                if h.device.type == "cpu":  # MKL's batched GEMM picks its kernels by batch count
-                    # unbind, not w[i]: one backward for all slices instead of a zero-filled stack
-                    # each (whose sum also turned an exact -0.0 gradient into +0.0, as nn.Linear does not)
-                    h = torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
-                                     zip(b.unbind(), h.unbind(), w.unbind(), strict=True)])  # fmt: skip
-                else:
-                    h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                # one addmm per model, the GEMM nn.Linear runs: a batched GEMM (MKL's, cuBLAS's) picks
+                # its kernels by batch count, so a model's bits would depend on its stack. unbind, not
+                # w[i]: one backward for all slices instead of a zero-filled stack each (whose sum also
+                # turned an exact -0.0 gradient into +0.0, as nn.Linear does not)
+                h = torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
+                                 zip(b.unbind(), h.unbind(), w.unbind(), strict=True)])  # fmt: skip
         return h
 
     def export(self, models: Sequence[nn.Module]) -> list[nn.Module]:
@@ -151,38 +151,66 @@ def train_stacked(
     weights: torch.Tensor | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     on_epoch_each: Callable[[int, list[float]], None] | None = None,
+    graphs: bool = True,
 ) -> StackOutcome:
     """Train ``models`` (N, freshly initialised, one architecture) on their own rows of ``x``.
 
     ``indices``: (N, n) int64 train indices per model, on x's device; ``generators``: N CPU
     generators for the batch orders; ``weights``: (N, n) per-example weights or None (each row is
     normalised to mean 1, as ``train.train`` does). ``on_epoch`` hears each epoch's mean loss over
-    the stack, ``on_epoch_each`` every model's. Returns trained copies of ``models``.
+    the stack, ``on_epoch_each`` every model's. On CUDA, unless ``graphs=False``,
+    the first full batch's step runs eagerly and is replayed as a CUDA graph for the others (``altrack.graphs``):
+    the same kernels, so the same bits (``benchmarks/bench_engine.py`` checks it on a GPU).
+    Returns trained copies of ``models``.
     Raises ``ValueError`` when the counts disagree.
     """
     n_models, n = indices.shape
     if len(models) != n_models or len(generators) != n_models:
         raise ValueError(f"{len(models)} models and {len(generators)} generators for {n_models} index rows")
     device = x.device
+    graphs = graphs and device.type == "cuda"
     net = StackedNet(models)
-    optimizer = Adam(net.params, lr)
+    steps_per_epoch = -(-n // batch_size)
+    optimizer = Adam(net.params, lr, schedule=epochs * steps_per_epoch if device.type == "cuda" else 0)
     if weights is not None:
         weights = weights / weights.mean(1, keepdim=True)
     losses: list[list[float]] = [[] for _ in range(n_models)]
     diverged: list[str | None] = [None] * n_models
+    total = torch.zeros(n_models, device=device)
+    # on CUDA a full batch's step reads fixed buffers and keeps its state in place, so it is recorded
+    # once as a graph and replayed (an MNIST step is hundreds of kernels of microseconds each)
+    batch_idx = torch.empty(n_models, batch_size, dtype=torch.int64, device=device)
+    batch_w = torch.empty(n_models, batch_size, device=device) if weights is not None else None
+
+    def step(idx: torch.Tensor, w: torch.Tensor | None, size: int) -> None:
+        loss = mean_loss(net.forward(x[idx]), y[idx], w)  # (N,)
+        optimizer.zero_grad()
+        loss.sum().backward()
+        optimizer.step()
+        total.add_(loss.detach() * size)
+
+    def full_step() -> None:
+        step(batch_idx, batch_w, batch_size)
+
+    graph = None
     for epoch in range(epochs):
         order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
         ordered = indices.gather(1, order)  # (N, n) train indices in this epoch's order
         ws = weights.gather(1, order) if weights is not None else None
-        total = torch.zeros(n_models, device=device)
+        total.zero_()
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            batch = ordered[:, start:stop]
-            loss = mean_loss(net.forward(x[batch]), y[batch], None if ws is None else ws[:, start:stop])  # (N,)
-            optimizer.zero_grad()
-            loss.sum().backward()
-            optimizer.step()
-            total += loss.detach() * (stop - start)
+            if not graphs or stop - start < batch_size:  # the short last batch runs eagerly
+                step(ordered[:, start:stop], None if ws is None else ws[:, start:stop], stop - start)
+                continue
+            batch_idx.copy_(ordered[:, start:stop])
+            if batch_w is not None:
+                batch_w.copy_(ws[:, start:stop])
+            with torch.cuda.device(device):
+                if graph is None:  # this step runs eagerly, then is recorded for the others
+                    graph = warm_and_capture(full_step, device)
+                else:
+                    graph.replay()
         epoch_losses = [value / n for value in total.tolist()]  # as train.train: float(total) / n
         for i, value in enumerate(epoch_losses):
             if diverged[i] is None and not math.isfinite(value):
@@ -194,4 +222,5 @@ def train_stacked(
         if on_epoch is not None:
             finite = [v for v in epoch_losses if math.isfinite(v)]
             on_epoch(epoch, sum(finite) / len(finite) if finite else float("nan"))
+    del graph  # its memory pool holds a step's activations
     return StackOutcome(net.export(models), losses, diverged)

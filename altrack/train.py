@@ -27,19 +27,31 @@ class Adam:
     tensor through memory a dozen times (the update 3x faster for 7 stacked MLPs on a 2-core
     CPU). Elementwise ops give the same bits in any blocking. The blocks are views planned once;
     a parameter whose storage is swapped afterwards (``p.data = ...``) is planned again.
+
+    ``schedule=S`` (used on CUDA) precomputes the bias corrections of steps 1..S as a device table
+    read through a device step counter, so that a CUDA graph recorded over many steps
+    (``altrack.stack``) gives each replayed step its own. S must cover every step taken.
     """
 
     CPU_BLOCK = 1 << 18  # elements (1 MiB of fp32): the fastest block measured for 1 to 21 stacked MLPs
     DEVICE_BLOCK = 1 << 24  # off a CPU, one launch per op for any stack altrack trains
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:  # fmt: skip
+                 eps: float = 1e-8, schedule: int = 0) -> None:  # fmt: skip
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = 0
-        self._plans = [self._plan(i) for i in range(len(params))]
+        with torch.no_grad():  # views outside autograd: a view with a grad_fn would create each
+            # parameter's AccumulateGrad node here, on the default stream, and CUDA graph capture
+            # on a side stream then fails (the node syncs with the stream it was made on)
+            self._plans = [self._plan(i) for i in range(len(params))]
         self._scratch: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> (2, largest block)
+        self._table: torch.Tensor | None = None
+        if schedule:  # steps 1..schedule's bias corrections on the device, read through a device counter
+            rows = [[lr / (1 - betas[0] ** s), (1 - betas[1] ** s) ** 0.5] for s in range(1, schedule + 1)]
+            self._table = torch.tensor(rows, dtype=params[0].dtype).to(params[0].device)
+            self._step = torch.zeros(1, dtype=torch.int64, device=params[0].device)
 
     def _plan(self, i: int) -> tuple:
         """Parameter i's storage pointer, its dims in memory order, block size, (p, m, v) block
@@ -62,8 +74,13 @@ class Adam:
     def step(self) -> None:
         self.steps += 1
         beta1, beta2 = self.betas
-        step_size = self.lr / (1 - beta1**self.steps)
-        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
+        if self._table is None:
+            step_size = self.lr / (1 - beta1**self.steps)
+            bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
+        else:  # 0-dim device tensors: a captured graph of many steps reads each step's own
+            row = self._table.index_select(0, self._step).squeeze(0)
+            step_size, bias_correction2_sqrt = row[0], row[1]
+            self._step.add_(1)
         for i, p in enumerate(self.params):
             if p.grad is None:  # as torch's Adam: a parameter without a gradient is left alone
                 continue

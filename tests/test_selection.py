@@ -14,7 +14,7 @@ from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
 from altrack.selection.geometry import nearest, nearest_distinct, padded_steps
 from altrack.selection.kcenter import _kcenter_on_device, kcenter_greedy
-from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus
+from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus, lloyd
 from altrack.settings import Settings, parse_lam_mode
 
 ALL_METHODS = available_methods()
@@ -93,6 +93,14 @@ def test_kmeans_inertia_within_one_percent_of_sklearn():
     theirs = KMeans(12, n_init=1, random_state=0).fit(x)
     assert ours.inertia <= theirs.inertia_ * 1.01
     assert np.bincount(ours.labels, minlength=12).min() > 0
+
+
+def test_lloyd_gives_an_empty_cluster_the_farthest_point():
+    """A centre nobody is nearest to takes the point farthest from its own centre; without that
+    it would fall to the origin and the run would end elsewhere."""
+    x = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
+    centres, _ = lloyd(x, torch.tensor([[0.0], [10.0], [100.0]]), max_iter=10, tol=0.0)
+    assert sorted(centres.flatten().tolist()) == [0.5, 10.0, 12.0]
 
 
 def test_nearest_distinct_never_reuses_a_point():

@@ -113,3 +113,42 @@ def _need(dataset):
     from altrack.stack import model_bytes
 
     return model_bytes(build_model(dataset), 32, (1, 28, 28))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs, cuBLAS)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_on_cuda_graph_replays_give_the_eager_steps_bits(data_dir, dataset):
+    data = load_dataset(dataset, data_dir, "cuda")
+    rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:100]
+                        for i in range(3)]).cuda()  # fmt: skip
+
+    def run(graphs):
+        return train_stacked([fresh_model(dataset, "cuda", stream_seed(i, 4)) for i in range(3)], data.x_train,
+                             data.y_train, rows, epochs=2, batch_size=32, lr=1e-3,
+                             generators=[torch.Generator().manual_seed(i) for i in range(3)],
+                             graphs=graphs)  # fmt: skip
+
+    eager, replayed = run(False), run(True)
+    assert eager.losses == replayed.losses
+    for a, b in zip(eager.models, replayed.models, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(_params(a), _params(b), strict=True))
+
+
+@needs_cuda
+def test_on_cuda_an_mlp_has_the_same_bits_alone_or_stacked(data_dir):
+    """One addmm per model: cuBLAS's batched GEMM would pick its kernels by the stack's size."""
+    data = load_dataset("mnist", data_dir, "cuda")
+    rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:200]
+                        for i in range(5)]).cuda()  # fmt: skip
+
+    def run(ids):
+        return train_stacked([fresh_model("mnist", "cuda", stream_seed(i, 4)) for i in ids], data.x_train,
+                             data.y_train, rows[ids], epochs=2, batch_size=32, lr=1e-3,
+                             generators=[torch.Generator().manual_seed(i) for i in ids])  # fmt: skip
+
+    five, alone = run([0, 1, 2, 3, 4]), run([3])
+    assert five.losses[3] == alone.losses[0]
+    assert all(torch.equal(p, q) for p, q in zip(_params(five.models[3]), _params(alone.models[0]), strict=True))

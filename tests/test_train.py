@@ -78,3 +78,20 @@ def test_adam_follows_a_swapped_storage_and_steps_a_slice():
     optimizer.step()
     assert torch.equal(params[0].detach(), expected[0]) and torch.equal(sliced, expected[1])
     assert torch.equal(base[:, 5:], beside)  # what lies beside the slice is untouched
+
+
+def test_adam_reading_its_schedule_from_the_device_is_torchs_adam_step_for_step():
+    """``schedule=S``: each step's bias corrections come from a table through a step counter (what
+    a replayed CUDA graph needs); a table off by one step would move the first steps by percents."""
+    params, grads = _params_and_grads(2)
+    params = [p.clone(memory_format=torch.preserve_format).requires_grad_(True) for p in params]
+    reference = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_(True) for p in params]
+    ours, torchs = Adam(params, 1e-2, schedule=len(grads)), torch.optim.Adam(reference, lr=1e-2, foreach=False)
+    for step in grads:
+        for p, q, grad in zip(params, reference, step, strict=True):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        ours.step()
+        torchs.step()
+        for p, q in zip(params, reference, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    assert int(ours._step) == len(grads)

@@ -129,10 +129,16 @@ def score_pool(
 
     ``points`` (n, d), ``centres`` (m, d), ``centre_loss`` and ``lam`` (m,).
     """
-    nearest_centre, _ = nearest(as_tensor(points, device), as_tensor(centres, device))
+    xt, ct = as_tensor(points, device), as_tensor(centres, device)
+    nearest_centre, _ = nearest(xt, ct)
     c = nearest_centre.cpu().numpy()
-    offset = points.astype(np.float64) - centres[c].astype(np.float64)
-    distance = lam[c] * np.einsum("ij,ij->i", offset, offset)
+    if xt.device.type == "cpu":
+        offset = points.astype(np.float64) - centres[c].astype(np.float64)
+        sq = np.einsum("ij,ij->i", offset, offset)
+    else:  # the same float64 differences where the points are (a pass over the pool on the host took longer)
+        offset = xt.double() - ct.double().index_select(0, nearest_centre)
+        sq = (offset * offset).sum(1).cpu().numpy()
+    distance = lam[c] * sq
     return centre_loss[c] + distance, distance, c
 
 
@@ -171,7 +177,9 @@ class _SensitivitySampling(Selector):
         mode = parse_lam_mode(settings.lam)
         lam = estimate_lambda(mode, centre_space, centre_loss, len(pool))
 
-        rest = np.setdiff1d(np.arange(len(pool)), centre_pos)  # sorted pool positions
+        free = np.ones(len(pool), dtype=bool)
+        free[centre_pos] = False
+        rest = np.flatnonzero(free)  # sorted pool positions
         estimate, distance, nearest_centre = score_pool(pool_space[rest], centre_space, centre_loss, lam, ctx.device)
         drawn, probs, inclusion = sample_without_replacement(estimate, n_sample, ctx.rng)
 

@@ -10,8 +10,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from altrack.graphs import warm_and_capture
+
 BLOCK_ROWS = 4096  # a block of distances stays in cache for the min that follows (bench_kmeans)
-GRAPH_STEPS = 64  # steps per captured CUDA graph (repeat_steps)
+DEVICE_BLOCK = 1 << 26  # off a CPU, distances in blocks of up to 64M elements: one GEMM, one min
+GRAPH_STEPS = 16  # steps per captured CUDA graph (repeat_steps): two rounds of them run from Python
 
 
 def as_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -29,13 +32,15 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """For each row of x: (index of the nearest row of c, squared distance), in row blocks.
 
     The argmin only needs ||c||^2 - 2 x.c; ||x||^2 is added to the n minima, not the n x m matrix.
+    A CPU takes blocks that stay in cache; a GPU as few as memory allows (each is a launch).
     """
     x_sq = (x * x).sum(1)
     c_sq = (c * c).sum(1).unsqueeze(0)
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    for start in range(0, x.shape[0], BLOCK_ROWS):
-        stop = start + BLOCK_ROWS
+    rows = BLOCK_ROWS if x.device.type == "cpu" else max(1, DEVICE_BLOCK // max(c.shape[0], 1))
+    for start in range(0, x.shape[0], rows):
+        stop = start + rows
         partial = torch.addmm(c_sq, x[start:stop], c.T, alpha=-2.0)
         dists[start:stop], labels[start:stop] = partial.min(1)
     dists.add_(x_sq).clamp_(min=0.0)
@@ -51,14 +56,14 @@ def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
         raise ValueError(f"{c.shape[0]} centres but only {x.shape[0]} points")
     x_sq = (x * x).sum(1).unsqueeze(0)
     chosen = np.empty(c.shape[0], dtype=np.int64)
-    taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    taken = np.zeros(x.shape[0], dtype=bool)  # on the host: a GPU would be waited on per centre
     for start in range(0, c.shape[0], 256):
         d = torch.addmm(x_sq, c[start : start + 256], x.T, alpha=-2.0)  # ||x||^2 - 2 c.x: same argmin
-        first = d.argmin(1)
+        first = d.argmin(1).cpu().numpy()
         for row in range(d.shape[0]):
             j = int(first[row])
-            if taken[j]:
-                j = int(d[row].masked_fill(taken, float("inf")).argmin())
+            if taken[j]:  # rare: the nearest free row, on the device
+                j = int(d[row].masked_fill(torch.from_numpy(taken).to(x.device), float("inf")).argmin())
             taken[j] = True
             chosen[start + row] = j
     return chosen
@@ -81,16 +86,12 @@ def repeat_steps(step: Callable[[], None], n: int, device: torch.device) -> None
         for _ in range(n):
             step()
         return
+
+    def steps() -> None:
+        for _ in range(GRAPH_STEPS):
+            step()
+
     with torch.cuda.device(device):  # capture on the tensors' GPU, not on whichever is current
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # the first round runs eagerly, on the side stream capture wants
-            for _ in range(GRAPH_STEPS):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # recorded, not run
-            for _ in range(GRAPH_STEPS):
-                step()
+        graph = warm_and_capture(steps, device)  # the first round eager, the rest replayed
         for _ in range(rounds - 1):
             graph.replay()

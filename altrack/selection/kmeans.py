@@ -139,18 +139,22 @@ def lloyd(
     previous = float("inf")
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
         labels, dists = nearest(x, centres)
-        inertia = float(dists.double().sum())
-        if previous - inertia <= inertia_tol * inertia:
-            break
-        previous = inertia
         counts = torch.bincount(labels, minlength=k)
         sums = cluster_sums(x, labels, counts)
         new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
-        empty = torch.nonzero(counts == 0).flatten()
-        if len(empty):
+        shift_t = (new - centres).pow(2).sum()
+        # one host round trip per iteration (a GPU idles during each): the inertia of the current
+        # centres, the empty clusters and the shift, read together; the update is dropped on a stop
+        inertia, n_empty, shift = torch.stack([dists.double().sum(), (counts == 0).sum().double(),
+                                               shift_t.double()]).tolist()  # fmt: skip
+        if previous - inertia <= inertia_tol * inertia:
+            break
+        previous = inertia
+        if n_empty:
+            empty = torch.nonzero(counts == 0).flatten()
             far = torch.argsort(dists, descending=True, stable=True)[: len(empty)]
             new[empty] = x[far]
-        shift = float((new - centres).pow(2).sum())
+            shift = float((new - centres).pow(2).sum())
         centres = new
         if shift <= tol_abs:
             break
