@@ -8,11 +8,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_context
 
 from altrack.errors import ConfigError
 from altrack.selection import get_selector
-from altrack.selection.coreset import estimate_lambda, sample_without_replacement, score_pool
+from altrack.selection.coreset import _sq_offsets_on_device, estimate_lambda, sample_without_replacement, score_pool
 from altrack.settings import RunKey, Settings, parse_lam, parse_lam_mode
 
 
@@ -127,3 +128,13 @@ def test_the_resume_key_changes_with_each_of_its_inputs():
         hashes.add(key.config_hash(settings, {**base, name: other}))
     hashes.add(key.config_hash(Settings(lam="lemma8"), base))
     assert len(hashes) == 7
+
+
+def test_the_device_path_of_the_pool_distances_is_the_cpu_path_up_to_rounding():
+    rng = np.random.default_rng(3)
+    points = (rng.normal(size=(500, 16)) * 40 + 1000).astype(np.float32)  # far from the origin
+    centres = points[rng.choice(500, 7, replace=False)]
+    _, cpu, nearest_centre = score_pool(points, centres, np.zeros(7), np.ones(7))  # lam 1: the distances
+    device = _sq_offsets_on_device(*(torch.from_numpy(a) for a in (points, centres, nearest_centre)))
+    np.testing.assert_allclose(device, cpu, rtol=1e-12)
+    assert (cpu > 0).sum() == 493  # the 7 centre rows themselves are at 0

@@ -135,11 +135,17 @@ def score_pool(
     if xt.device.type == "cpu":
         offset = points.astype(np.float64) - centres[c].astype(np.float64)
         sq = np.einsum("ij,ij->i", offset, offset)
-    else:  # the same float64 differences where the points are (a pass over the pool on the host took longer)
-        offset = xt.double() - ct.double().index_select(0, nearest_centre)
-        sq = (offset * offset).sum(1).cpu().numpy()
+    else:  # a float64 pass over the pool on the host took longer than the rest of the scoring
+        sq = _sq_offsets_on_device(xt, ct, nearest_centre)
     distance = lam[c] * sq
     return centre_loss[c] + distance, distance, c
+
+
+def _sq_offsets_on_device(points: torch.Tensor, centres: torch.Tensor, nearest_centre: torch.Tensor) -> np.ndarray:
+    """``score_pool``'s exact float64 squared distances, computed where the points are: (n,).
+    Runs on any device; tests compare it with the CPU's numpy on a CPU."""
+    offset = points.double() - centres.double().index_select(0, nearest_centre)
+    return (offset * offset).sum(1).cpu().numpy()
 
 
 def _kmeans(points: np.ndarray, k: int, seed: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
