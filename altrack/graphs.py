@@ -8,6 +8,7 @@ be replayed: the same kernels on the same buffers, so the same bits as running i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -42,7 +43,10 @@ def warm_and_capture(step: Callable[[], None], device: torch.device) -> torch.cu
         graph.capture_begin()
         try:
             step()
-        finally:
-            graph.capture_end()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the capture is void; the step's error is the one to see
+                graph.capture_end()
+            raise
+        graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(stream)
     return graph

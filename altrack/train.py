@@ -30,7 +30,10 @@ class Adam:
 
     ``schedule=S`` (used on CUDA) precomputes the bias corrections of steps 1..S as a device table
     read through a device step counter, so that a CUDA graph recorded over many steps
-    (``altrack.stack``) gives each replayed step its own. S must cover every step taken.
+    (``altrack.stack``) gives each replayed step its own. S must cover every step taken; ``steps``
+    then counts the Python calls only (a replayed step makes none). On a CPU both forms give the
+    same bits (tested); on CUDA a Python divisor is applied as a multiply by its reciprocal, so
+    ``train`` uses the table there too.
     """
 
     CPU_BLOCK = 1 << 18  # elements (1 MiB of fp32): the fastest block measured for 1 to 21 stacked MLPs
@@ -132,8 +135,11 @@ def train(
     Raises ``TrainingDiverged`` as soon as an epoch's loss is not finite.
     """
     model.train()
-    optimizer = Adam(list(model.parameters()), lr)
     n = x.shape[0]
+    # on CUDA the bias corrections come from a device table, as in a stack (altrack.stack): a
+    # Python divisor would take CUDA's multiply-by-reciprocal path and round differently
+    schedule = epochs * -(-n // batch_size) if x.device.type == "cuda" else 0
+    optimizer = Adam(list(model.parameters()), lr, schedule=schedule)
     if weights is not None:
         weights = weights / weights.mean()
     losses: list[float] = []

@@ -101,6 +101,9 @@ def test_lloyd_gives_an_empty_cluster_the_farthest_point():
     x = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
     centres, _ = lloyd(x, torch.tensor([[0.0], [10.0], [100.0]]), max_iter=10, tol=0.0)
     assert sorted(centres.flatten().tolist()) == [0.5, 10.0, 12.0]
+    # the shift counts the moved empty centre: measured without it, Lloyd would stop after one step
+    centres, n_iter = lloyd(torch.tensor([[-1.0], [1.0], [10.0]]), torch.tensor([[0.0], [10.0], [0.0]]), 10, 0.0)
+    assert centres.flatten().tolist() == [1.0, 10.0, -1.0] and n_iter == 3
 
 
 def test_nearest_distinct_never_reuses_a_point():

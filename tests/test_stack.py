@@ -118,22 +118,27 @@ def _need(dataset):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs, cuBLAS)")
 
 
-@needs_cuda
-@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
-def test_on_cuda_graph_replays_give_the_eager_steps_bits(data_dir, dataset):
-    data = load_dataset(dataset, data_dir, "cuda")
-    rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:100]
-                        for i in range(3)]).cuda()  # fmt: skip
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize(("dataset", "n", "weighted"), [("mnist", 100, True), ("mnist", 96, False),
+                                                       ("cifar10", 100, False)])  # fmt: skip
+def test_buffered_and_replayed_steps_give_the_plain_steps_bits(data_dir, device, dataset, n, weighted):
+    """``graphs=True`` steps full batches through fixed buffers (on CUDA one recorded graph,
+    replayed), ``graphs=False`` through slices: the same bits, with weights and without, with a
+    short last batch and without."""
+    data = load_dataset(dataset, data_dir, device)
+    rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:n]
+                        for i in range(3)]).to(device)  # fmt: skip
+    weights = torch.rand(3, n, generator=torch.Generator().manual_seed(9)).add(0.5).to(device) if weighted else None
 
     def run(graphs):
-        return train_stacked([fresh_model(dataset, "cuda", stream_seed(i, 4)) for i in range(3)], data.x_train,
-                             data.y_train, rows, epochs=2, batch_size=32, lr=1e-3,
+        return train_stacked([fresh_model(dataset, device, stream_seed(i, 4)) for i in range(3)], data.x_train,
+                             data.y_train, rows, epochs=2, batch_size=32, lr=1e-3, weights=weights,
                              generators=[torch.Generator().manual_seed(i) for i in range(3)],
                              graphs=graphs)  # fmt: skip
 
-    eager, replayed = run(False), run(True)
-    assert eager.losses == replayed.losses
-    for a, b in zip(eager.models, replayed.models, strict=True):
+    plain, buffered = run(False), run(True)
+    assert plain.losses == buffered.losses
+    for a, b in zip(plain.models, buffered.models, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(_params(a), _params(b), strict=True))
 
 
@@ -142,13 +147,13 @@ def test_on_cuda_an_mlp_has_the_same_bits_alone_or_stacked(data_dir):
     """One addmm per model: cuBLAS's batched GEMM would pick its kernels by the stack's size."""
     data = load_dataset("mnist", data_dir, "cuda")
     rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:200]
-                        for i in range(5)]).cuda()  # fmt: skip
+                        for i in range(35)]).cuda()  # fmt: skip
 
     def run(ids):
         return train_stacked([fresh_model("mnist", "cuda", stream_seed(i, 4)) for i in ids], data.x_train,
                              data.y_train, rows[ids], epochs=2, batch_size=32, lr=1e-3,
                              generators=[torch.Generator().manual_seed(i) for i in ids])  # fmt: skip
 
-    five, alone = run([0, 1, 2, 3, 4]), run([3])
-    assert five.losses[3] == alone.losses[0]
-    assert all(torch.equal(p, q) for p, q in zip(_params(five.models[3]), _params(alone.models[0]), strict=True))
+    many, alone = run(list(range(35))), run([3])
+    assert many.losses[3] == alone.losses[0]
+    assert all(torch.equal(p, q) for p, q in zip(_params(many.models[3]), _params(alone.models[0]), strict=True))

@@ -132,7 +132,7 @@ def score_pool(
     xt, ct = as_tensor(points, device), as_tensor(centres, device)
     nearest_centre, _ = nearest(xt, ct)
     c = nearest_centre.cpu().numpy()
-    if xt.device.type == "cpu":
+    if xt.device.type != "cuda":  # (MPS has no float64)
         offset = points.astype(np.float64) - centres[c].astype(np.float64)
         sq = np.einsum("ij,ij->i", offset, offset)
     else:  # a float64 pass over the pool on the host took longer than the rest of the scoring

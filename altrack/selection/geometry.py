@@ -13,8 +13,8 @@ import torch
 from altrack.graphs import warm_and_capture
 
 BLOCK_ROWS = 4096  # a block of distances stays in cache for the min that follows (bench_kmeans)
-DEVICE_BLOCK = 1 << 26  # off a CPU, distances in blocks of up to 64M elements: one GEMM, one min
-GRAPH_STEPS = 16  # steps per captured CUDA graph (repeat_steps): two rounds of them run from Python
+DEVICE_BLOCK = 1 << 25  # off a CPU, distance blocks of up to 32M elements (128 MB): one GEMM, one min
+GRAPH_STEPS = 16  # steps per CUDA graph (repeat_steps); Python runs two rounds (eager, capture), the rest replay
 
 
 def as_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
