@@ -33,7 +33,8 @@ def warm_and_capture(step: Callable[[], None], device: torch.device) -> torch.cu
     buffers and never wait for the device (no ``.item()``, no data-dependent shapes). Unlike
     ``torch.cuda.graph``, it does not synchronise the device or empty the allocator's cache
     first: on an H100 that cost about 40 ms per capture, more than a greedy loop's kernels.
-    Call it and ``replay`` inside ``torch.cuda.device(device)``.
+    Call it and ``replay`` inside ``torch.cuda.device(device)``, from one thread per device at a
+    time (the side stream is shared).
     """
     stream = side_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
