@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from altrack.graphs import warm_and_capture
-from altrack.train import Adam, mean_loss
+from altrack.train import Adam, adam_schedule, mean_loss
 
 PARAM_BYTES = 24  # fp32 weight, gradient, Adam's two moments and (off a CPU) its two scratch rows
 
@@ -172,8 +172,7 @@ def train_stacked(
         raise ValueError(f"{len(models)} models and {len(generators)} generators for {n_models} index rows")
     device = x.device
     net = StackedNet(models)
-    steps_per_epoch = -(-n // batch_size)
-    optimizer = Adam(net.params, lr, schedule=epochs * steps_per_epoch if device.type == "cuda" else 0)
+    optimizer = Adam(net.params, lr, schedule=adam_schedule(device, epochs, n, batch_size))
     if weights is not None:
         weights = weights / weights.mean(1, keepdim=True)
     losses: list[list[float]] = [[] for _ in range(n_models)]

@@ -108,6 +108,13 @@ class Adam:
         return scratch
 
 
+def adam_schedule(device: torch.device, epochs: int, n: int, batch_size: int) -> int:
+    """``Adam``'s ``schedule`` for ``epochs`` over n examples: every step's bias corrections in a
+    device table on CUDA (where a replayed graph needs them, and where a Python divisor would take
+    CUDA's multiply-by-reciprocal path and round otherwise), none elsewhere."""
+    return epochs * -(-n // batch_size) if device.type == "cuda" else 0
+
+
 def mean_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean cross-entropy over the last batch axis, each example scaled by its weight if given.
 
@@ -136,10 +143,7 @@ def train(
     """
     model.train()
     n = x.shape[0]
-    # on CUDA the bias corrections come from a device table, as in a stack (altrack.stack): a
-    # Python divisor would take CUDA's multiply-by-reciprocal path and round differently
-    schedule = epochs * -(-n // batch_size) if x.device.type == "cuda" else 0
-    optimizer = Adam(list(model.parameters()), lr, schedule=schedule)
+    optimizer = Adam(list(model.parameters()), lr, schedule=adam_schedule(x.device, epochs, n, batch_size))
     if weights is not None:
         weights = weights / weights.mean()
     losses: list[float] = []
