@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -88,6 +89,21 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # it died before the signal was armed
         os._exit(1)
+
+
+def _tethered_call(parent_pid: int, payload: bytes) -> object:
+    """A spawned child's entry: arm ``die_with_parent`` first, then unpickle and call the target.
+    Unpickling imports the target's module (torch, MLflow, Optuna: many seconds on a loaded
+    machine); a parent SIGKILLed during those seconds would otherwise leave its child running."""
+    die_with_parent(parent_pid)
+    fn, args = pickle.loads(payload)
+    return fn(*args)
+
+
+def tethered(fn: Callable, *args: object) -> tuple[Callable, tuple]:
+    """``(target, args)`` for a spawned ``Process`` (or a pool's ``initializer, initargs``) that
+    runs ``fn(*args)`` in a child dying with this process, armed before ``fn``'s module loads."""
+    return _tethered_call, (os.getpid(), pickle.dumps((fn, args)))
 
 
 TEMP_PREFIX = "altrack-"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from altrack.config import GridConfig
 from altrack.data import DATASETS, Dataset, load_dataset, resolve_device, set_determinism
 from altrack.errors import ConfigError, TrainingDiverged
-from altrack.liveness import die_with_parent
+from altrack.liveness import tethered
 from altrack.models import build_model
 from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
@@ -448,19 +448,19 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def init_worker(threads: int, parent_pid: int) -> None:
-    """A pool worker: its share of the cores, and death with the process that spawned it."""
-    die_with_parent(parent_pid)  # a SIGKILLed grid must not leave its workers training for minutes
+def init_worker(threads: int) -> None:
+    """A pool worker's share of the cores."""
     torch.set_num_threads(threads)
 
 
 def map_in_workers(workers: int, fn: Callable, jobs: Sequence[tuple]) -> Iterator[tuple[tuple, object]]:
     """(job, ``fn(*job)``) for each job, in completion order, from ``workers`` spawned processes,
-    each with its share of the cores and dying with this one (``init_worker``). When the caller
+    each with its share of the cores (``init_worker``) and dying with this one (``tethered``:
+    a SIGKILLed grid must not leave its workers training for minutes). When the caller
     stops early (``--fail-fast``, an error), the jobs not started yet never start."""
     context = multiprocessing.get_context("spawn")
-    init = {"initializer": init_worker, "initargs": (threads_per_worker(workers), os.getpid())}
-    with ProcessPoolExecutor(workers, mp_context=context, **init) as pool:
+    initializer, initargs = tethered(init_worker, threads_per_worker(workers))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
         futures = {pool.submit(fn, *job): job for job in jobs}
         try:
             for future in as_completed(futures):

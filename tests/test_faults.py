@@ -216,6 +216,56 @@ def _sigkill_leaves_no_workers(proc: subprocess.Popen) -> bool:
     return not any(_alive(p) for p in workers)
 
 
+SLOW_MODULE = """
+import os, pathlib, time
+if os.environ.get("SLOW_IMPORT"):  # only in the spawned child: a torch-sized import
+    pathlib.Path(os.environ["IMPORTING"]).touch()
+    time.sleep(60)
+
+def work():
+    time.sleep(60)
+"""
+
+PARENT = """
+import multiprocessing, os, sys, time
+import slowmod
+from altrack.liveness import tethered
+os.environ["SLOW_IMPORT"] = "1"
+target, args = tethered(slowmod.work) if sys.argv[1] == "tethered" else (slowmod.work, ())
+child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+child.start()
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["tethered", "plain"])
+def test_a_child_still_importing_its_target_dies_with_a_sigkilled_parent(tmp_path, how):
+    """The parent is SIGKILLed while its spawned child is still importing the target's module
+    (seconds of torch and MLflow on a loaded machine): a ``tethered`` child dies at once, a plain
+    one (the control) lives on."""
+    (tmp_path / "slowmod.py").write_text(SLOW_MODULE)
+    importing = tmp_path / "importing"
+    env = {**os.environ, "IMPORTING": str(importing), "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, how], env=env, cwd=tmp_path, stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not importing.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert importing.exists(), "the child never began importing its target"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(child) == (how == "plain")
+    finally:
+        parent.kill()
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)

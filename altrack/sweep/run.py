@@ -7,7 +7,6 @@ validation split carved from the train split; the test split is logged for infor
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from altrack import report  # noqa: E402
 from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
-from altrack.liveness import clean_stale_temp_dirs, temp_dir  # noqa: E402
+from altrack.liveness import clean_stale_temp_dirs, temp_dir, tethered  # noqa: E402
 from altrack.protocol import threads_per_worker  # noqa: E402
 from altrack.redaction import redact  # noqa: E402
 from altrack.results import RUNNING  # noqa: E402
@@ -186,7 +185,8 @@ def run_sweep(
 def _run_processes(jobs: list[Worker], threads: int) -> None:
     context = multiprocessing.get_context("spawn")
     uri = mlflow.get_tracking_uri()
-    procs = [context.Process(target=run_worker, args=(job, uri, threads, os.getpid())) for job in jobs]
+    tethers = [tethered(run_worker, job, uri, threads) for job in jobs]  # they die with this sweep
+    procs = [context.Process(target=target, args=args) for target, args in tethers]
     for proc in procs:
         proc.start()
     for proc in procs:

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from altrack.cache import SeedStageCache
 from altrack.data import load_dataset, set_determinism
 from altrack.errors import AltrackError, TrainingDiverged
-from altrack.liveness import Heartbeat, die_with_parent, grace_seconds, worker_id
+from altrack.liveness import Heartbeat, grace_seconds, worker_id
 from altrack.protocol import run_method
 from altrack.results import FINISHED
 from altrack.sweep.spec import SweepSpec
@@ -154,11 +154,9 @@ class Worker:
         return value
 
 
-def run_worker(worker: Worker, tracking_uri: str, threads: int, parent_pid: int | None = None) -> None:
-    """A spawned worker process: its share of the cores, the parent's store, torch's determinism;
-    it dies with ``parent_pid`` (the sweep that spawned it), never running the study alone."""
-    if parent_pid is not None:
-        die_with_parent(parent_pid)
+def run_worker(worker: Worker, tracking_uri: str, threads: int) -> None:
+    """A worker process (spawned, ``tethered`` to its sweep; or a Slurm task): its share of the
+    cores, the parent's store, torch's determinism."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(threads)
     set_determinism(worker.device)
