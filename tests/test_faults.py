@@ -247,23 +247,23 @@ def test_a_child_still_importing_its_target_dies_with_a_sigkilled_parent(tmp_pat
     (tmp_path / "slowmod.py").write_text(SLOW_MODULE)
     importing = tmp_path / "importing"
     env = {**os.environ, "IMPORTING": str(importing), "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, how], env=env, cwd=tmp_path, stdout=subprocess.PIPE)
-    child = int(parent.stdout.readline())
-    try:
-        deadline = time.monotonic() + 60
-        while not importing.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert importing.exists(), "the child never began importing its target"
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 5
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _alive(child) == (how == "plain")
-    finally:
-        parent.kill()
-        if _alive(child):
-            os.kill(child, signal.SIGKILL)
+    with subprocess.Popen([sys.executable, "-c", PARENT, how], env=env, cwd=tmp_path, stdout=subprocess.PIPE) as parent:
+        child = int(parent.stdout.readline())
+        try:
+            deadline = time.monotonic() + 60
+            while not importing.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert importing.exists(), "the child never began importing its target"
+            parent.kill()
+            parent.wait()
+            deadline = time.monotonic() + 5
+            while _alive(child) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _alive(child) == (how == "plain")
+        finally:
+            parent.kill()
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.slow
