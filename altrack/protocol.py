@@ -31,7 +31,7 @@ from altrack.liveness import tethered
 from altrack.models import build_model
 from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
-from altrack.selection import SelectionContext, SelectionResult, get_selector
+from altrack.selection import SelectionContext, SelectionResult, available_methods, get_selector
 from altrack.settings import RunKey, Settings
 from altrack.stack import model_bytes, train_stacked
 from altrack.train import evaluate, forward_all
@@ -75,6 +75,13 @@ def free_memory(device: torch.device) -> int:
         return 8 << 30
 
 
+# models trained together by default, by (device, convolutional). An MLP's step on a GPU is launch-bound:
+# 64 cost what 16 do. CifarNet's is compute-bound (H100, per model-step: 0.46 ms at 16, 0.37 at 35,
+# 0.33 at 64), and every stack is padded to this width on CUDA, the seed models' too: 35 is the
+# final models of 5 seeds x 7 methods, with 5 seed models a stack (``fit_many``'s ``share``)
+DEFAULT_STACK = {("cpu", False): 16, ("accelerator", False): 64, ("accelerator", True): 35}
+
+
 @functools.cache
 def _model_need(dataset: str, batch_size: int) -> int:
     """Bytes one model of ``dataset`` takes to train (a probe, so computed once per process)."""
@@ -84,18 +91,21 @@ def _model_need(dataset: str, batch_size: int) -> int:
 def stack_limit(
     dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
 ) -> int:
-    """How many models train together: ``requested`` (0: 64 on an accelerator, 16 on a CPU), at
-    most what ``memory_cap`` bytes hold (default: a quarter of the device's free memory).
-    Convolutions train one at a time on a CPU: a grouped convolution is slower there than N plain
-    ones, and its bits depend on N. Raises ``ConfigError`` when the cap cannot hold one model."""
+    """How many models train together: ``requested`` (0: ``DEFAULT_STACK``), at most what
+    ``memory_cap`` bytes hold (default: a quarter of the device's free memory). On CUDA this is
+    also the width every stack is padded to (``fit_many``). Convolutions train one at a time on a
+    CPU: a grouped convolution is slower there than N plain ones, and its bits depend on N.
+    Raises ``ConfigError`` when the cap cannot hold one model."""
     need = _model_need(dataset, batch_size)
     cap = free_memory(device) // 4 if memory_cap is None else memory_cap
     if cap < need:
         raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
                           f"(about {need / 2**20:.1f} MiB to train)")  # fmt: skip
-    if device.type == "cpu" and DATASETS[dataset].image_shape[0] > 1:
+    conv = DATASETS[dataset].image_shape[0] > 1
+    if device.type == "cpu" and conv:
         return 1
-    return min(requested or (64 if device.type in ("cuda", "mps") else 16), cap // need)
+    default = DEFAULT_STACK[("cpu" if device.type == "cpu" else "accelerator", conv)]
+    return min(requested or default, cap // need)
 
 
 def fit_many(
@@ -108,14 +118,21 @@ def fit_many(
     stack: int = 0,
     memory_cap: int | None = None,
     on_fit_epoch: Callable[[int, int, float], None] | None = None,
+    share: int = 1,
 ) -> list[tuple[torch.nn.Module | None, list[float], str | None]]:
     """Fresh models trained on their ``fits``, in stacks (``altrack.stack``) of at most
     ``stack_limit`` models of one training-set size. Each model trains exactly as it would alone:
-    its result does not depend on which others share its stack.
+    its result does not depend on which others share its stack. On CUDA every stack is padded to
+    ``stack_limit // share`` models and runs batched GEMMs (``train_stacked``'s ``width``): the
+    same bits in any grouping, though not ``train.train``'s. The seed models pass ``share`` = the
+    number of methods, so that a block of seeds fills one padded stack of each kind.
 
     Returns, per fit, (model or None, epoch losses, divergence message or None)."""
     device = data.x_train.device
     limit = stack_limit(data.name, device, stack, memory_cap, settings.batch_size)
+    width = None
+    if device.type == "cuda":
+        limit = width = max(1, limit // share)
     out: list[tuple[torch.nn.Module | None, list[float], str | None]] = [(None, [], None)] * len(fits)
     by_size: dict[int, list[int]] = {}
     for i, f in enumerate(fits):
@@ -135,7 +152,7 @@ def fit_many(
                 epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                 generators=[torch.Generator().manual_seed(stream_seed(fits[i].seed, order_stream)) for i in chunk],
                 weights=weights, on_epoch=on_epoch,
-                on_epoch_each=None if on_fit_epoch is None else _each(on_fit_epoch, chunk),
+                on_epoch_each=None if on_fit_epoch is None else _each(on_fit_epoch, chunk), width=width,
             )  # fmt: skip
             for j, i in enumerate(chunk):
                 error = outcome.diverged[j]
@@ -223,7 +240,8 @@ def train_seed_stages(
         seed_sets.append(np.sort(rng.choice(available, size=settings.n_seed(budget), replace=False)).astype(np.int64))
     fitted = fit_many(data, [Fit(s, seed) for s, seed in zip(seed_sets, seeds, strict=True)], settings,
                       SEED_INIT, SEED_ORDER, on_epoch, stack, memory_cap,
-                      None if live is None else lambda i, epoch, loss: live(seeds[i], epoch, loss))  # fmt: skip
+                      None if live is None else lambda i, epoch, loss: live(seeds[i], epoch, loss),
+                      share=len(available_methods()))  # fmt: skip
     seconds = (time.perf_counter() - started) / len(seeds)
     labels = data.y_train.cpu().numpy()
     stages: list[SeedStage | str] = []

@@ -12,8 +12,8 @@ from altrack.data import load_dataset
 from altrack.errors import ConfigError
 from altrack.protocol import fresh_model, iterate_grid, stack_limit, stream_seed
 from altrack.settings import Settings
-from altrack.stack import train_stacked
-from altrack.train import train
+from altrack.stack import StackedNet, train_stacked
+from altrack.train import mean_loss, train
 
 
 def _train_both(data, n_models, n, epochs=2, weighted=False):
@@ -119,12 +119,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("width", [None, 5])
 @pytest.mark.parametrize(("dataset", "n", "weighted"), [("mnist", 100, True), ("mnist", 96, False),
                                                        ("cifar10", 100, False)])  # fmt: skip
-def test_buffered_and_replayed_steps_give_the_plain_steps_bits(data_dir, device, dataset, n, weighted):
+def test_buffered_and_replayed_steps_give_the_plain_steps_bits(data_dir, device, width, dataset, n, weighted):
     """``graphs=True`` steps full batches through fixed buffers (on CUDA one recorded graph,
     replayed), ``graphs=False`` through slices: the same bits, with weights and without, with a
-    short last batch and without."""
+    short last batch and without, per-model GEMMs or a padded stack's batched ones."""
     data = load_dataset(dataset, data_dir, device)
     rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:n]
                         for i in range(3)]).to(device)  # fmt: skip
@@ -134,7 +135,7 @@ def test_buffered_and_replayed_steps_give_the_plain_steps_bits(data_dir, device,
         return train_stacked([fresh_model(dataset, device, stream_seed(i, 4)) for i in range(3)], data.x_train,
                              data.y_train, rows, epochs=2, batch_size=32, lr=1e-3, weights=weights,
                              generators=[torch.Generator().manual_seed(i) for i in range(3)],
-                             graphs=graphs)  # fmt: skip
+                             graphs=graphs, width=width)  # fmt: skip
 
     plain, buffered = run(False), run(True)
     assert plain.losses == buffered.losses
@@ -142,18 +143,62 @@ def test_buffered_and_replayed_steps_give_the_plain_steps_bits(data_dir, device,
         assert all(torch.equal(p, q) for p, q in zip(_params(a), _params(b), strict=True))
 
 
-@needs_cuda
-def test_on_cuda_an_mlp_has_the_same_bits_alone_or_stacked(data_dir):
-    """One addmm per model: cuBLAS's batched GEMM would pick its kernels by the stack's size."""
-    data = load_dataset("mnist", data_dir, "cuda")
-    rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:200]
-                        for i in range(35)]).cuda()  # fmt: skip
+def _company(data, device, n_models, n, width):
+    """``run(ids)``: the models ``ids`` of ``n_models`` trained in one stack of ``width``."""
+    rows = torch.stack([torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(i))[:n]
+                        for i in range(n_models)]).to(device)  # fmt: skip
 
     def run(ids):
-        return train_stacked([fresh_model("mnist", "cuda", stream_seed(i, 4)) for i in ids], data.x_train,
-                             data.y_train, rows[ids], epochs=2, batch_size=32, lr=1e-3,
+        return train_stacked([fresh_model(data.name, device, stream_seed(i, 4)) for i in ids], data.x_train,
+                             data.y_train, rows[ids], epochs=2, batch_size=32, lr=1e-3, width=width,
                              generators=[torch.Generator().manual_seed(i) for i in ids])  # fmt: skip
 
+    return run
+
+
+def _same(a, b):
+    return all(torch.equal(p, q) for p, q in zip(_params(a), _params(b), strict=True))
+
+
+@pytest.mark.parametrize(("dataset", "n_models", "width"), [("mnist", 7, 9), ("cifar10", 3, 4)])
+def test_a_padded_stack_gives_a_model_the_same_bits_in_any_company_and_place(data_dir, dataset, n_models, width):
+    """Batched GEMMs (im2col for the convolutions) over a stack padded to a fixed width: a model's
+    bits do not depend on its stack mates or its place in the stack."""
+    data = load_dataset(dataset, data_dir)
+    if dataset == "cifar10":
+        data = type(data)(data.name, data.x_train[:600], data.y_train[:600], data.x_test[:10], data.y_test[:10])
+    run = _company(data, "cpu", n_models, 64, width)
+    many, alone, reversed_ = run(list(range(n_models))), run([1]), run(list(range(n_models))[::-1])
+    assert many.losses[1] == alone.losses[0] == reversed_.losses[n_models - 2]
+    assert _same(many.models[1], alone.models[0]) and _same(many.models[1], reversed_.models[n_models - 2])
+    with pytest.raises(ValueError, match="width 2 cannot hold 3 models"):
+        _company(data, "cpu", 3, 64, 2)([0, 1, 2])
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_batched_gemms_give_each_model_its_own_gradient(dataset):
+    """The padded path's forward and backward against the per-model one, within float rounding
+    (trained parameters drift further apart: Adam moves an element by about lr whatever the
+    size of its gradient, so a gradient at rounding level can go either way)."""
+    models = [fresh_model(dataset, "cpu", stream_seed(i, 4)) for i in range(3)]
+    shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)
+    x, y = torch.rand(3, 32, *shape, generator=torch.Generator().manual_seed(0)), torch.arange(96).view(3, 32) % 10
+    grads = []
+    for batched in (False, True):
+        net = StackedNet(models, batched=batched)
+        mean_loss(net.forward(x), y, None).sum().backward()
+        grads.append([p.grad for p in net.params])
+    for exact, batched in zip(*grads, strict=True):
+        torch.testing.assert_close(batched, exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+
+
+@needs_cuda
+@pytest.mark.parametrize(("dataset", "width"), [("mnist", None), ("mnist", 64), ("cifar10", 35)])
+def test_on_cuda_a_model_has_the_same_bits_alone_or_stacked(data_dir, dataset, width):
+    """One addmm per model (``width=None``), or batched GEMMs over a stack padded to a fixed width:
+    cuBLAS picks its kernels by the batch count, which the width fixes."""
+    data = load_dataset(dataset, data_dir, "cuda")
+    run = _company(data, "cuda", 35, 200, width)
     many, alone = run(list(range(35))), run([3])
     assert many.losses[3] == alone.losses[0]
-    assert all(torch.equal(p, q) for p, q in zip(_params(many.models[3]), _params(alone.models[0]), strict=True))
+    assert _same(many.models[3], alone.models[0])
