@@ -9,10 +9,9 @@ from conftest import make_context
 from sklearn.cluster import KMeans
 
 from altrack.selection import available_methods, get_selector
-from altrack.selection import kcenter as kcenter_module
 from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
-from altrack.selection.geometry import nearest, nearest_distinct, padded_steps
+from altrack.selection.geometry import StepLoop, nearest, nearest_distinct, padded_steps
 from altrack.selection.kcenter import _kcenter_on_device, kcenter_greedy
 from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus, lloyd
 from altrack.settings import Settings, parse_lam_mode
@@ -262,16 +261,46 @@ def test_the_padded_rounds_a_gpu_runs_past_the_last_step_change_nothing(monkeypa
     """On CUDA the greedy loops run whole rounds of graph steps, so up to GRAPH_STEPS - 1 steps
     past the last one; here, on a CPU, the loops are made to run those padded steps too: the
     buffers hold them and the picks are unchanged."""
-    def padded(step, n, device):
+    def padded(loop, n):
         for _ in range(padded_steps(n)):
-            step()
+            loop.step()
 
     x = torch.from_numpy(np.random.default_rng(5).normal(size=(300, 6)).astype(np.float32))
     plain = {n: _kcenter_on_device(x[5:], x[:5], n) for n in (0, 1, 64, 65, 200)}
     centres = {k: kmeans_plusplus(x, k, torch.Generator().manual_seed(k)) for k in (1, 2, 65, 130)}
-    monkeypatch.setattr(kcenter_module, "repeat_steps", padded)
-    monkeypatch.setattr(kmeans_module, "repeat_steps", padded)
+    monkeypatch.setattr(StepLoop, "run", padded)
     for n, picks in plain.items():
         assert _kcenter_on_device(x[5:], x[:5], n) == picks
     for k, expected in centres.items():
         assert torch.equal(_plusplus_on_device(x, k, torch.Generator().manual_seed(k)), expected)
+
+
+def test_a_greedy_loop_reused_for_another_pool_of_its_shape_starts_clean():
+    """The device loops keep their buffers (and on CUDA their captured graph) per shape: a second
+    pool of that shape, then the first again, give what fresh buffers give."""
+    rng = np.random.default_rng(8)
+    a, b = (torch.from_numpy(rng.normal(size=(400, 6)).astype(np.float32)) for _ in range(2))
+    first = _kcenter_on_device(a[5:], a[:5], 70), _plusplus_on_device(a, 40, torch.Generator().manual_seed(1))
+    other = _kcenter_on_device(b[5:], b[:5], 70), _plusplus_on_device(b, 40, torch.Generator().manual_seed(2))
+    again = _kcenter_on_device(a[5:], a[:5], 70), _plusplus_on_device(a, 40, torch.Generator().manual_seed(1))
+    assert first[0] == again[0] != other[0] and torch.equal(first[1], again[1])
+    assert first[0] == kcenter_greedy(a[5:], a[:5], 70)
+    assert torch.equal(first[1], kmeans_plusplus(a, 40, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize(("case", "max_iter", "inertia_tol"), [("spread", 300, 3e-4), ("spread", 300, 0.0),
+                                                               ("spread", 3, 0.0), ("empty", 300, 0.0)])  # fmt: skip
+def test_lloyd_with_its_stopping_rules_on_the_device_gives_the_hosts_centres(case, max_iter, inertia_tol):
+    """On CUDA Lloyd checks its stopping rules on the device, a round of iterations at a time, and
+    hands an iteration that empties a cluster to the host: the same centres and count as ``lloyd``
+    (here both on a CPU). Run twice: the loop's buffers are reused."""
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy(rng.normal(size=(500, 4)).astype(np.float32))
+    start = x[:30].clone()
+    if case == "empty":  # far-away starting centres that no point is nearest to
+        start[:3] = 1e3
+    tol_abs = 1e-4 * float(x.var(0).mean())
+    expected = lloyd(x, start, max_iter, 1e-4, inertia_tol)
+    for _ in range(2):
+        centres, n_iter = kmeans_module._lloyd_on_device(x, start, max_iter, tol_abs, inertia_tol)
+        assert n_iter == expected[1] and torch.equal(centres, expected[0])

@@ -5,7 +5,9 @@ results bit for bit, a GPU the same selections up to float rounding."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -14,7 +16,8 @@ from altrack.graphs import warm_and_capture
 
 BLOCK_ROWS = 4096  # a block of distances stays in cache for the min that follows (bench_kmeans)
 DEVICE_BLOCK = 1 << 25  # off a CPU, distance blocks of up to 32M elements (128 MB): one GEMM, one min
-GRAPH_STEPS = 16  # steps per CUDA graph (repeat_steps); Python runs two rounds (eager, capture), the rest replay
+GRAPH_STEPS = 16  # steps per CUDA graph (StepLoop)
+T = TypeVar("T")
 
 
 def as_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -70,28 +73,63 @@ def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
 
 
 def padded_steps(n: int) -> int:
-    """How many steps ``repeat_steps(step, n, ...)`` may run: n rounded up to whole graphs."""
+    """How many steps ``StepLoop.run(n)`` may run: n rounded up to whole graphs."""
     return -(-n // GRAPH_STEPS) * GRAPH_STEPS
 
 
-def repeat_steps(step: Callable[[], None], n: int, device: torch.device) -> None:
-    """Call ``step`` n times. On CUDA, whole rounds of ``GRAPH_STEPS`` calls, the first eager and
-    the rest as one captured graph replayed: a greedy loop (k-center, k-means++) launches a few
-    tiny kernels per step, and launching them one by one costs more than running them. The
-    kernels are the same either way, so are the results. ``step`` must keep its state in tensors
-    it updates in place, with no host round trip, and its buffers must hold ``padded_steps(n)``
-    steps (the last round may run past n)."""
-    rounds = -(-n // GRAPH_STEPS)
-    if device.type != "cuda" or rounds < 2:
-        for _ in range(n):
-            step()
-        return
+class StepLoop:
+    """``step`` called n times. On CUDA, whole rounds of ``GRAPH_STEPS`` calls recorded once as a
+    graph and replayed: a greedy loop (k-center, k-means++) launches a few tiny kernels per step,
+    and launching them one by one costs more than running them. The kernels are the same either
+    way, so are the results. ``step`` must keep its state in tensors it updates in place, with no
+    host round trip, and its buffers must hold ``padded_steps(n)`` steps (the last round may run
+    past n). The graph is kept: a loop reused with new values in the same buffers (``workspace``)
+    replays it without capturing again."""
 
-    def steps() -> None:
-        for _ in range(GRAPH_STEPS):
-            step()
+    def __init__(self, step: Callable[[], None], device: torch.device, per_round: int = GRAPH_STEPS) -> None:
+        self.step, self.device, self.per_round = step, device, per_round
+        self.graph: torch.cuda.CUDAGraph | None = None
 
-    with torch.cuda.device(device):  # capture on the tensors' GPU, not on whichever is current
-        graph = warm_and_capture(steps, device)  # the first round eager, the rest replayed
-        for _ in range(rounds - 1):
-            graph.replay()
+    def _round(self) -> None:
+        for _ in range(self.per_round):
+            self.step()
+
+    def run(self, n: int) -> None:
+        """n steps: whole rounds on CUDA once there are two, n plain steps otherwise."""
+        rounds = -(-n // self.per_round)
+        if self.device.type != "cuda" or rounds < 2:
+            for _ in range(n):
+                self.step()
+            return
+        self.run_rounds(rounds)
+
+    def run_rounds(self, rounds: int) -> None:
+        """``rounds * per_round`` steps; on CUDA the first round ever runs eagerly and is recorded."""
+        if self.device.type != "cuda":
+            for _ in range(rounds):
+                self._round()
+            return
+        with torch.cuda.device(self.device):  # capture on the tensors' GPU, not on whichever is current
+            if self.graph is None:
+                self.graph = warm_and_capture(self._round, self.device)
+                rounds -= 1
+            for _ in range(rounds):
+                self.graph.replay()
+
+
+_WORKSPACES: OrderedDict[tuple, object] = OrderedDict()
+KEPT_WORKSPACES = 6  # a grid step uses four (k-means++, two Lloyd phases, k-center)
+
+
+def workspace(key: tuple, build: Callable[[], T]) -> T:
+    """The buffers and ``StepLoop`` of a greedy loop for one ``key`` (its kind, shapes and device),
+    built once and reused: on an H100 a graph's capture took 12-40 ms, more than the loop it
+    records, and a grid runs one such loop per run, all of one shape. The last
+    ``KEPT_WORKSPACES`` are kept. Callers load every buffer before each use."""
+    ws = _WORKSPACES.pop(key, None)
+    if ws is None:
+        ws = build()
+    _WORKSPACES[key] = ws
+    while len(_WORKSPACES) > KEPT_WORKSPACES:
+        _WORKSPACES.popitem(last=False)
+    return ws  # type: ignore[return-value]

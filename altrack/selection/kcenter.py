@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from altrack.selection.base import SelectionContext, SelectionResult, Selector
-from altrack.selection.geometry import as_tensor, nearest, padded_steps, repeat_steps
+from altrack.selection.geometry import StepLoop, as_tensor, nearest, padded_steps, workspace
 from altrack.selection.registry import register
 
 # float32 rounding of ||x||^2 - 2 x.c + ||c||^2 over d dimensions is at worst about 4 d eps times the
@@ -105,23 +105,43 @@ def _principal_projection(points: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
 def _kcenter_on_device(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[int]:
     """The plain greedy with no host round trip per pick: on a GPU a product with every point
     costs microseconds, while pruning needs the candidates' count on the host each time. On CUDA
-    the picks run as captured graphs (``repeat_steps``). Runs on any device; tests use a CPU."""
-    x_sq = (points * points).sum(1)
-    _, min_d = nearest(points, centres) if len(centres) else (None, torch.full_like(x_sq, float("inf")))
-    chosen = torch.zeros(padded_steps(n), dtype=torch.int64, device=points.device)
-    step = torch.zeros(1, dtype=torch.int64, device=points.device)
+    the picks run as a captured graph, kept with its buffers for the next pool of this shape
+    (``StepLoop``, ``workspace``). Runs on any device; tests use a CPU."""
+    key = ("kcenter", tuple(points.shape), points.dtype, n, str(points.device))
+    ws = workspace(key, lambda: _KCenterLoop(points, n))
+    ws.points.copy_(points)
+    ws.x_sq.copy_((points * points).sum(1))
+    if len(centres):
+        ws.min_d.copy_(nearest(points, centres)[1])
+    else:
+        ws.min_d.fill_(float("inf"))
+    ws.chosen.zero_()
+    ws.step.zero_()
+    ws.loop.run(n)
+    return ws.chosen[:n].tolist()
 
-    def pick() -> None:
+
+class _KCenterLoop:
+    """``_kcenter_on_device``'s buffers (shaped like ``points``, for n picks) and its pick."""
+
+    def __init__(self, points: torch.Tensor, n: int) -> None:
+        device = points.device
+        self.points = torch.empty_like(points)
+        self.x_sq = torch.empty(points.shape[0], dtype=points.dtype, device=device)
+        self.min_d = torch.empty_like(self.x_sq)
+        self.chosen = torch.zeros(padded_steps(n), dtype=torch.int64, device=device)
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        self.loop = StepLoop(self.pick, device)
+
+    def pick(self) -> None:
+        points, x_sq, min_d = self.points, self.x_sq, self.min_d
         j = torch.argmax(min_d).view(1)
-        chosen.index_copy_(0, step, j)
-        step.add_(1)
+        self.chosen.index_copy_(0, self.step, j)
+        self.step.add_(1)
         d = torch.addmv(x_sq, points, points.index_select(0, j).squeeze(0), alpha=-2.0)
         d.add_(x_sq.index_select(0, j)).clamp_(min=0.0)
         torch.minimum(min_d, d, out=min_d)
         min_d.index_fill_(0, j, -1.0)
-
-    repeat_steps(pick, n, points.device)
-    return chosen[:n].tolist()
 
 
 @register

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from altrack.selection.geometry import as_tensor, nearest, padded_steps, repeat_steps, sq_dists
+from altrack.selection.geometry import StepLoop, as_tensor, nearest, padded_steps, sq_dists, workspace
 
 WARM_START_PER_CLUSTER = 32
 MIN_WARM_START = 10_000
@@ -63,42 +63,61 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
 def _plusplus_on_device(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """``kmeans_plusplus`` with no host round trip per centre: on a GPU each ``int()`` waits for
     every kernel queued before it, and k of them cost more than the arithmetic; on CUDA the
-    centres are picked by captured graphs (``repeat_steps``). The uniforms are drawn up front
-    from the same CPU generator, in the same order; where every point coincides with a centre
-    the first unused point is taken, as on the CPU (a draw is then skipped there and not here:
-    the one case where the two can differ). Runs on any device; tests use a CPU."""
-    n, device = x.shape[0], x.device
+    centres are picked by a captured graph, kept with its buffers for the next run of this shape
+    (``StepLoop``, ``workspace``). The uniforms are drawn up front from the same CPU generator,
+    in the same order; where every point coincides with a centre the first unused point is
+    taken, as on the CPU (a draw is then skipped there and not here: the one case where the two
+    can differ). Runs on any device; tests use a CPU."""
     n_trials = 2 + int(math.log(k))
-    x_sq = (x * x).sum(1)
-    first = int(torch.randint(n, (1,), generator=generator))
-    steps = padded_steps(k - 1)
-    table = torch.zeros(max(steps, 1), n_trials, dtype=torch.float64)
+    first = int(torch.randint(x.shape[0], (1,), generator=generator))
+    table = torch.zeros(max(padded_steps(k - 1), 1), n_trials, dtype=torch.float64)
     for row in range(k - 1):
         table[row] = torch.rand(n_trials, generator=generator, dtype=torch.float64)
-    table = table.to(device)
-    chosen = torch.full((steps + 1,), first, dtype=torch.int64, device=device)
-    used = torch.zeros(n, dtype=torch.bool, device=device)
-    used[first] = True
-    closest = sq_dists(x, x[first : first + 1], x_sq)[:, 0].double()
-    potential = closest.sum()
-    step = torch.zeros(1, dtype=torch.int64, device=device)
+    ws = workspace(("kmeans++", tuple(x.shape), x.dtype, k, str(x.device)), lambda: _PlusPlusLoop(x, k))
+    ws.x.copy_(x)
+    ws.x_sq.copy_((x * x).sum(1))
+    ws.table.copy_(table)
+    ws.chosen.fill_(first)
+    ws.used.zero_()
+    ws.used[first] = True
+    ws.closest.copy_(sq_dists(x, x[first : first + 1], ws.x_sq)[:, 0].double())
+    ws.potential.copy_(ws.closest.sum())
+    ws.step.zero_()
+    ws.loop.run(k - 1)
+    return x.index_select(0, ws.chosen[:k]).clone()
 
-    def pick() -> None:
-        u = table.index_select(0, step).squeeze(0) * potential
+
+class _PlusPlusLoop:
+    """``_plusplus_on_device``'s buffers (for points shaped like ``x`` and k centres) and its pick."""
+
+    def __init__(self, x: torch.Tensor, k: int) -> None:
+        n, device = x.shape[0], x.device
+        steps = padded_steps(k - 1)
+        self.x = torch.empty_like(x)
+        self.x_sq = torch.empty(n, dtype=x.dtype, device=device)
+        self.table = torch.empty(max(steps, 1), 2 + int(math.log(k)), dtype=torch.float64, device=device)
+        self.chosen = torch.empty(steps + 1, dtype=torch.int64, device=device)
+        self.used = torch.empty(n, dtype=torch.bool, device=device)
+        self.closest = torch.empty(n, dtype=torch.float64, device=device)
+        self.potential = torch.empty((), dtype=torch.float64, device=device)
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        self.loop = StepLoop(self.pick, device)
+
+    def pick(self) -> None:
+        x, x_sq, closest, potential, n = self.x, self.x_sq, self.closest, self.potential, self.x.shape[0]
+        u = self.table.index_select(0, self.step).squeeze(0) * potential
         candidates = torch.searchsorted(torch.cumsum(closest, 0), u).clamp_(max=n - 1)
         trial = torch.minimum(closest.unsqueeze(1), sq_dists(x, x.index_select(0, candidates), x_sq).double())
         sums = trial.sum(0)
         best = sums.argmin().view(1)
         degenerate = potential <= 0
-        pick = torch.where(degenerate, torch.argmin(used.to(torch.uint8)), candidates.index_select(0, best).squeeze(0))
-        step.add_(1)
-        chosen.index_copy_(0, step, pick.view(1))
-        used.index_fill_(0, pick.view(1), True)
+        pick = torch.where(degenerate, torch.argmin(self.used.to(torch.uint8)),
+                           candidates.index_select(0, best).squeeze(0))  # fmt: skip
+        self.step.add_(1)
+        self.chosen.index_copy_(0, self.step, pick.view(1))
+        self.used.index_fill_(0, pick.view(1), True)
         closest.copy_(torch.where(degenerate, closest, trial.index_select(1, best).squeeze(1)))
         potential.copy_(torch.where(degenerate, potential, sums.index_select(0, best).squeeze(0)))
-
-    repeat_steps(pick, k - 1, device)
-    return x.index_select(0, chosen[:k]).clone()
 
 
 def cluster_sums(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -115,16 +134,20 @@ def cluster_sums(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) ->
 ONE_HOT_ELEMENTS = 1 << 25  # one block's (k, rows) one-hot matrix: 128 MB of float32
 
 
-def _sums_by_matmul(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """``cluster_sums`` as one-hot (k, rows) @ x (rows, d), summed over blocks of rows in order.
-    Runs on any device; tests compare it with ``index_add_`` on a CPU."""
+def _sums_by_matmul(x: torch.Tensor, labels: torch.Tensor, k: int, with_counts: bool = False):
+    """``cluster_sums`` as one-hot (k, rows) @ x (rows, d), summed over blocks of rows in order;
+    with ``with_counts``, also (sums, the clusters' sizes), exact integers from the same one-hot
+    blocks. Runs on any device; tests compare it with ``index_add_`` on a CPU."""
     rows = max(1, ONE_HOT_ELEMENTS // max(k, 1))
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    counts = torch.zeros(k, dtype=torch.int64, device=x.device)
     clusters = torch.arange(k, device=x.device).unsqueeze(1)
     for start in range(0, x.shape[0], rows):
-        block = labels[start : start + rows]
-        sums.addmm_((clusters == block.unsqueeze(0)).to(x.dtype), x[start : start + rows])
-    return sums
+        one_hot = clusters == labels[start : start + rows].unsqueeze(0)
+        sums.addmm_(one_hot.to(x.dtype), x[start : start + rows])
+        if with_counts:
+            counts.add_(one_hot.sum(1))
+    return (sums, counts) if with_counts else sums
 
 
 def lloyd(
@@ -132,33 +155,118 @@ def lloyd(
 ) -> tuple[torch.Tensor, int]:
     """Lloyd iterations until the total squared centre shift is <= tol * mean feature variance
     (sklearn's rule), or until an iteration lowers the inertia by less than ``inertia_tol``
-    (relative): Lloyd's long tail moves centres a little and the objective hardly at all."""
-    k = centres.shape[0]
+    (relative): Lloyd's long tail moves centres a little and the objective hardly at all.
+    On CUDA the iterations run as captured graphs (``_lloyd_on_device``), with the same result."""
     tol_abs = tol * float(x.var(0).mean()) if x.shape[0] > 1 else 0.0
+    if x.device.type == "cuda":
+        return _lloyd_on_device(x, centres, max_iter, tol_abs, inertia_tol)
     n_iter = 0
     previous = float("inf")
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-        labels, dists = nearest(x, centres)
-        counts = torch.bincount(labels, minlength=k)
-        sums = cluster_sums(x, labels, counts)
-        new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
-        shift_t = (new - centres).pow(2).sum()
-        # one host round trip per iteration (a GPU idles during each): the inertia of the current
-        # centres, the empty clusters and the shift, read together; the update is dropped on a stop
-        inertia, n_empty, shift = torch.stack([dists.double().sum(), (counts == 0).sum().double(),
-                                               shift_t.double()]).tolist()  # fmt: skip
-        if previous - inertia <= inertia_tol * inertia:
-            break
-        previous = inertia
-        if n_empty:
-            empty = torch.nonzero(counts == 0).flatten()
-            far = torch.argsort(dists, descending=True, stable=True)[: len(empty)]
-            new[empty] = x[far]
-            shift = float((new - centres).pow(2).sum())
-        centres = new
-        if shift <= tol_abs:
+        centres, previous, stop = _iteration(x, centres, previous, inertia_tol, tol_abs)
+        if stop:
             break
     return centres, n_iter
+
+
+def _iteration(
+    x: torch.Tensor, centres: torch.Tensor, previous: float, inertia_tol: float, tol_abs: float
+) -> tuple[torch.Tensor, float, bool]:
+    """One Lloyd iteration from ``centres``: (the centres it leaves, the inertia to compare the
+    next with, whether to stop). An iteration that lowers the inertia too little is dropped."""
+    k = centres.shape[0]
+    labels, dists = nearest(x, centres)
+    counts = torch.bincount(labels, minlength=k)
+    sums = cluster_sums(x, labels, counts)
+    new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    shift_t = (new - centres).pow(2).sum()
+    # one host round trip per iteration (a GPU idles during each): the inertia of the current
+    # centres, the empty clusters and the shift, read together; the update is dropped on a stop
+    inertia, n_empty, shift = torch.stack([dists.double().sum(), (counts == 0).sum().double(),
+                                           shift_t.double()]).tolist()  # fmt: skip
+    if previous - inertia <= inertia_tol * inertia:
+        return centres, previous, True
+    if n_empty:
+        empty = torch.nonzero(counts == 0).flatten()
+        far = torch.argsort(dists, descending=True, stable=True)[: len(empty)]
+        new[empty] = x[far]
+        shift = float((new - centres).pow(2).sum())
+    return new, inertia, shift <= tol_abs
+
+
+LLOYD_ROUND = 8  # iterations per graph replay on CUDA: one host check per round instead of per iteration
+
+
+def _lloyd_on_device(
+    x: torch.Tensor, centres: torch.Tensor, max_iter: int, tol_abs: float, inertia_tol: float
+) -> tuple[torch.Tensor, int]:
+    """``lloyd`` with one host round trip per ``LLOYD_ROUND`` iterations: the stopping rules run
+    on the device, and an iteration past a stop leaves the state as it is (``_LloydLoop``). An
+    iteration that would empty a cluster is handed back to the host, which runs it as ``lloyd``
+    does (``_iteration``) and goes on. On CUDA the rounds are a captured graph, kept for the next
+    run of this shape. The same arithmetic as ``lloyd``, so the same centres and count. Runs on
+    any device; tests use a CPU."""
+    key = ("lloyd", tuple(x.shape), x.dtype, centres.shape[0], max_iter, inertia_tol, str(x.device))
+    ws = workspace(key, lambda: _LloydLoop(x, centres.shape[0], max_iter, inertia_tol))
+    ws.x.copy_(x)
+    ws.centres.copy_(centres)
+    ws.tol_abs.fill_(tol_abs)
+    ws.previous.fill_(float("inf"))
+    ws.n_iter.zero_()
+    ws.done.zero_()
+    ws.pending.zero_()
+    while True:
+        ws.loop.run_rounds(1)
+        n_iter, done, pending = torch.stack([ws.n_iter, ws.done.long(), ws.pending.long()]).tolist()
+        if pending:  # the iteration after n_iter empties a cluster: the host runs it
+            n_iter += 1
+            centres, previous, stop = _iteration(x, ws.centres.clone(), float(ws.previous), inertia_tol, tol_abs)
+            if stop or n_iter >= max_iter:
+                return centres, n_iter
+            ws.centres.copy_(centres)
+            ws.previous.fill_(previous)
+            ws.n_iter.fill_(n_iter)
+            ws.done.zero_()
+            ws.pending.zero_()
+        elif done:
+            return ws.centres.clone(), n_iter
+
+
+class _LloydLoop:
+    """``_lloyd_on_device``'s state and one iteration of it with no host round trip."""
+
+    def __init__(self, x: torch.Tensor, k: int, max_iter: int, inertia_tol: float) -> None:
+        device = x.device
+        self.x = torch.empty_like(x)
+        self.centres = torch.empty(k, x.shape[1], dtype=x.dtype, device=device)
+        self.tol_abs = torch.zeros((), dtype=torch.float64, device=device)
+        self.previous = torch.zeros((), dtype=torch.float64, device=device)
+        self.n_iter = torch.zeros((), dtype=torch.int64, device=device)
+        self.done = torch.zeros((), dtype=torch.bool, device=device)
+        self.pending = torch.zeros((), dtype=torch.bool, device=device)
+        self.max_iter, self.inertia_tol = max_iter, inertia_tol
+        self.loop = StepLoop(self.step, device, LLOYD_ROUND)
+
+    def step(self) -> None:
+        x, centres, k = self.x, self.centres, self.centres.shape[0]
+        labels, dists = nearest(x, centres)
+        if x.device.type == "cuda":  # bincount reads its size on the host, which a graph cannot
+            sums, counts = _sums_by_matmul(x, labels, k, with_counts=True)
+        else:
+            counts = torch.bincount(labels, minlength=k)
+            sums = cluster_sums(x, labels, counts)
+        new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+        shift = (new - centres).pow(2).sum().double()
+        inertia = dists.double().sum()
+        active = ~self.done
+        stop = active & (self.previous - inertia <= self.inertia_tol * inertia)
+        to_host = active & ~stop & (counts == 0).any()  # an empty cluster: ``_iteration`` on the host
+        advance = active & ~stop & ~to_host
+        self.n_iter.add_((active & ~to_host).long())
+        self.previous.copy_(torch.where(advance, inertia, self.previous))
+        centres.copy_(torch.where(advance, new, centres))
+        self.pending.logical_or_(to_host)
+        self.done.logical_or_(stop | to_host | (advance & (shift <= self.tol_abs)) | (self.n_iter >= self.max_iter))
 
 
 def kmeans(
