@@ -216,6 +216,14 @@ def available_indices(n_train: int, holdout: np.ndarray | None) -> np.ndarray:
     return everything if holdout is None else np.setdiff1d(everything, holdout)
 
 
+def _without(available: np.ndarray, taken: np.ndarray) -> np.ndarray:
+    """``np.setdiff1d(available, taken)`` for sorted unique ``available``, by a mask: setdiff1d
+    sorts both (15 ms on MNIST's 60,000 indices), a mask indexes once."""
+    mask = np.ones(int(available.max(initial=-1)) + 1, dtype=bool)
+    mask[taken] = False
+    return available[mask[available]]
+
+
 def train_seed_stages(
     data: Dataset,
     budget: int,
@@ -253,7 +261,7 @@ def train_seed_stages(
         accuracy, _ = evaluate(model, data.x_test, data.y_test)
         stages.append(SeedStage(
             dataset=data.name, budget=budget, seed=seed, seed_indices=seed_indices,
-            pool_indices=np.setdiff1d(available, seed_indices), labels=labels, model=model, epoch_losses=losses,
+            pool_indices=_without(available, seed_indices), labels=labels, model=model, epoch_losses=losses,
             probs=out.probs.cpu().numpy(), embeddings=out.embeddings.cpu().numpy(),
             ce_loss=out.ce_loss(data.y_train).cpu().numpy(), grad_loss=out.grad_loss(data.y_train).cpu().numpy(),
             test_accuracy=accuracy, seconds=seconds,
