@@ -163,16 +163,20 @@ class StackedNet:
 
 def model_bytes(model: nn.Module, batch_size: int, input_shape: Sequence[int]) -> int:
     """A generous estimate of one stacked model's training memory: parameters with their
-    gradients and Adam state, plus the activations of one batch (a probe forward pass)."""
+    gradients and Adam state, plus the activations of one batch (a probe forward pass) and, for
+    a convolution, its im2col patches and their gradient (the batched path's GEMM operands)."""
     params = sum(p.numel() for p in model.parameters()) * PARAM_BYTES
     probe = copy.deepcopy(model).cpu().float()
-    activations = 0
+    activations = patches = 0
     h = torch.zeros(1, *input_shape)
     with torch.no_grad():
         for layer in _layers(probe):
             h = layer(h)
             activations += h.numel()
-    return params + activations * batch_size * 4 * 3  # forward, its saved copy and the gradient
+            if isinstance(layer, nn.Conv2d):
+                patches += h[0, 0].numel() * layer.in_channels * math.prod(layer.kernel_size)
+    # activations: forward, its saved copy and the gradient; patches: themselves and their gradient
+    return params + (activations * 3 + patches * 2) * batch_size * 4
 
 
 def train_stacked(
