@@ -2,7 +2,9 @@
 
 - N stacked models (MLP: 1, 7, 35; CifarNet: 1, 5), eager steps against replayed CUDA graphs:
   seconds, and whether the weights and losses are the same bits;
-- 35 stacked MLPs with one GEMM per model (altrack's) against one batched GEMM per layer;
+- 35 stacked MLPs with one GEMM per model (``width=None``, the CPU's path) against a stack
+  padded to 64 with one batched GEMM per layer (CUDA's), and whether model 3 gets the same bits
+  alone and among 35 at that width;
 - grouping invariance of the engine: a seed alone against the same seed among five, and one
   method alone against seven (selected indices and accuracies, exactly).
 
@@ -24,10 +26,10 @@ from altrack.models import build_model
 from altrack.protocol import iterate_grid
 from altrack.selection import available_methods
 from altrack.settings import Settings
-from altrack.stack import StackedNet, train_stacked
+from altrack.stack import train_stacked
 
 
-def stacked(x, y, dataset, n_models, n, epochs, graphs):
+def stacked(x, y, dataset, n_models, n, epochs, graphs, width=None):
     models = []
     for i in range(n_models):
         torch.manual_seed(100 + i)
@@ -37,7 +39,8 @@ def stacked(x, y, dataset, n_models, n, epochs, graphs):
     generators = [torch.Generator().manual_seed(7 + i) for i in range(n_models)]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = train_stacked(models, x, y, idx, epochs=epochs, batch_size=32, lr=1e-3, generators=generators, graphs=graphs)
+    out = train_stacked(models, x, y, idx, epochs=epochs, batch_size=32, lr=1e-3, generators=generators, graphs=graphs,
+                        width=width)
     torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
@@ -46,18 +49,6 @@ def same_bits(a, b) -> bool:
     params = all(torch.equal(p, q) for m1, m2 in zip(a.models, b.models, strict=True)
                  for p, q in zip(m1.parameters(), m2.parameters(), strict=True))  # fmt: skip
     return params and a.losses == b.losses
-
-
-def batched_forward(self, x):
-    """The MLP with one batched GEMM per linear layer (``baddbmm``), to time against altrack's."""
-    h = x.flatten(2)
-    for position, layer in enumerate(self.layers):
-        if isinstance(layer, torch.nn.Linear):
-            w, b = self._param(position, "weight"), self._param(position, "bias")
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        elif isinstance(layer, torch.nn.ReLU):
-            h = torch.relu(h)
-    return h
 
 
 def grid(folder: str, methods, runs: int, seed: int) -> dict[str, tuple[float, str]]:
@@ -81,20 +72,18 @@ def main() -> None:
         graph, t_graph = stacked(data.x_train, data.y_train, "mnist", n_models, 2000, 10, True)
         print(f"{n_models:>2} MLPs, 2000 points, 10 epochs: eager {t_eager:.3f} s, graphs {t_graph:.3f} s "
               f"({t_eager / t_graph:.1f}x); same bits: {same_bits(eager, graph)}", flush=True)  # fmt: skip
-    per_model = StackedNet.forward
-    for name, forward in (("one GEMM per model (altrack)", per_model), ("one batched GEMM per layer", batched_forward)):
-        StackedNet.forward = forward
-        stacked(data.x_train, data.y_train, "mnist", 35, 2000, 2, True)
-        best = min(stacked(data.x_train, data.y_train, "mnist", 35, 2000, 10, True)[1] for _ in range(2))
+    for name, width in (("one GEMM per model", None), ("padded to 64, batched GEMMs", 64)):
+        stacked(data.x_train, data.y_train, "mnist", 35, 2000, 2, True, width)
+        best = min(stacked(data.x_train, data.y_train, "mnist", 35, 2000, 10, True, width)[1] for _ in range(2))
         print(f"35 MLPs with graphs, {name}: {best:.3f} s", flush=True)
-    StackedNet.forward = per_model
     x = torch.rand(512, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (512,), device="cuda")
     for n_models in (1, 5):
-        stacked(x, y, "cifar10", n_models, 256, 2, True)
-        eager, t_eager = stacked(x, y, "cifar10", n_models, 256, 3, False)
-        graph, t_graph = stacked(x, y, "cifar10", n_models, 256, 3, True)
-        print(f"{n_models} CifarNets, 256 points, 3 epochs: eager {t_eager:.3f} s, graphs {t_graph:.3f} s; "
+        stacked(x, y, "cifar10", n_models, 256, 2, True, 35)
+        eager, t_eager = stacked(x, y, "cifar10", n_models, 256, 3, False, 35)
+        graph, t_graph = stacked(x, y, "cifar10", n_models, 256, 3, True, 35)
+        print(f"{n_models} CifarNets padded to 35, 256 points, 3 epochs: eager {t_eager:.3f} s, "
+              f"graphs {t_graph:.3f} s; "
               f"same bits: {same_bits(eager, graph)}", flush=True)  # fmt: skip
     start = time.perf_counter()
     five = grid(args.data_dir, available_methods(), 5, 0)

@@ -4,8 +4,9 @@ Each side runs in its own process, so the reference can be another checkout of a
 example a6cf675, the one-model-at-a-time engine: ``git archive a6cf675 altrack | tar -x -C REF``).
 Both run the same grid: one dataset x 7 methods x one budget x N seeds, after a warm-up that
 loads the data. This tree runs it twice in one process and reports both: the first call pays
-for CUDA graph captures that later calls of the same shapes reuse. ``--synthetic-cifar`` writes CIFAR-10-shaped random pixels first (for machines
-without the real files); its accuracies mean nothing, its timings do.
+for CUDA graph captures that later calls of the same shapes reuse. ``--synthetic-cifar`` writes
+CIFAR-10-shaped random pixels first (for machines without the real files); its accuracies mean
+nothing, its timings do.
 
     python benchmarks/bench_engine.py --device cuda --dataset mnist --seeds 5 --reference REF
 """
