@@ -3,8 +3,7 @@
 - N stacked models (MLP: 1, 7, 35; CifarNet: 1, 5), eager steps against replayed CUDA graphs:
   seconds, and whether the weights and losses are the same bits;
 - 35 stacked MLPs with one GEMM per model (``width=None``, the CPU's path) against a stack
-  padded to 64 with one batched GEMM per layer (CUDA's), and whether model 3 gets the same bits
-  alone and among 35 at that width;
+  padded to 64 with one batched GEMM per layer (CUDA's);
 - grouping invariance of the engine: a seed alone against the same seed among five, and one
   method alone against seven (selected indices and accuracies, exactly).
 
