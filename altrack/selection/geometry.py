@@ -125,7 +125,8 @@ def workspace(key: tuple, build: Callable[[], T]) -> T:
     """The buffers and ``StepLoop`` of a greedy loop for one ``key`` (its kind, shapes and device),
     built once and reused: on an H100 a graph's capture took 12-40 ms, more than the loop it
     records, and a grid runs one such loop per run, all of one shape. The last
-    ``KEPT_WORKSPACES`` are kept. Callers load every buffer before each use."""
+    ``KEPT_WORKSPACES`` are kept. Callers load every buffer before each use; one thread per
+    process selects at a time (altrack's workers are processes), as the shared buffers need."""
     ws = _WORKSPACES.pop(key, None)
     if ws is None:
         ws = build()
