@@ -31,7 +31,7 @@ from altrack.liveness import tethered
 from altrack.models import build_model
 from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
-from altrack.selection import SelectionContext, SelectionResult, available_methods, get_selector
+from altrack.selection import SelectionContext, SelectionResult, get_selector
 from altrack.settings import RunKey, Settings
 from altrack.stack import model_bytes, train_stacked
 from altrack.train import evaluate, forward_all
@@ -80,6 +80,9 @@ def free_memory(device: torch.device) -> int:
 # 0.33 at 64), and every stack is padded to this width on CUDA, the seed models' too: 35 is the
 # final models of 5 seeds x 7 methods, with 5 seed models a stack (``fit_many``'s ``share``)
 DEFAULT_STACK = {("cpu", False): 16, ("accelerator", False): 64, ("accelerator", True): 35}
+# seed models share a stack's width this many ways (the paper's seven methods): a constant, not the
+# registry's size, so that registering a method leaves every seed model's bits alone
+SEED_SHARE = 7
 
 
 @functools.cache
@@ -92,8 +95,9 @@ def stack_limit(
     dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
 ) -> int:
     """How many models train together: ``requested`` (0: ``DEFAULT_STACK``), at most what
-    ``memory_cap`` bytes hold (default: a quarter of the device's free memory). On CUDA this is
-    also the width every stack is padded to (``fit_many``). Convolutions train one at a time on a
+    ``memory_cap`` bytes hold (default: a quarter of the device's free memory). On CUDA the
+    final models' stacks are padded to this width and the seed models' to a ``SEED_SHARE``-th of
+    it (``fit_many``). Convolutions train one at a time on a
     CPU: a grouped convolution is slower there than N plain ones, and its bits depend on N.
     Raises ``ConfigError`` when the cap cannot hold one model."""
     need = _model_need(dataset, batch_size)
@@ -121,11 +125,13 @@ def fit_many(
     share: int = 1,
 ) -> list[tuple[torch.nn.Module | None, list[float], str | None]]:
     """Fresh models trained on their ``fits``, in stacks (``altrack.stack``) of at most
-    ``stack_limit`` models of one training-set size. Each model trains exactly as it would alone:
-    its result does not depend on which others share its stack. On CUDA every stack is padded to
-    ``stack_limit // share`` models and runs batched GEMMs (``train_stacked``'s ``width``): the
-    same bits in any grouping, though not ``train.train``'s. The seed models pass ``share`` = the
-    number of methods, so that a block of seeds fills one padded stack of each kind.
+    ``stack_limit`` models of one training-set size. A model's result does not depend on which
+    others share its stack. On a CPU each trains exactly as it would alone (``train.train``). On
+    CUDA every stack is padded to ``stack_limit // share`` models and runs batched GEMMs
+    (``train_stacked``'s ``width``): the same bits in any grouping at that width, which
+    ``--stack`` sets and, on a GPU with too little free memory for the default, the memory cap
+    lowers. The seed models pass ``share=SEED_SHARE``, so that a block of seeds fills one padded
+    stack of each kind.
 
     Returns, per fit, (model or None, epoch losses, divergence message or None)."""
     device = data.x_train.device
@@ -249,7 +255,7 @@ def train_seed_stages(
     fitted = fit_many(data, [Fit(s, seed) for s, seed in zip(seed_sets, seeds, strict=True)], settings,
                       SEED_INIT, SEED_ORDER, on_epoch, stack, memory_cap,
                       None if live is None else lambda i, epoch, loss: live(seeds[i], epoch, loss),
-                      share=len(available_methods()))  # fmt: skip
+                      share=SEED_SHARE)  # fmt: skip
     seconds = (time.perf_counter() - started) / len(seeds)
     labels = data.y_train.cpu().numpy()
     stages: list[SeedStage | str] = []

@@ -1,15 +1,18 @@
-"""Many independent models trained as one: for each, the same steps as ``train.train``, in one pass.
+"""Many independent models trained as one: for each, the steps ``train.train`` takes, in one pass.
 
 N models of one architecture, each with its own training indices, initialisation, batch order,
 example weights and Adam state, step together. Their parameters are stacked along a leading
-model axis and the forward pass is written for the stack: one ``addmm`` per model for linear
-layers, the very GEMM ``nn.Linear`` runs (a batched GEMM, MKL's or cuBLAS's, picks its kernels by
-batch count, so a model's bits would depend on its stack); grouped convolutions for CifarNet. The
-loss is the sum of the models' mean losses, so each model's gradient is its own, and one Adam
-steps every stacked tensor (Adam is elementwise: N independent Adams). On a GPU a step's
-hundreds of tiny kernels are recorded once as a CUDA graph and replayed (``altrack.graphs``): on
-an H100, 35 stacked MLPs train in a third of the time per model of one alone; on a CPU stacking
-saves Python overhead.
+model axis and the forward pass is written for the stack, in one of two ways. Exact (a CPU's):
+one ``addmm`` per model for linear layers, the very GEMM ``nn.Linear`` runs (a batched GEMM,
+MKL's or cuBLAS's, picks its kernels by batch count, so a model's bits would depend on its
+stack), and grouped convolutions for CifarNet. Batched (CUDA's): the stack padded to a fixed
+width, one batched GEMM per layer, convolutions as GEMMs of their im2col patches; the width
+fixes the kernels, so a model's bits depend on the width, not on its stack mates. The loss is
+the sum of the models' mean losses, so each model's gradient is its own, and one Adam steps
+every stacked tensor (Adam is elementwise: N independent Adams). On a GPU a step's hundreds of
+tiny kernels are recorded once as a CUDA graph and replayed (``altrack.graphs``): on an H100, 35
+stacked MLPs train in a third of the time per model of one alone; on a CPU stacking saves Python
+overhead.
 
 A model whose loss stops being finite is reported diverged; the others go on (their parameters
 never mix).
@@ -55,14 +58,22 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 class StackedNet:
     """The stacked parameters of N models and a forward pass over a stack of batches.
 
-    Activations are (N, B, features) for linear layers and (B, N * C, H, W) for convolutions,
-    which turns N convolutions into one grouped convolution without moving memory.
+    Exact path: activations are (N, B, features) for linear layers and (B, N * C, H, W) for
+    convolutions, which turns N convolutions into one grouped convolution without moving memory.
+    Batched path (``batched=True``): (N, B, features) and (N, B, H, W, C), every layer one batched
+    GEMM; it supports unpadded stride-1 convolutions and plain max-pooling (CifarNet's) and raises
+    ``TypeError`` for others.
     """
 
     def __init__(self, models: Sequence[nn.Module], batched: bool = False) -> None:
         self.layers = _layers(models[0])
         self.n = len(models)
         self.batched = batched  # one batched GEMM per layer (fixed-width stacks), else one per model
+        for layer in self.layers if batched else ():
+            simple_conv = not isinstance(layer, nn.Conv2d) or (
+                layer.stride == (1, 1) and layer.padding == (0, 0) and layer.dilation == (1, 1) and layer.groups == 1)
+            if not simple_conv or (isinstance(layer, nn.MaxPool2d) and layer.ceil_mode):
+                raise TypeError(f"batched stacked training does not support {layer}")
         self.params: list[torch.Tensor] = []
         self.slots: list[tuple[int, str]] = []  # (layer position, 'weight' | 'bias') per stacked tensor
         per_model = [_layers(m) for m in models]
@@ -209,9 +220,10 @@ def train_stacked(
     ``width=None`` runs one GEMM per model per linear layer, the GEMM ``train.train`` runs, so each
     model gets its bits alone (on a CPU, tested). ``width=W`` (>= N; altrack's choice on CUDA)
     pads the stack to W models with copies of the first (same rows, same batch order; trained
-    and dropped) and runs one batched GEMM per layer and one grouped convolution of W groups: the
-    library picks its kernels by the batch count, which W fixes, so a model's bits still do not
-    depend on which others share its stack, though they may differ from ``train.train``'s.
+    and dropped) and runs one batched GEMM per layer, convolutions as GEMMs of their im2col
+    patches: the library picks its kernels by the batch count, which W fixes, so a model's bits
+    do not depend on which others share its stack, though they differ from ``train.train``'s
+    (the gradients agree to rounding, tested) and from another width's.
     Returns trained copies of ``models``.
     Raises ``ValueError`` when the counts disagree or ``width`` is below N.
     """

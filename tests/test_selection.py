@@ -304,3 +304,20 @@ def test_lloyd_with_its_stopping_rules_on_the_device_gives_the_hosts_centres(cas
     for _ in range(2):
         centres, n_iter = kmeans_module._lloyd_on_device(x, start, max_iter, tol_abs, inertia_tol)
         assert n_iter == expected[1] and torch.equal(centres, expected[0])
+
+
+def test_cluster_sizes_from_the_one_hot_blocks_are_bincounts():
+    """CUDA's Lloyd counts clusters from the one-hot GEMM's blocks (bincount reads its size on the
+    host, which a graph cannot): exact integers, in any blocking."""
+    labels = torch.from_numpy(np.random.default_rng(4).integers(0, 37, size=5000))
+    x = torch.ones(5000, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kmeans_module, "ONE_HOT_ELEMENTS", 37 * 300)
+        _, counts = kmeans_module._sums_by_matmul(x, labels, 40, with_counts=True)
+    assert torch.equal(counts, torch.bincount(labels, minlength=40))
+
+
+def test_lloyd_with_no_iterations_returns_its_start_on_the_host_and_the_device():
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(50, 3)).astype(np.float32))
+    for centres, n_iter in (lloyd(x, x[:4], 0, 1e-4), kmeans_module._lloyd_on_device(x, x[:4], 0, 1e-6, 0.0)):
+        assert n_iter == 0 and torch.equal(centres, x[:4])

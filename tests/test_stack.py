@@ -202,3 +202,17 @@ def test_on_cuda_a_model_has_the_same_bits_alone_or_stacked(data_dir, dataset, w
     many, alone = run(list(range(35))), run([3])
     assert many.losses[3] == alone.losses[0]
     assert _same(many.models[3], alone.models[0])
+
+
+def test_the_batched_path_refuses_layers_it_does_not_implement():
+    from torch import nn
+
+    class Strided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten())
+            self.head = nn.Linear(4 * 15 * 15, 10)
+
+    StackedNet([Strided()])  # the exact path runs any stride
+    with pytest.raises(TypeError, match="batched stacked training does not support Conv2d"):
+        StackedNet([Strided()], batched=True)

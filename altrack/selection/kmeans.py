@@ -206,6 +206,8 @@ def _lloyd_on_device(
     does (``_iteration``) and goes on. On CUDA the rounds are a captured graph, kept for the next
     run of this shape. The same arithmetic as ``lloyd``, so the same centres and count. Runs on
     any device; tests use a CPU."""
+    if max_iter < 1:  # the loop below counts an iteration before it checks the limit
+        return centres, 0
     key = ("lloyd", tuple(x.shape), x.dtype, centres.shape[0], max_iter, inertia_tol, str(x.device))
     ws = workspace(key, lambda: _LloydLoop(x, centres.shape[0], max_iter, inertia_tol))
     ws.x.copy_(x)
