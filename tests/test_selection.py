@@ -321,3 +321,20 @@ def test_lloyd_with_no_iterations_returns_its_start_on_the_host_and_the_device()
     x = torch.from_numpy(np.random.default_rng(2).normal(size=(50, 3)).astype(np.float32))
     for centres, n_iter in (lloyd(x, x[:4], 0, 1e-4), kmeans_module._lloyd_on_device(x, x[:4], 0, 1e-6, 0.0)):
         assert n_iter == 0 and torch.equal(centres, x[:4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs, one-hot counts)")
+def test_on_cuda_lloyds_graph_rounds_give_the_per_iteration_loops_centres():
+    """CUDA's branch of the device Lloyd (graph replays, one-hot counts, the empty-cluster hand-off)
+    against the host loop of ``_iteration`` on the same GPU."""
+    x = torch.randn(3000, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    start = x[:30].clone()
+    start[:3] = 1e3  # clusters that start empty
+    tol_abs = 1e-4 * float(x.var(0).mean())
+    centres, previous, n_iter = start, float("inf"), 0
+    for n_iter in range(1, 301):  # noqa: B007
+        centres, previous, stop = kmeans_module._iteration(x, centres, previous, 3e-4, tol_abs)
+        if stop:
+            break
+    got, got_iter = kmeans_module._lloyd_on_device(x, start, 300, tol_abs, 3e-4)
+    assert got_iter == n_iter and torch.equal(got, centres)
