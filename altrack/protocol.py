@@ -219,7 +219,7 @@ class SeedStage:
 def available_indices(n_train: int, holdout: np.ndarray | None) -> np.ndarray:
     """Train indices that may be labelled: all of them, minus a validation holdout if any."""
     everything = np.arange(n_train, dtype=np.int64)
-    return everything if holdout is None else np.setdiff1d(everything, holdout)
+    return everything if holdout is None else _without(everything, holdout)
 
 
 def _without(available: np.ndarray, taken: np.ndarray) -> np.ndarray:

@@ -243,11 +243,11 @@ def train_stacked(
         weights = weights / weights.mean(1, keepdim=True)
     losses: list[list[float]] = [[] for _ in range(n_models)]
     diverged: list[str | None] = [None] * n_models
-    total = torch.zeros(n_models + pads, device=device)
+    rows = n_models + pads
+    total = torch.zeros(rows, device=device)
     # a full batch's step reads fixed buffers and keeps its state in place, so on CUDA it is recorded
     # once as a graph and replayed (an MNIST step is hundreds of kernels of microseconds each); a CPU
     # runs the same buffered steps eagerly, which is how the tests see this path
-    rows = n_models + pads
     batch_idx = torch.empty(rows, batch_size, dtype=torch.int64, device=device)
     batch_w = None if weights is None else torch.empty(rows, batch_size, dtype=weights.dtype, device=device)
 

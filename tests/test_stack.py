@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import ConfigError
+from altrack.models import build_model
 from altrack.protocol import fresh_model, iterate_grid, stack_limit, stream_seed
 from altrack.settings import Settings
-from altrack.stack import StackedNet, train_stacked
+from altrack.stack import StackedNet, model_bytes, train_stacked
 from altrack.train import mean_loss, train
 
 
@@ -109,9 +111,6 @@ def test_stacks_stay_within_the_memory_cap():
 
 
 def _need(dataset):
-    from altrack.models import build_model
-    from altrack.stack import model_bytes
-
     return model_bytes(build_model(dataset), 32, (1, 28, 28))
 
 
@@ -205,8 +204,6 @@ def test_on_cuda_a_model_has_the_same_bits_alone_or_stacked(data_dir, dataset, w
 
 
 def test_the_batched_path_refuses_layers_it_does_not_implement():
-    from torch import nn
-
     class Strided(nn.Module):
         def __init__(self):
             super().__init__()

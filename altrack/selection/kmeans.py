@@ -120,24 +120,27 @@ class _PlusPlusLoop:
         potential.copy_(torch.where(degenerate, potential, sums.index_select(0, best).squeeze(0)))
 
 
-def cluster_sums(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(k, d) sum of the points of each cluster. On a GPU ``index_add_`` adds with atomics, in an
-    order that changes from run to run; a product with the one-hot label matrix, in fixed blocks
-    of points, gives the same bits every time and is one GEMM per block (a float64 prefix sum,
-    the earlier way, took most of a Lloyd iteration on an H100). On a CPU ``index_add_`` is
-    already ordered, and it is what CPU results were made with."""
+def cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, d) sum of the points of each cluster and (k,) the clusters' sizes. On a GPU
+    ``index_add_`` adds with atomics, in an order that changes from run to run; a product with
+    the one-hot label matrix, in fixed blocks of points, gives the same bits every time and is one
+    GEMM per block (a float64 prefix sum, the earlier way, took most of a Lloyd iteration on an
+    H100), and the sizes come from the same blocks (``bincount`` reads its size on the host, which
+    a captured graph cannot). On a CPU ``index_add_`` is already ordered, and it is what CPU
+    results were made with."""
     if x.device.type == "cpu":
-        return torch.zeros(len(counts), x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
-    return _sums_by_matmul(x, labels, len(counts))
+        counts = torch.bincount(labels, minlength=k)
+        return torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, labels, x), counts
+    return _sums_by_matmul(x, labels, k)
 
 
 ONE_HOT_ELEMENTS = 1 << 25  # one block's (k, rows) one-hot matrix: 128 MB of float32
 
 
-def _sums_by_matmul(x: torch.Tensor, labels: torch.Tensor, k: int, with_counts: bool = False):
-    """``cluster_sums`` as one-hot (k, rows) @ x (rows, d), summed over blocks of rows in order;
-    with ``with_counts``, also (sums, the clusters' sizes), exact integers from the same one-hot
-    blocks. Runs on any device; tests compare it with ``index_add_`` on a CPU."""
+def _sums_by_matmul(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cluster_sums`` as one-hot (k, rows) @ x (rows, d), summed over blocks of rows in order,
+    and the sizes, exact integers, from the same one-hot blocks. Runs on any device; tests
+    compare it with ``index_add_`` and ``bincount`` on a CPU."""
     rows = max(1, ONE_HOT_ELEMENTS // max(k, 1))
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
     counts = torch.zeros(k, dtype=torch.int64, device=x.device)
@@ -145,9 +148,8 @@ def _sums_by_matmul(x: torch.Tensor, labels: torch.Tensor, k: int, with_counts: 
     for start in range(0, x.shape[0], rows):
         one_hot = clusters == labels[start : start + rows].unsqueeze(0)
         sums.addmm_(one_hot.to(x.dtype), x[start : start + rows])
-        if with_counts:
-            counts.add_(one_hot.sum(1))
-    return (sums, counts) if with_counts else sums
+        counts.add_(one_hot.sum(1))
+    return sums, counts
 
 
 def lloyd(
@@ -160,6 +162,14 @@ def lloyd(
     tol_abs = tol * float(x.var(0).mean()) if x.shape[0] > 1 else 0.0
     if x.device.type == "cuda":
         return _lloyd_on_device(x, centres, max_iter, tol_abs, inertia_tol)
+    return _lloyd_on_host(x, centres, max_iter, tol_abs, inertia_tol)
+
+
+def _lloyd_on_host(
+    x: torch.Tensor, centres: torch.Tensor, max_iter: int, tol_abs: float, inertia_tol: float
+) -> tuple[torch.Tensor, int]:
+    """``lloyd`` with a host check after every iteration (``_iteration``): a CPU's way, and the
+    reference the device loop is tested against."""
     n_iter = 0
     previous = float("inf")
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
@@ -169,16 +179,21 @@ def lloyd(
     return centres, n_iter
 
 
+def _update(x: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd's assignment and update from ``centres``: (each point's squared distance to its
+    nearest centre (n,), the clusters' sizes (k,), the clusters' means (k, d), an empty cluster's
+    mean 0); no host round trip off a CPU."""
+    labels, dists = nearest(x, centres)
+    sums, counts = cluster_sums(x, labels, centres.shape[0])
+    return dists, counts, sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+
+
 def _iteration(
     x: torch.Tensor, centres: torch.Tensor, previous: float, inertia_tol: float, tol_abs: float
 ) -> tuple[torch.Tensor, float, bool]:
     """One Lloyd iteration from ``centres``: (the centres it leaves, the inertia to compare the
     next with, whether to stop). An iteration that lowers the inertia too little is dropped."""
-    k = centres.shape[0]
-    labels, dists = nearest(x, centres)
-    counts = torch.bincount(labels, minlength=k)
-    sums = cluster_sums(x, labels, counts)
-    new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    dists, counts, new = _update(x, centres)
     shift_t = (new - centres).pow(2).sum()
     # one host round trip per iteration (a GPU idles during each): the inertia of the current
     # centres, the empty clusters and the shift, read together; the update is dropped on a stop
@@ -250,14 +265,8 @@ class _LloydLoop:
         self.loop = StepLoop(self.step, device, LLOYD_ROUND)
 
     def step(self) -> None:
-        x, centres, k = self.x, self.centres, self.centres.shape[0]
-        labels, dists = nearest(x, centres)
-        if x.device.type == "cuda":  # bincount reads its size on the host, which a graph cannot
-            sums, counts = _sums_by_matmul(x, labels, k, with_counts=True)
-        else:
-            counts = torch.bincount(labels, minlength=k)
-            sums = cluster_sums(x, labels, counts)
-        new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+        centres = self.centres
+        dists, counts, new = _update(self.x, centres)
         shift = (new - centres).pow(2).sum().double()
         inertia = dists.double().sum()
         active = ~self.done
