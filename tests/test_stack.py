@@ -66,9 +66,16 @@ def test_a_stacked_cifarnet_matches_one_at_a_time(data_dir):
     data = type(data)(data.name, data.x_train[:600], data.y_train[:600], data.x_test[:10], data.y_test[:10])
     singles, stacked = _train_both(data, 2, 64, epochs=1)
     two = stacked([0, 1])
-    for (model, _), twin in zip(singles, two.models, strict=True):
-        for a, b in zip(_params(model), _params(twin), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # a grouped convolution sums in another order than N plain ones, and Adam turns a rounding
+    # difference in a near-zero gradient into a step of up to lr (with two threads, 7 of 1,728
+    # first-layer weights differ by up to 5e-5): compare what the models compute, and their losses
+    with torch.no_grad():
+        alone = [model(data.x_test) for model, _ in singles]
+        together = [twin(data.x_test) for twin in two.models]
+    for i in range(2):
+        torch.testing.assert_close(alone[i], together[i], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(singles[i][1], two.losses[i], rtol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-2)  # two models, not one twice
 
 
 def test_a_diverged_model_fails_alone(data_dir):
