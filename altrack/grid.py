@@ -18,8 +18,7 @@ from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
 from altrack.errors import AltrackError
 from altrack.liveness import clean_stale_temp_dirs, temp_dir
-from altrack.protocol import Progress, grid_blocks, map_in_workers, run_block, stack_limit
-from altrack.provenance import identity
+from altrack.protocol import Progress, grid_blocks, map_in_workers, run_block, run_identity, stack_limit
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
 from altrack.settings import RunKey
@@ -113,7 +112,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     identities = {}  # data errors surface before the store is touched (no mlflow.db)
     for dataset in cfg.datasets:
         data = load_dataset(dataset, cfg.data_dir, "cpu" if slurm else device)
-        identities[dataset] = identity(torch.device(device), data.digest)
+        identities[dataset] = run_identity(dataset, data.digest, device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
         stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
     if cfg.workers > 1 or slurm:  # the workers load their own copies
         release_datasets()
@@ -287,7 +286,7 @@ def run_logged_block(
     the runs in. Returns the rows of the runs this process did."""
     dataset, budget, seeds, methods = block
     data = load_dataset(dataset, cfg.data_dir, device)
-    ident = identity(data.x_train.device, data.digest)
+    ident = run_identity(dataset, data.digest, data.x_train.device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
     wanted = []
     for seed in seeds:
         group = RunKey(dataset, "*", budget, seed).config_hash(cfg.settings, ident)

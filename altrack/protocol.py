@@ -64,11 +64,14 @@ class Fit:
     weights: np.ndarray | None = None
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes the device can still give: CUDA's free memory, else the host's available memory.
-    A Slurm launcher plans CUDA blocks without a GPU of its own: it assumes 16 GiB free."""
+def device_memory(device: torch.device) -> int:
+    """Bytes the default memory cap is a quarter of. On CUDA the card's total memory, not its
+    free memory: the padded width, which a run's bits depend on, must come out the same in every
+    process on the same kind of GPU, whatever else holds memory at that moment (a Slurm launcher
+    without a GPU of its own assumes 16 GiB). Elsewhere the host's available memory: a CPU's or
+    MPS's stacks are not padded, so their size changes no bit."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else 16 << 30
+        return int(torch.cuda.get_device_properties(device).total_memory) if torch.cuda.is_available() else 16 << 30
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -95,13 +98,13 @@ def stack_limit(
     dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
 ) -> int:
     """How many models train together: ``requested`` (0: ``DEFAULT_STACK``), at most what
-    ``memory_cap`` bytes hold (default: a quarter of the device's free memory). On CUDA the
+    ``memory_cap`` bytes hold (default: a quarter of ``device_memory``). On CUDA the
     final models' stacks are padded to this width and the seed models' to a ``SEED_SHARE``-th of
     it (``fit_many``). Convolutions train one at a time on a
     CPU: a grouped convolution is slower there than N plain ones, and its bits depend on N.
     Raises ``ConfigError`` when the cap cannot hold one model."""
     need = _model_need(dataset, batch_size)
-    cap = free_memory(device) // 4 if memory_cap is None else memory_cap
+    cap = device_memory(device) // 4 if memory_cap is None else memory_cap
     if cap < need:
         raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
                           f"(about {need / 2**20:.1f} MiB to train)")  # fmt: skip
@@ -111,6 +114,28 @@ def stack_limit(
     default = DEFAULT_STACK[("cpu" if device.type == "cpu" else "accelerator", conv)]
     return min(requested or default, cap // need)
 
+
+
+def stack_width(
+    dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
+) -> int | None:
+    """The width every CUDA stack of ``dataset``'s final models is padded to (the seed models':
+    a ``SEED_SHARE``-th of it), which a run's bits depend on; None off CUDA, where a stack's
+    size changes no bit. Raises ``ConfigError`` as ``stack_limit`` does."""
+    if device.type != "cuda":
+        return None
+    return stack_limit(dataset, device, requested, memory_cap, batch_size)
+
+
+def run_identity(
+    dataset: str, digest: str, device: torch.device | str, settings: Settings, stack: int = 0,
+    memory_cap: int | None = None,
+) -> dict[str, str]:
+    """What besides its key and settings decides a run's result: ``provenance.identity`` (code,
+    torch, device, data) and, on CUDA, the stack width, so that a grid resumed with another
+    ``--stack`` or on a card whose memory caps it lower reruns its runs instead of reusing them."""
+    device = torch.device(device)
+    return identity(device, digest, stack_width(dataset, device, stack, memory_cap, settings.batch_size))
 
 def fit_many(
     data: Dataset,
@@ -127,18 +152,19 @@ def fit_many(
     """Fresh models trained on their ``fits``, in stacks (``altrack.stack``) of at most
     ``stack_limit`` models of one training-set size. A model's result does not depend on which
     others share its stack. On a CPU each trains exactly as it would alone (``train.train``). On
-    CUDA every stack is padded to ``stack_limit // share`` models and runs batched GEMMs
+    CUDA every stack is padded to ``stack_width // share`` models and runs batched GEMMs
     (``train_stacked``'s ``width``): the same bits in any grouping at that width, which
-    ``--stack`` sets and, on a GPU with too little free memory for the default, the memory cap
-    lowers. The seed models pass ``share=SEED_SHARE``, so that a block of seeds fills one padded
-    stack of each kind.
+    ``--stack`` sets and, on a GPU too small for the default, the memory cap lowers; the
+    width is part of the runs' identity (``run_identity``). The seed models pass
+    ``share=SEED_SHARE``, so that a block of seeds fills one padded stack of each kind.
 
     Returns, per fit, (model or None, epoch losses, divergence message or None)."""
     device = data.x_train.device
-    limit = stack_limit(data.name, device, stack, memory_cap, settings.batch_size)
-    width = None
-    if device.type == "cuda":
-        limit = width = max(1, limit // share)
+    width = stack_width(data.name, device, stack, memory_cap, settings.batch_size)
+    if width is None:
+        limit = stack_limit(data.name, device, stack, memory_cap, settings.batch_size)
+    else:
+        limit = width = max(1, width // share)
     out: list[tuple[torch.nn.Module | None, list[float], str | None]] = [(None, [], None)] * len(fits)
     by_size: dict[int, list[int]] = {}
     for i, f in enumerate(fits):
@@ -185,12 +211,14 @@ def fit(
     order_stream: int,
     weights: np.ndarray | None = None,
     on_epoch: EpochHook | None = None,
+    stack: int = 0,
 ) -> tuple[torch.nn.Module, list[float]]:
-    """A fresh model trained on ``indices`` of the train split, exactly as in any stack.
+    """A fresh model trained on ``indices`` of the train split, exactly as in any stack (on
+    CUDA: any stack of width ``stack``, 0 for the default; see ``stack_width``).
 
     Raises ``TrainingDiverged`` when its loss stops being finite."""
     [(model, losses, error)] = fit_many(data, [Fit(indices, seed, weights)], settings, init_stream, order_stream,
-                                        on_epoch)  # fmt: skip
+                                        on_epoch, stack)  # fmt: skip
     if model is None:
         raise TrainingDiverged(error or "training diverged")
     return model, losses
@@ -361,7 +389,7 @@ def run_methods(
     With a ``holdout``, the final model's accuracy on it is ``val_accuracy``. Timings: selection
     per run; final training is the stacks' time shared out evenly."""
     device = data.x_train.device
-    ident = identity(device, data.digest)
+    ident = run_identity(data.name, data.digest, device, settings, stack, memory_cap)
     results, fits = [], []
     for stage in stages:
         for method in methods:
@@ -457,7 +485,7 @@ def run_block(
                       live=live)  # fmt: skip
     finished = {(r.key.seed, r.key.method): r for r in ran}
     results = []
-    ident = identity(data.x_train.device, data.digest)
+    ident = run_identity(dataset, data.digest, data.x_train.device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
     for seed, stage in zip(seeds, stages, strict=True):
         for method in methods:
             if isinstance(stage, str):

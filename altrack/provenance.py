@@ -16,6 +16,7 @@ import torch
 from altrack import __version__
 
 SOURCE = Path(__file__).resolve().parent  # the altrack package folder
+STACK_WIDTH = "stack_width"  # the identity key, and the run param, of a CUDA run's padded stack width
 GIT_TIMEOUT = 10
 
 
@@ -53,6 +54,8 @@ def code_version() -> dict[str, str]:
     return {"altrack": __version__, "git_commit": git_commit(), "torch": torch.__version__}
 
 
-def identity(device: torch.device | str, data_digest: str) -> dict[str, str]:
-    """Everything besides the run's key and settings that decides its result."""
-    return {**code_version(), "device": torch.device(device).type, "data": data_digest}
+def identity(device: torch.device | str, data_digest: str, stack_width: int | None = None) -> dict[str, str]:
+    """Everything besides the run's key and settings that decides its result: the code, torch,
+    the device type, the data and, where stacks are padded (CUDA), their width."""
+    width = {} if stack_width is None else {STACK_WIDTH: str(stack_width)}
+    return {**code_version(), "device": torch.device(device).type, "data": data_digest, **width}

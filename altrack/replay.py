@@ -14,6 +14,7 @@ from altrack.data import load_dataset, resolve_device, set_determinism
 from altrack.errors import AltrackError
 from altrack.liveness import temp_dir
 from altrack.protocol import FINAL_INIT, FINAL_ORDER, fit
+from altrack.provenance import STACK_WIDTH
 from altrack.results import FINISHED
 from altrack.settings import Settings
 from altrack.tracking.query import get_run
@@ -77,7 +78,8 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
         selected = np.load(path, allow_pickle=False).astype(np.int64)
         weights = _replay_weights(run_id, tmp) if settings.weighted else None
     data = load_dataset(params["dataset"], data_dir, resolved)
-    model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights)
+    width = int(params.get(STACK_WIDTH, 0))  # a CUDA run's padded width: its bits depend on it
+    model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights, stack=width)
     accuracy, loss = evaluate(model, data.x_test, data.y_test)
     logged = float(original.data.metrics[TEST_ACCURACY_METRIC])
     tags = {KIND_TAG: KIND_REPLAY, REPLAY_OF_TAG: run_id}

@@ -12,9 +12,11 @@ from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import ConfigError
 from altrack.models import build_model
-from altrack.protocol import fresh_model, iterate_grid, stack_limit, stream_seed
-from altrack.settings import Settings
+from altrack.protocol import RunResult, fresh_model, iterate_grid, run_identity, stack_limit, stack_width, stream_seed
+from altrack.provenance import STACK_WIDTH
+from altrack.settings import RunKey, Settings
 from altrack.stack import StackedNet, model_bytes, train_stacked
+from altrack.tracking.runs import rerun_command, run_params
 from altrack.train import mean_loss, train
 
 
@@ -115,6 +117,26 @@ def test_stacks_stay_within_the_memory_cap():
     assert stack_limit("cifar10", cpu, requested=50, memory_cap=1 << 40) == 1  # convolutions: one at a time on CPU
     with pytest.raises(ConfigError, match="cannot hold one mnist model"):
         stack_limit("mnist", cpu, memory_cap=1 << 10)
+
+
+def test_a_cuda_runs_padded_width_is_part_of_its_identity_params_and_rerun_command():
+    # the width is planned, not measured, so this runs without a GPU (a launcher without one plans
+    # as if for a 16 GiB card; a real card's total memory gives the same widths at these sizes)
+    cuda, cpu, settings = torch.device("cuda"), torch.device("cpu"), Settings()
+    assert stack_width("mnist", cuda, requested=16) == 16
+    assert stack_width("mnist", cuda, requested=64, memory_cap=3 * _need("mnist")) == 3
+    assert stack_width("mnist", cpu, requested=16) is None  # a CPU's stacks are not padded
+    key = RunKey("mnist", "coreset", 2000, 0)
+    hashes = {stack: key.config_hash(settings, run_identity("mnist", "d", cuda, settings, stack)) for stack in (8, 16)}
+    assert hashes[8] != hashes[16]  # a grid resumed with another --stack reruns its CUDA runs
+    on_cpu = [run_identity("mnist", "d", cpu, settings, stack) for stack in (8, 16)]
+    assert on_cpu[0] == on_cpu[1] and STACK_WIDTH not in on_cpu[0]  # and reuses its CPU runs
+    ident = run_identity("mnist", "d", cuda, settings, 16)
+    result = RunResult(key, settings, "cuda:0", ident)
+    assert run_params(result)[STACK_WIDTH] == "16"
+    assert rerun_command(result).endswith("--device cuda --stack 16")
+    assert STACK_WIDTH not in run_params(RunResult(key, settings, "cpu", on_cpu[0]))
+    assert "--stack" not in rerun_command(RunResult(key, settings, "cpu", on_cpu[0]))
 
 
 def _need(dataset):

@@ -27,6 +27,7 @@ from altrack.catalog import DATASETS, applies
 from altrack.errors import AltrackError, ConfigError, first_line
 from altrack.liveness import Heartbeat, is_dead, is_stale, temp_dir, worker_id
 from altrack.protocol import RunResult
+from altrack.provenance import STACK_WIDTH
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, KILLED, RUNNING
 from altrack.slurm import earlier_attempt, job_alive
@@ -234,6 +235,8 @@ def run_params(result: RunResult) -> dict:
         "torch_version": torch.__version__,
         **{k: v for k, v in settings.as_params().items() if applies(k, key.method)},
     }
+    if STACK_WIDTH in result.identity:  # CUDA: the padded width its bits depend on (altrack.protocol.stack_width)
+        params[STACK_WIDTH] = result.identity[STACK_WIDTH]
     info = result.selection.info if result.selection is not None else {}
     if "n_clusters" in info:
         params["n_clusters"] = info["n_clusters"]
@@ -390,7 +393,8 @@ def rerun_command(result: RunResult) -> str:
     return (f"altrack run --datasets {key.dataset} --methods {key.method} --budget {key.budget} --seed {key.seed} "
             f"--runs 1 --epochs {s.epochs} --batch-size {s.batch_size} --lr {s.lr!r} --seed-ratio {s.seed_ratio!r} "
             f"--cluster-ratio {s.cluster_ratio!r} --lam {s.lam!r} --coreset-space {s.coreset_space} "
-            f"--{'weighted' if s.weighted else 'unweighted'} --device {result.device.split(':')[0]}")  # fmt: skip
+            f"--{'weighted' if s.weighted else 'unweighted'} --device {result.device.split(':')[0]}"
+            + (f" --stack {result.identity[STACK_WIDTH]}" if STACK_WIDTH in result.identity else ""))  # fmt: skip
 
 
 def _log_lineage(client: MlflowClient, run_id: str, result: RunResult, kind: str) -> None:
