@@ -157,11 +157,11 @@ def cli() -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes running (dataset, k, seed) groups.")
 @click.option("--stack", type=int, default=0, show_default=True,
               help="Models trained together at most (0: 64 on a GPU, CifarNet 35; 16 on a CPU, CifarNet 1). "
-                   "On CUDA every stack is padded to this width, which a run's bits depend on: it is logged as "
-                   "stack_width and is part of the resume key.")  # fmt: skip
+                   "On CUDA every stack is padded to this width (lowered only by --memory-cap), which a run's "
+                   "bits depend on: it is logged as stack_width and is part of the resume key.")  # fmt: skip
 @click.option("--memory-cap", type=float, default=None,
-              help="GiB the stacked models may take [default: a quarter of the GPU's memory, or of the host's "
-                   "available memory].")  # fmt: skip
+              help="GiB the stacked models may take; on CUDA it lowers the width, and so the bits [default: "
+                   "on a CPU a quarter of the available memory; on CUDA none, a card too small refused].")  # fmt: skip
 @click.option("--system-metrics", is_flag=True,
               help="MLflow samples CPU, memory (and GPU) use into the parent run (needs psutil).")  # fmt: skip
 @slurm_options

@@ -82,7 +82,7 @@ class GridConfig:
     workers: int = 1
     resume: bool = True
     stack: int = 0  # models trained together at most; 0: altrack.protocol.stack_limit's default
-    memory_cap: float | None = None  # GiB the stacks may take; None: protocol.device_memory / 4
+    memory_cap: float | None = None  # GiB the stacks may take; None: protocol.stack_limit's default
     executor: str = "local"  # or "slurm": blocks as Slurm array tasks (altrack.slurm)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     detach: bool = False  # slurm: submit, print the parent run id and return

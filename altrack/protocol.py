@@ -64,14 +64,10 @@ class Fit:
     weights: np.ndarray | None = None
 
 
-def device_memory(device: torch.device) -> int:
-    """Bytes the default memory cap is a quarter of. On CUDA the card's total memory, not its
-    free memory: the padded width, which a run's bits depend on, must come out the same in every
-    process on the same kind of GPU, whatever else holds memory at that moment (a Slurm launcher
-    without a GPU of its own assumes 16 GiB). Elsewhere the host's available memory: a CPU's or
-    MPS's stacks are not padded, so their size changes no bit."""
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still give: CUDA's free memory, else the host's available memory."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory) if torch.cuda.is_available() else 16 << 30
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -98,22 +94,23 @@ def stack_limit(
     dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
 ) -> int:
     """How many models train together: ``requested`` (0: ``DEFAULT_STACK``), at most what
-    ``memory_cap`` bytes hold (default: a quarter of ``device_memory``). On CUDA the
-    final models' stacks are padded to this width and the seed models' to a ``SEED_SHARE``-th of
-    it (``fit_many``). Convolutions train one at a time on a
-    CPU: a grouped convolution is slower there than N plain ones, and its bits depend on N.
+    ``memory_cap`` bytes hold. On CUDA that is the width every stack is padded to
+    (``stack_width``), which a run's bits depend on, so it follows from the config alone: the
+    cap lowers it only when given, and ``check_gpu_holds`` refuses a card too small for it. Elsewhere
+    the cap defaults to a quarter of the free memory; convolutions train one at a time on a CPU
+    (a grouped convolution is slower there than N plain ones, and its bits depend on N).
     Raises ``ConfigError`` when the cap cannot hold one model."""
     need = _model_need(dataset, batch_size)
-    cap = device_memory(device) // 4 if memory_cap is None else memory_cap
-    if cap < need:
+    cuda = device.type == "cuda"
+    cap = memory_cap if memory_cap is not None or cuda else free_memory(device) // 4
+    if cap is not None and cap < need:
         raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
                           f"(about {need / 2**20:.1f} MiB to train)")  # fmt: skip
     conv = DATASETS[dataset].image_shape[0] > 1
     if device.type == "cpu" and conv:
         return 1
-    default = DEFAULT_STACK[("cpu" if device.type == "cpu" else "accelerator", conv)]
-    return min(requested or default, cap // need)
-
+    limit = requested or DEFAULT_STACK[("cpu" if device.type == "cpu" else "accelerator", conv)]
+    return limit if cap is None else min(limit, cap // need)
 
 
 def stack_width(
@@ -121,21 +118,39 @@ def stack_width(
 ) -> int | None:
     """The width every CUDA stack of ``dataset``'s final models is padded to (the seed models':
     a ``SEED_SHARE``-th of it), which a run's bits depend on; None off CUDA, where a stack's
-    size changes no bit. Raises ``ConfigError`` as ``stack_limit`` does."""
+    size changes no bit. The config alone decides it, so a Slurm launcher without a GPU and
+    its tasks, or a replay on another card, agree. Raises ``ConfigError`` as ``stack_limit``."""
     if device.type != "cuda":
         return None
     return stack_limit(dataset, device, requested, memory_cap, batch_size)
 
 
+def check_gpu_holds(dataset: str, device: torch.device, width: int, batch_size: int = 32) -> None:
+    """Refuse, before any run starts, a CUDA stack width the card's free memory cannot train:
+    the width is not lowered to fit, since that would change the runs' bits.
+    Raises ``ConfigError``."""
+    need = width * _model_need(dataset, batch_size)
+    free = free_memory(device)
+    if need > free:
+        raise ConfigError(f"{width} stacked {dataset} models need about {need / 2**30:.1f} GiB to train, more "
+                          f"than the GPU's {free / 2**30:.1f} GiB free: pass a smaller --stack "
+                          "(runs' bits depend on it)")  # fmt: skip
+
+
 def run_identity(
-    dataset: str, digest: str, device: torch.device | str, settings: Settings, stack: int = 0,
+    dataset: str,
+    digest: str,
+    device: torch.device | str,
+    settings: Settings,
+    stack: int = 0,
     memory_cap: int | None = None,
 ) -> dict[str, str]:
     """What besides its key and settings decides a run's result: ``provenance.identity`` (code,
     torch, device, data) and, on CUDA, the stack width, so that a grid resumed with another
-    ``--stack`` or on a card whose memory caps it lower reruns its runs instead of reusing them."""
+    ``--stack`` or ``--memory-cap`` reruns its runs instead of reusing them."""
     device = torch.device(device)
     return identity(device, digest, stack_width(dataset, device, stack, memory_cap, settings.batch_size))
+
 
 def fit_many(
     data: Dataset,

@@ -12,7 +12,16 @@ from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import ConfigError
 from altrack.models import build_model
-from altrack.protocol import RunResult, fresh_model, iterate_grid, run_identity, stack_limit, stack_width, stream_seed
+from altrack.protocol import (
+    RunResult,
+    check_gpu_holds,
+    fresh_model,
+    iterate_grid,
+    run_identity,
+    stack_limit,
+    stack_width,
+    stream_seed,
+)
 from altrack.provenance import STACK_WIDTH
 from altrack.settings import RunKey, Settings
 from altrack.stack import StackedNet, model_bytes, train_stacked
@@ -120,11 +129,14 @@ def test_stacks_stay_within_the_memory_cap():
 
 
 def test_a_cuda_runs_padded_width_is_part_of_its_identity_params_and_rerun_command():
-    # the width is planned, not measured, so this runs without a GPU (a launcher without one plans
-    # as if for a 16 GiB card; a real card's total memory gives the same widths at these sizes)
+    # the width follows from the config alone (no card is asked), so a Slurm launcher without a GPU,
+    # its tasks and a replay on another card agree, and this runs without a GPU
     cuda, cpu, settings = torch.device("cuda"), torch.device("cpu"), Settings()
+    assert stack_width("cifar10", cuda) == 35 and stack_width("mnist", cuda) == 64
     assert stack_width("mnist", cuda, requested=16) == 16
-    assert stack_width("mnist", cuda, requested=64, memory_cap=3 * _need("mnist")) == 3
+    assert stack_width("mnist", cuda, requested=64, memory_cap=3 * _need("mnist")) == 3  # an explicit cap lowers it
+    with pytest.raises(ConfigError, match="pass a smaller --stack"):  # a card too small is refused, not fitted
+        check_gpu_holds("mnist", cpu, 10**9)
     assert stack_width("mnist", cpu, requested=16) is None  # a CPU's stacks are not padded
     key = RunKey("mnist", "coreset", 2000, 0)
     hashes = {stack: key.config_hash(settings, run_identity("mnist", "d", cuda, settings, stack)) for stack in (8, 16)}
