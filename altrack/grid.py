@@ -20,12 +20,11 @@ from altrack.errors import AltrackError
 from altrack.liveness import clean_stale_temp_dirs, temp_dir
 from altrack.protocol import (
     Progress,
-    check_gpu_holds,
+    check_stacks,
     grid_blocks,
     map_in_workers,
     run_block,
     run_identity,
-    stack_limit,
 )
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
@@ -121,9 +120,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     for dataset in cfg.datasets:
         data = load_dataset(dataset, cfg.data_dir, "cpu" if slurm else device)
         identities[dataset] = run_identity(dataset, data.digest, device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
-        limit = stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
-        if device.startswith("cuda") and not slurm:  # a Slurm task's card is not here to ask
-            check_gpu_holds(dataset, torch.device(device), limit, cfg.settings.batch_size)
+        check_stacks(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size,
+                     gpu_here=not slurm)  # fmt: skip
     if cfg.workers > 1 or slurm:  # the workers load their own copies
         release_datasets()
     if slurm:  # the jobs log to a shared server, and Slurm must accept them

@@ -96,7 +96,7 @@ def stack_limit(
     """How many models train together: ``requested`` (0: ``DEFAULT_STACK``), at most what
     ``memory_cap`` bytes hold. On CUDA that is the width every stack is padded to
     (``stack_width``), which a run's bits depend on, so it follows from the config alone: the
-    cap lowers it only when given, and ``check_gpu_holds`` refuses a card too small for it. Elsewhere
+    cap lowers it only when given, and ``check_stacks`` refuses a card too small for it. Elsewhere
     the cap defaults to a quarter of the free memory; convolutions train one at a time on a CPU
     (a grouped convolution is slower there than N plain ones, and its bits depend on N).
     Raises ``ConfigError`` when the cap cannot hold one model."""
@@ -125,12 +125,18 @@ def stack_width(
     return stack_limit(dataset, device, requested, memory_cap, batch_size)
 
 
-def check_gpu_holds(dataset: str, device: torch.device, width: int, batch_size: int = 32) -> None:
-    """Refuse, before any run starts, a CUDA stack width the card's free memory cannot train:
-    the width is not lowered to fit, since that would change the runs' bits.
-    Raises ``ConfigError``."""
-    need = width * _model_need(dataset, batch_size)
-    free = free_memory(device)
+def check_stacks(
+    dataset: str, device: torch.device, stack: int = 0, memory_cap: int | None = None, batch_size: int = 32,
+    gpu_here: bool = True,
+) -> None:
+    """Refuse, in one line before any run starts, a memory cap that cannot hold one model and a
+    CUDA width whose stack the card's free memory cannot train: the width is never lowered to fit,
+    since that would change the runs' bits (``gpu_here`` False: a Slurm launcher, whose tasks'
+    cards are elsewhere). Raises ``ConfigError``."""
+    width = stack_limit(dataset, device, stack, memory_cap, batch_size)
+    if device.type != "cuda" or not gpu_here:
+        return
+    need, free = width * _model_need(dataset, batch_size), free_memory(device)
     if need > free:
         raise ConfigError(f"{width} stacked {dataset} models need about {need / 2**30:.1f} GiB to train, more "
                           f"than the GPU's {free / 2**30:.1f} GiB free: pass a smaller --stack "

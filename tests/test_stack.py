@@ -14,7 +14,7 @@ from altrack.errors import ConfigError
 from altrack.models import build_model
 from altrack.protocol import (
     RunResult,
-    check_gpu_holds,
+    check_stacks,
     fresh_model,
     iterate_grid,
     run_identity,
@@ -135,8 +135,11 @@ def test_a_cuda_runs_padded_width_is_part_of_its_identity_params_and_rerun_comma
     assert stack_width("cifar10", cuda) == 35 and stack_width("mnist", cuda) == 64
     assert stack_width("mnist", cuda, requested=16) == 16
     assert stack_width("mnist", cuda, requested=64, memory_cap=3 * _need("mnist")) == 3  # an explicit cap lowers it
-    with pytest.raises(ConfigError, match="pass a smaller --stack"):  # a card too small is refused, not fitted
-        check_gpu_holds("mnist", cpu, 10**9)
+    assert stack_width("mnist", cuda, requested=10**9) == 10**9  # not fitted to a card: refused instead
+    check_stacks("mnist", cuda, stack=10**9, gpu_here=False)  # by a launcher only where its card is here
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="pass a smaller --stack"):
+            check_stacks("mnist", cuda, stack=10**9)
     assert stack_width("mnist", cpu, requested=16) is None  # a CPU's stacks are not padded
     key = RunKey("mnist", "coreset", 2000, 0)
     hashes = {stack: key.config_hash(settings, run_identity("mnist", "d", cuda, settings, stack)) for stack in (8, 16)}
