@@ -108,3 +108,17 @@ def test_two_identical_grids_at_once_do_each_run_once_and_both_report_it(data_di
         table = (tmp_path / f"out{i}" / "active_learning_results.txt").read_text().split("paired")[0]
         counts = [line.split()[3] for line in table.splitlines() if line.strip().startswith(("margin ", "random "))]
         assert counts == ["2"] * 4
+
+
+@pytest.mark.slow
+def test_processes_that_meet_on_a_new_sqlite_store_create_it_once(tmp_path):
+    # MLflow creates and migrates a new database on first use; three processes doing that at once
+    # failed two or three of themselves and could leave the file unusable (a leftover alembic table)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    touch = "import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); " \
+            "from altrack.tracking.runs import check_tracking_store; check_tracking_store()"  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", touch, uri], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e.strip().splitlines()[-1:] for e in errors]
+    client = MlflowClient(uri)
+    client.create_run(client.create_experiment("after"))  # and the store works

@@ -48,6 +48,7 @@ def _protocol_runs(uri: str, experiment: str):
 def test_sigkilled_grid_resumes_without_redoing_finished_runs(data_dir, tmp_path):
     env, uri = _env(tmp_path, data_dir), f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [sys.executable, "-m", "altrack", *GRID, "--out", str(tmp_path / "out")]
+    _protocol_runs(uri, "grid")  # the store exists before this test's own polling meets the grid's first touch
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     finished_before = []
