@@ -122,7 +122,9 @@ def test_a_requeued_task_does_the_runs_its_killed_attempt_claimed(cluster, tmp_p
     """Slurm requeues a task while it trains (``scontrol requeue``, as after a node failure): the
     killed attempt leaves its claimed run RUNNING under a job id squeue still lists. The second
     attempt must take that run over, not wait on it nor leave it, and the grid ends complete."""
-    args = [*GRID, "--datasets", "mnist", "--runs", "1", "--budget", "1000", "--epochs", "40", "--stack", "1",
+    # 200 epochs: the kill must land while the task trains; with 40, a fast CPU finished the run
+    # within the 2 s between Slurm's SIGTERM (which submitit lets pass) and its SIGKILL
+    args = [*GRID, "--datasets", "mnist", "--runs", "1", "--budget", "1000", "--epochs", "200", "--stack", "1",
             "--experiment", "slurm-requeue", "--out", "out"]  # fmt: skip
     launcher = altrack(cluster, tmp_path, *args, wait=False)
     deadline = time.monotonic() + 300
