@@ -66,14 +66,16 @@ def test_the_ui_shows_the_grid_its_children_a_selection_plot_and_epoch_losses(ui
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=ui["chromium"], headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(f"{base}/#/experiments/{experiment}/runs?viewMode=TRAINING", wait_until="networkidle")
+        # "load", then wait for the rows themselves: Playwright discourages "networkidle", which timed
+        # out after 30 s in a CI run whose two cores were busy (the page's scripts load slowly there)
+        page.goto(f"{base}/#/experiments/{experiment}/runs?viewMode=TRAINING", wait_until="load", timeout=90000)
         parent_row = page.get_by_role("row").filter(has_text="grid").first
-        parent_row.wait_for(timeout=30000)
+        parent_row.wait_for(timeout=60000)
         parent_row.locator("button, [role=button]").first.click()  # expand the parent
         for name in ("mnist-coreset-k100-s0", "mnist-random-k100-s0"):
             page.get_by_text(name).first.wait_for(timeout=30000)
 
-        page.goto(f"{base}/#/experiments/{experiment}/runs/{child}/artifacts", wait_until="load")
+        page.goto(f"{base}/#/experiments/{experiment}/runs/{child}/artifacts", wait_until="load", timeout=90000)
         page.get_by_text("selection.png").first.click()
         image = page.locator("img[src^='blob:']").first
         image.wait_for(timeout=30000)
