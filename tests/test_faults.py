@@ -322,8 +322,9 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
     env = _env(data_dir, tmp_path)
     command = ["unshare", "--pid", "--fork", sys.executable, "-m", "altrack", "run", "--methods", "random",
                "--budget", "500", "--epochs", "60", "--no-log-models", "--quiet", "--experiment", "ns"]  # fmt: skip
-    grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client.search_experiments()  # the store exists before this test's polling meets the grid's first touch
+    grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     parent = None
     while parent is None and time.monotonic() < deadline and grid.poll() is None:

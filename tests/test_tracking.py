@@ -211,8 +211,9 @@ def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir
     env.pop("MLFLOW_RUN_ID", None)
     command = [sys.executable, "-m", "altrack", "run", "--methods", "random", "--budget", "1000", "--epochs", "25",
                "--no-log-models", "--quiet", "--experiment", "live", "--out", "out"]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     client = MlflowClient(uri)
+    client.search_experiments()  # the store exists before this test's polling meets the grid's first touch
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen_running = False
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
