@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
 
@@ -397,6 +398,19 @@ def rerun_command(result: RunResult) -> str:
             + (f" --stack {result.identity[STACK_WIDTH]}" if STACK_WIDTH in result.identity else ""))  # fmt: skip
 
 
+
+def _log_input(dataset: object, context: str, tags: dict[str, str]) -> None:
+    """``mlflow.log_input``, tried once more when another process registered the same dataset a
+    moment before: MLflow inserts a dataset new to the experiment without a lock, so runs of
+    parallel workers or Slurm tasks logging it at once collide on its unique key (a CI run saw
+    SQLite's ``UNIQUE constraint failed: datasets...``); the second try finds it and links it."""
+    try:
+        mlflow.log_input(dataset, context=context, tags=tags)
+    except MlflowException as exc:
+        if not any(text in str(exc) for text in ("UNIQUE constraint", "duplicate key")):
+            raise
+        mlflow.log_input(dataset, context=context, tags=tags)
+
 def _log_lineage(client: MlflowClient, run_id: str, result: RunResult, kind: str) -> None:
     """What produced the run and how to redo it: the commit, versions, the rerun command, and the
     data as MLflow dataset inputs (the train split, and the labelled subset derived from it)."""
@@ -414,12 +428,12 @@ def _log_lineage(client: MlflowClient, run_id: str, result: RunResult, kind: str
     source = HTTPDatasetSource(DATA_SOURCES.get(key.dataset, "https://example.invalid/"))
     spec = DATASETS[key.dataset]
     train = MetaDataset(source, name=key.dataset, digest=ident.get("data", "")[:16] or None)
-    mlflow.log_input(train, context="train", tags={"n_train": str(spec.n_train), "n_test": str(spec.n_test)})
+    _log_input(train, "train", {"n_train": str(spec.n_train), "n_test": str(spec.n_test)})
     if result.stage is not None and result.selection is not None:
         picked = hashlib.sha256(result.selected_indices.tobytes()).hexdigest()[:16]
         labelled = MetaDataset(source, name=f"{key.dataset}-labelled", digest=picked)
-        mlflow.log_input(labelled, context="labelled", tags={"derived_from": key.dataset, "k": str(key.budget),
-                                                             "artifact": "selected_indices.npy"})  # fmt: skip
+        _log_input(labelled, "labelled", {"derived_from": key.dataset, "k": str(key.budget),
+                                          "artifact": "selected_indices.npy"})  # fmt: skip
 
 
 def log_run(
