@@ -22,6 +22,19 @@ from altrack.catalog import DATASETS, DatasetSpec  # noqa: F401  (re-exported)
 from altrack.errors import ConfigError, DataError, first_line
 
 _TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+# torchvision's archives (file name, md5) of each class's ``resources``, carried here so that
+# archives already on disk are checked and read without importing torchvision (1.5-2 s in every
+# process that loads a dataset: each worker, each Slurm task); tests compare them with torchvision's
+MNIST_ARCHIVES = {
+    "mnist": (("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+              ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+              ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+              ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")),
+    "fashion_mnist": (("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+                      ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+                      ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+                      ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")),
+}  # fmt: skip
 CIFAR_NPZ = {"train": "cifar10_train.npz", "test": "cifar10_test.npz"}
 CIFAR_BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 
@@ -115,15 +128,14 @@ def read_idx_gz(path: Path) -> np.ndarray:
 
 def _load_mnist_like(name: str, root: Path) -> tuple[np.ndarray, ...]:
     """The four official archives, md5-checked; torchvision downloads them when they are absent."""
-    import torchvision  # lazy: only archives need it, and it costs a second to import
-
-    cls = getattr(torchvision.datasets, _TORCHVISION_CLASS[name])
-    raw = root / cls.__name__ / "raw"
-    archives = [(raw / Path(filename).name, md5) for filename, md5 in cls.resources]
+    raw = root / _TORCHVISION_CLASS[name] / "raw"
+    archives = [(raw / filename, md5) for filename, md5 in MNIST_ARCHIVES[name]]
     if not all(path.exists() for path, _ in archives):
+        import torchvision  # lazy: only a download needs it, and it costs 1.5-2 s to import
+
         where = f"{raw}/ ({', '.join(path.name for path, _ in archives)})"
         try:
-            cls(str(root), train=True, download=True)
+            getattr(torchvision.datasets, _TORCHVISION_CLASS[name])(str(root), train=True, download=True)
         except Exception as exc:  # torchvision raises many types; the user needs the location
             raise DataError(
                 f"cannot load {name} from {root}: {first_line(exc)} Offline, put the files in {where}"

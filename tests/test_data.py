@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from conftest import _shared_data
 
-from altrack.data import load_arrays
+from altrack.data import _TORCHVISION_CLASS, MNIST_ARCHIVES, load_arrays
 from altrack.errors import DataError
 
 
@@ -20,6 +22,22 @@ def test_mnist_reads_the_archives_in_place_without_writing(tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == before and len(before) == 4
     assert x_train.shape == (60000, 28, 28) and x_train.dtype == np.uint8
     assert np.bincount(y_train).tolist() == [6000] * 10 and y_test.shape == (10000,)
+
+
+def test_the_carried_archive_table_is_torchvisions():
+    torchvision = pytest.importorskip("torchvision")
+    for name, archives in MNIST_ARCHIVES.items():
+        cls = getattr(torchvision.datasets, _TORCHVISION_CLASS[name])
+        assert cls.__name__ == _TORCHVISION_CLASS[name]
+        assert [(url.rsplit("/", 1)[-1], md5) for url, md5 in cls.resources] == list(archives)
+
+
+def test_archives_on_disk_load_without_importing_torchvision(data_dir):
+    """torchvision costs 1.5-2 s to import in every process that loads data: only a download needs it."""
+    code = ("import sys; from altrack.data import load_arrays; "
+            f"load_arrays('mnist', {str(data_dir)!r}); print('torchvision' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_cifar10_loads_from_the_offline_npz_format(data_dir):
