@@ -19,9 +19,10 @@ from altrack.grid import rebuild_report, run_grid
 from altrack.liveness import worker_id
 from altrack.paper import paper_page
 from altrack.replay import replay
-from altrack.settings import Settings
+from altrack.settings import RunKey, Settings
 from altrack.tracking.query import rows_from_mlflow
-from altrack.tracking.runs import close_dead_runs
+from altrack.tracking.runs import LiveLosses, close_dead_runs
+from altrack.tracking.tags import SEED_TRAIN_LOSS_METRIC, TRAIN_LOSS_METRIC
 
 
 def _cfg(data_dir, out, **kw) -> GridConfig:
@@ -230,6 +231,35 @@ def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir
     assert [m.step for m in history] == list(range(25))
     stamps = [m.timestamp for m in history]
     assert all(b > a for a, b in zip(stamps, stamps[1:], strict=False))
+
+
+def test_live_losses_are_held_for_a_period_then_reach_every_run_of_their_seed(mlflow_store, monkeypatch):
+    """Epoch points go out at most once a PERIOD per run, each with its own step and time; a
+    seed model's to every run of its seed, a final model's to its own run; flush sends the rest."""
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
+    keys = [RunKey("mnist", "random", 100, 0), RunKey("mnist", "kcenter", 100, 0), RunKey("mnist", "random", 100, 1)]
+    runs = {key: client.create_run(experiment_id).info.run_id for key in keys}
+
+    def history(key: RunKey, name: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(runs[key], name))
+
+    monkeypatch.setattr(LiveLosses, "PERIOD", 3600.0)
+    live = LiveLosses(runs)
+    for epoch in range(3):
+        live(0, epoch, 1.0 - epoch / 10)
+        live(keys[2], epoch, 2.0 + epoch)
+    mlflow.flush_async_logging()
+    assert history(keys[0], SEED_TRAIN_LOSS_METRIC) == [] and history(keys[2], TRAIN_LOSS_METRIC) == []
+    live.flush()
+    for key in keys[:2]:
+        assert history(key, SEED_TRAIN_LOSS_METRIC) == [(0, 1.0), (1, 0.9), (2, 0.8)]
+    assert history(keys[2], SEED_TRAIN_LOSS_METRIC) == []
+    assert history(keys[2], TRAIN_LOSS_METRIC) == [(0, 2.0), (1, 3.0), (2, 4.0)]
+    monkeypatch.setattr(LiveLosses, "PERIOD", 0.0)  # a period has passed: the next point goes out with no flush
+    live(keys[2], 3, 5.0)
+    mlflow.flush_async_logging()
+    assert history(keys[2], TRAIN_LOSS_METRIC)[-1] == (3, 5.0)
 
 
 def test_system_metrics_are_sampled_into_the_parent(data_dir, mlflow_store, tmp_path, monkeypatch):
