@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from altrack.selection import available_methods, get_selector
 from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
-from altrack.selection.geometry import StepLoop, nearest, nearest_distinct, padded_steps
+from altrack.selection.geometry import StepLoop, nearest, nearest_distinct, padded_steps, row_min
 from altrack.selection.kcenter import _kcenter_on_device, kcenter_greedy
 from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus, lloyd
 from altrack.settings import Settings, parse_lam_mode
@@ -304,6 +304,20 @@ def test_lloyd_with_its_stopping_rules_on_the_device_gives_the_hosts_centres(cas
     for _ in range(2):
         centres, n_iter = kmeans_module._lloyd_on_device(x, start, max_iter, tol_abs, inertia_tol)
         assert n_iter == expected[1] and torch.equal(centres, expected[0])
+
+
+def test_row_min_gives_torchs_min_with_its_first_index_among_ties():
+    """``nearest`` takes each row's minimum from amin and its index from numpy's argmin (torch's
+    indexed min is a scalar loop on a CPU): the same values and indices as ``min(1)``, the first
+    of equal minima included (exact ties, signed zeros, infinities)."""
+    rng = np.random.default_rng(6)
+    blocks = [torch.from_numpy(rng.normal(size=(300, 77)).astype(np.float32)),
+              torch.from_numpy(rng.integers(0, 4, size=(300, 77)).astype(np.float32)),  # many exact ties
+              torch.tensor([[0.0, -0.0, 1.0], [-0.0, 0.0, 0.0], [np.inf, np.inf, np.inf], [2.0, -np.inf, -np.inf]])]
+    for block in blocks:
+        values, indices = row_min(block)
+        expected = block.min(1)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
 
 
 def test_cluster_sizes_from_the_one_hot_blocks_are_bincounts():
