@@ -3,7 +3,7 @@
 MLflow retries an unreachable database for about 100 s and SQLAlchemy prints pages on the way;
 Optuna creates a SQLite file's folder-less path with a traceback. One TCP probe (database servers)
 or one folder check (SQLite files) says the same in one line. And a new SQLite store is created
-by one process at a time (``first_use_lock``)."""
+by one process at a time (``first_use_lock``), in write-ahead-log mode (``start_in_wal``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import fcntl
 import hashlib
 import os
 import socket
+import sqlite3
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -83,3 +84,44 @@ def first_use_lock(url: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# filesystems on which SQLite's write-ahead log is unsafe: its index is shared memory, which
+# processes on different hosts of a network filesystem do not share (sqlite.org/wal.html)
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "lustre", "gpfs", "beegfs",
+                                 "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs", "9p"})  # fmt: skip
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem ``path`` lies on, from /proc/mounts; None where that is unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    target = str(path)
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def start_in_wal(url: str) -> bool:
+    """Create the SQLite database at ``url``, not there yet, in write-ahead-log mode, before
+    MLflow's first touch creates its tables. In its default rollback-journal mode each commit
+    syncs a journal and the database, and MLflow commits several times per logged item: on this
+    project's machine logging a model took 96 ms and a metric 24 ms, against 45 and 6.4 ms with
+    the log, and creating the store 5.8 s against 2.2 s. The mode is kept in the file, so the
+    MLflow UI and later runs use it too. An existing database is left as it is (switching needs
+    every other connection closed), and so is one on a network filesystem, where the log's
+    shared index does not work. Call it under ``first_use_lock``. Returns whether it did."""
+    path = sqlite_file(url)
+    if path is None or path.exists() or filesystem_type(path.parent) in NETWORK_FILESYSTEMS:
+        return False
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"

@@ -32,7 +32,7 @@ from altrack.provenance import STACK_WIDTH
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, KILLED, RUNNING
 from altrack.slurm import earlier_attempt, job_alive
-from altrack.stores import first_use_lock, probe
+from altrack.stores import first_use_lock, probe, start_in_wal
 from altrack.tracking.tags import (
     DEFAULT_EXPERIMENT,
     DETACHED_TAG,
@@ -93,6 +93,7 @@ def check_tracking_store() -> str:
         raise AltrackError(str(exc)) from exc
     try:
         with _quick_http(), first_use_lock(uri):  # a new SQLite store is created by one process at a time
+            start_in_wal(uri)
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         raise AltrackError(f"MLflow tracking store {redact(uri)} is unreachable: {first_line(exc)}") from exc

@@ -1,0 +1,56 @@
+"""altrack.stores on real SQLite files and real MLflow stores."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from altrack import stores
+from altrack.tracking.runs import check_tracking_store
+
+
+def _journal_mode(path: Path) -> str:
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+@pytest.fixture
+def store_uri(tmp_path: Path):
+    """A SQLite URL not created yet, made MLflow's tracking URI for the test."""
+    before = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(before)
+
+
+def test_a_new_sqlite_store_is_created_with_a_write_ahead_log_and_works(store_uri, tmp_path):
+    check_tracking_store()
+    assert _journal_mode(tmp_path / "mlflow.db") == "wal"
+    client = MlflowClient(store_uri)
+    run = client.create_run(client.create_experiment("wal"))
+    client.log_metric(run.info.run_id, "m", 0.5, step=3)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "m")] == [(3, 0.5)]
+
+
+def test_an_existing_store_keeps_its_journal_mode(store_uri, tmp_path):
+    MlflowClient(store_uri).search_experiments()  # MLflow alone creates it with a rollback journal
+    check_tracking_store()
+    assert _journal_mode(tmp_path / "mlflow.db") == "delete"
+
+
+def test_a_store_on_a_network_filesystem_gets_no_write_ahead_log(store_uri, tmp_path, monkeypatch):
+    monkeypatch.setattr(stores, "filesystem_type", lambda path: "nfs4")
+    assert not stores.start_in_wal(store_uri)
+    assert not (tmp_path / "mlflow.db").exists()  # left for MLflow to create, as before
+
+
+@pytest.mark.skipif(not Path("/proc/mounts").exists(), reason="reads /proc/mounts (Linux)")
+def test_the_filesystem_of_a_path_is_its_longest_mount_point(tmp_path):
+    assert stores.filesystem_type(Path("/proc/self")) == "proc"
+    assert stores.filesystem_type(tmp_path) not in (None, "proc")
