@@ -60,3 +60,30 @@ def test_report_files_include_learning_curves_for_several_budgets(tmp_path):
     assert "paired comparisons" in (tmp_path / report.TXT_NAME).read_text()
     single = report.write_report(_rows(budgets=(1000,)), tmp_path / "single")
     assert report.CURVES_NAME not in {p.name for p in single}
+
+
+def _selection_case(seed: int, scale: float, n_selected: int, zeros: int):
+    rng = np.random.default_rng(seed)
+    losses = (rng.exponential(scale, 6000) ** 3).astype(np.float32)
+    losses[:zeros] = 0.0  # zero losses sit at the smallest positive one
+    pool = np.arange(20, 6000)
+    return losses, rng.integers(0, 10, 6000), pool, rng.choice(pool, n_selected, replace=False)
+
+
+def test_a_selection_figure_redrawn_for_another_run_is_the_one_a_fresh_figure_draws(tmp_path):
+    """plot_selection keeps its figure for the next run: nothing of the previous run (limits,
+    legend counts, bars) may show in the next one's plot."""
+    import matplotlib.image as mpimg
+
+    first, second = _selection_case(1, 0.05, 300, 40), _selection_case(0, 2.0, 900, 0)  # the first peaks higher
+    kept = report._SelectionFigure(10)
+    kept.draw(*first, "first run", tmp_path / "first.png")
+    kept.draw(*second, "second run", tmp_path / "kept.png")
+    report._SelectionFigure(10).draw(*second, "second run", tmp_path / "fresh.png")
+    kept_pixels, fresh_pixels = mpimg.imread(tmp_path / "kept.png"), mpimg.imread(tmp_path / "fresh.png")
+    assert kept_pixels.shape == (380, 1000, 4) and np.array_equal(kept_pixels, fresh_pixels)
+    assert not np.array_equal(mpimg.imread(tmp_path / "first.png"), fresh_pixels)
+    tallest_step = max(float(np.max(stairs.get_data().values)) for stairs in kept.stairs)
+    tallest_bar = max(bar.get_height() for bars in kept.bars for bar in bars)
+    assert kept.left.get_ylim()[0] == 0.0 and tallest_step <= kept.left.get_ylim()[1] < 1.2 * tallest_step
+    assert kept.right.get_ylim()[0] == 0.0 and tallest_bar <= kept.right.get_ylim()[1] < 1.2 * tallest_bar
