@@ -201,7 +201,8 @@ class _SelectionFigure:
     One is written per protocol run, and building it (two axes, their ticks, bars, legends) took
     about as long as drawing it: a fresh one cost 127 ms here. Only the data, the limits and the
     texts change between runs; the axes rescale to the new data (``relim``), so a figure drawn
-    after others is the one a fresh figure draws (tests/test_report.py)."""
+    after others is the one a fresh figure draws (tests/test_report.py). One thread per process
+    plots, as the shared figure needs: altrack's workers are processes."""
 
     BINS = 50
     GREY, RED = "#7f7f7f", "#d62728"
