@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import sqlite3
 import tempfile
@@ -86,27 +87,33 @@ def first_use_lock(url: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# filesystems on which SQLite's write-ahead log is unsafe: its index is shared memory, which
-# processes on different hosts of a network filesystem do not share (sqlite.org/wal.html)
-NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "lustre", "gpfs", "beegfs",
-                                 "ceph", "glusterfs", "fuse.sshfs", "fuse.glusterfs", "9p"})  # fmt: skip
+# filesystems of one machine's own disks or memory, on which SQLite's write-ahead log is safe. Its
+# index is shared memory, which processes on different hosts of a network or cluster filesystem do
+# not share (sqlite.org/wal.html), so the log is used only where the type is known to be local
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs", "tmpfs",
+                               "overlay", "bcachefs", "nilfs2", "hfsplus", "apfs"})  # fmt: skip
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem ``path`` lies on, from /proc/mounts; None where that is unknown."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem ``path`` lies on: the mount with the longest mount point that
+    holds it, the last one listed where one point is mounted over another (as the kernel does:
+    an autofs point with NFS mounted on it is NFS). ``mounts`` is /proc/mounts' text (read when
+    None); None where there is none (not Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
     best, kind = "", None
     target = str(path)
-    for line in mounts:
+    for line in mounts.splitlines():
         fields = line.split()
         if len(fields) < 3:
             continue
-        point = fields[1].replace("\\040", " ")
+        point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1])  # spaces, tabs: \040, \011
         inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) > len(best):
+        if inside and len(point) >= len(best):
             best, kind = point, fields[2]
     return kind
 
@@ -118,10 +125,15 @@ def start_in_wal(url: str) -> bool:
     project's machine logging a model took 96 ms and a metric 24 ms, against 45 and 6.4 ms with
     the log, and creating the store 5.8 s against 2.2 s. The mode is kept in the file, so the
     MLflow UI and later runs use it too. An existing database is left as it is (switching needs
-    every other connection closed), and so is one on a network filesystem, where the log's
-    shared index does not work. Call it under ``first_use_lock``. Returns whether it did."""
+    every other connection closed), and so is one whose filesystem is not known to be local
+    (``LOCAL_FILESYSTEMS``): on a network filesystem the log's shared index does not work. Where
+    no mount table exists (macOS) the disk is taken as local. Call it under ``first_use_lock``.
+    Returns whether it did."""
     path = sqlite_file(url)
-    if path is None or path.exists() or filesystem_type(path.parent) in NETWORK_FILESYSTEMS:
+    if path is None or path.exists():
+        return False
+    kind = filesystem_type(path.parent)
+    if kind is not None and kind not in LOCAL_FILESYSTEMS:
         return False
     with closing(sqlite3.connect(path)) as connection:
         return connection.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"

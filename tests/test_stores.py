@@ -50,7 +50,28 @@ def test_a_store_on_a_network_filesystem_gets_no_write_ahead_log(store_uri, tmp_
     assert not (tmp_path / "mlflow.db").exists()  # left for MLflow to create, as before
 
 
+MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+proc /proc proc rw 0 0
+auto.data /data autofs rw 0 0
+srv:/export/data /data nfs4 rw 0 0
+/dev/vdb /data2 xfs rw 0 0
+/dev/vdc /scratch\\040space\\011x btrfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(("path", "kind"), [
+    ("/home/me/mlflow.db", "ext4"),  # only the root holds it
+    ("/data/runs", "nfs4"),  # NFS mounted over an autofs point: the last listed, as the kernel does
+    ("/data2/runs", "xfs"),  # /data is not a prefix of /data2
+    ("/scratch space\tx/db", "btrfs"),  # the table escapes spaces and tabs as octal
+    ("/proc/self", "proc"),
+])  # fmt: skip
+def test_the_filesystem_of_a_path_is_its_last_longest_mount(path, kind):
+    assert stores.filesystem_type(Path(path), MOUNTS) == kind
+
+
 @pytest.mark.skipif(not Path("/proc/mounts").exists(), reason="reads /proc/mounts (Linux)")
-def test_the_filesystem_of_a_path_is_its_longest_mount_point(tmp_path):
-    assert stores.filesystem_type(Path("/proc/self")) == "proc"
-    assert stores.filesystem_type(tmp_path) not in (None, "proc")
+def test_this_machines_temp_folder_is_on_a_local_filesystem(tmp_path):
+    """Where the tests run a new store gets its log (the first test above), so say why if not."""
+    assert stores.filesystem_type(tmp_path) in stores.LOCAL_FILESYSTEMS
