@@ -306,9 +306,11 @@ def run_logged_block(
     todo = tuple(seed for seed in seeds if any(key.seed == seed for key in claimed))
     if not todo:
         return []
-    live = LiveLosses(claimed)
-    results = run_block(cfg, device, dataset, budget, todo, methods, bar, live)
-    live.flush()
+    live = LiveLosses(claimed, cfg.settings.epochs)
+    try:
+        results = run_block(cfg, device, dataset, budget, todo, methods, bar, live)
+    finally:  # a block that fails still leaves the epochs it trained in its runs
+        live.flush()
     rows = []
     seed_models: dict[int, str] = {}  # seed -> the run that logged its seed model
     for result in results:

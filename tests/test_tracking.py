@@ -234,8 +234,9 @@ def test_child_runs_start_with_their_work_and_log_each_epoch_as_it_ends(data_dir
 
 
 def test_live_losses_are_held_for_a_period_then_reach_every_run_of_their_seed(mlflow_store, monkeypatch):
-    """Epoch points go out at most once a PERIOD per run, each with its own step and time; a
-    seed model's to every run of its seed, a final model's to its own run; flush sends the rest."""
+    """Epoch points go out at most once a PERIOD per run, each with its own step and time, and at
+    a model's last epoch; a seed model's to every run of its seed, a final model's to its own
+    run; flush sends the rest."""
     client = MlflowClient()
     experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
     keys = [RunKey("mnist", "random", 100, 0), RunKey("mnist", "kcenter", 100, 0), RunKey("mnist", "random", 100, 1)]
@@ -245,7 +246,7 @@ def test_live_losses_are_held_for_a_period_then_reach_every_run_of_their_seed(ml
         return sorted((m.step, m.value) for m in client.get_metric_history(runs[key], name))
 
     monkeypatch.setattr(LiveLosses, "PERIOD", 3600.0)
-    live = LiveLosses(runs)
+    live = LiveLosses(runs, epochs=10)
     for epoch in range(3):
         live(0, epoch, 1.0 - epoch / 10)
         live(keys[2], epoch, 2.0 + epoch)
@@ -260,6 +261,11 @@ def test_live_losses_are_held_for_a_period_then_reach_every_run_of_their_seed(ml
     live(keys[2], 3, 5.0)
     mlflow.flush_async_logging()
     assert history(keys[2], TRAIN_LOSS_METRIC)[-1] == (3, 5.0)
+    monkeypatch.setattr(LiveLosses, "PERIOD", 3600.0)
+    live(keys[0], 8, 0.5)
+    live(keys[0], 9, 0.4)  # the last epoch: the curve is complete, it goes out now
+    mlflow.flush_async_logging()
+    assert history(keys[0], TRAIN_LOSS_METRIC) == [(8, 0.5), (9, 0.4)]
 
 
 def test_system_metrics_are_sampled_into_the_parent(data_dir, mlflow_store, tmp_path, monkeypatch):

@@ -273,15 +273,17 @@ class LiveLosses:
     a seed model's go to every run of its seed, a final model's to its own run.
 
     Each epoch's point keeps its own timestamp, but points are sent at most every ``PERIOD``
-    seconds, one batch per run: a send is a store transaction per run, and sending every epoch
-    of every stacked model (840 in the README's main job) cost more than three seconds of
-    waiting at the blocks' ends. Asynchronous (MLflow's queue); ``flush`` sends the rest and
-    waits, before the runs are filled in."""
+    seconds, one batch per run, and at a model's last epoch (``epochs``), so that a finished
+    curve does not wait through the selection that follows it: a send is a store transaction
+    per run, and sending every epoch of every stacked model (840 in the README's main job) cost
+    more than three seconds of waiting at the blocks' ends. Asynchronous (MLflow's queue);
+    ``flush`` sends the rest and waits, before the runs are filled in."""
 
     PERIOD = 1.0
 
-    def __init__(self, runs: dict[object, str]) -> None:
+    def __init__(self, runs: dict[object, str], epochs: int) -> None:
         self.runs = runs
+        self.epochs = epochs
         self.client = MlflowClient()
         self.pending: dict[str, list[Metric]] = {}
         self.sent = time.monotonic()
@@ -296,7 +298,7 @@ class LiveLosses:
         now = now_ms()
         for run_id, name in targets:
             self.pending.setdefault(run_id, []).append(Metric(name, float(loss), now, epoch))
-        if time.monotonic() - self.sent >= self.PERIOD:
+        if epoch + 1 >= self.epochs or time.monotonic() - self.sent >= self.PERIOD:
             self._send()
 
     def _send(self) -> None:
