@@ -9,6 +9,7 @@ import csv
 import itertools
 import os
 import shutil
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -201,8 +202,8 @@ class _SelectionFigure:
     One is written per protocol run, and building it (two axes, their ticks, bars, legends) took
     about as long as drawing it: a fresh one cost 127 ms here. Only the data, the limits and the
     texts change between runs; the axes rescale to the new data (``relim``), so a figure drawn
-    after others is the one a fresh figure draws (tests/test_report.py). One thread per process
-    plots, as the shared figure needs: altrack's workers are processes."""
+    after others is the one a fresh figure draws (tests/test_report.py). Shared by the process's
+    threads, so drawing holds a lock (altrack's own workers are processes; a caller's may not be)."""
 
     BINS = 50
     GREY, RED = "#7f7f7f", "#d62728"
@@ -259,6 +260,7 @@ class _SelectionFigure:
 
 
 _SELECTION_FIGURES: dict[int, _SelectionFigure] = {}
+_SELECTION_LOCK = threading.Lock()
 
 
 def plot_selection(
@@ -277,10 +279,11 @@ def plot_selection(
     few hundredths of a second, not the half second ``hist`` and ``tight_layout`` take. The log
     axis spans the losses that occur (zero losses sit at the smallest positive one), not a fixed
     floor. ``seed_losses`` and ``labels`` (n_train,); ``pool`` and ``selected`` index them."""
-    figure = _SELECTION_FIGURES.get(num_classes)
-    if figure is None:
-        figure = _SELECTION_FIGURES[num_classes] = _SelectionFigure(num_classes)
-    return figure.draw(seed_losses, labels, pool, selected, title, path)
+    with _SELECTION_LOCK:
+        figure = _SELECTION_FIGURES.get(num_classes)
+        if figure is None:
+            figure = _SELECTION_FIGURES[num_classes] = _SelectionFigure(num_classes)
+        return figure.draw(seed_losses, labels, pool, selected, title, path)
 
 
 CURVES_NAME = "learning_curves.png"

@@ -309,15 +309,18 @@ def test_lloyd_with_its_stopping_rules_on_the_device_gives_the_hosts_centres(cas
 def test_row_min_gives_torchs_min_with_its_first_index_among_ties():
     """``nearest`` takes each row's minimum from amin and its index from numpy's argmin (torch's
     indexed min is a scalar loop on a CPU): the same values and indices as ``min(1)``, the first
-    of equal minima included (exact ties, signed zeros, infinities)."""
+    of equal minima included (exact ties, signed zeros, infinities, NaNs; float64, a transposed block)."""
     rng = np.random.default_rng(6)
     blocks = [torch.from_numpy(rng.normal(size=(300, 77)).astype(np.float32)),
               torch.from_numpy(rng.integers(0, 4, size=(300, 77)).astype(np.float32)),  # many exact ties
-              torch.tensor([[0.0, -0.0, 1.0], [-0.0, 0.0, 0.0], [np.inf, np.inf, np.inf], [2.0, -np.inf, -np.inf]])]
+              torch.tensor([[0.0, -0.0, 1.0], [-0.0, 0.0, 0.0], [np.inf, np.inf, np.inf], [2.0, -np.inf, -np.inf],
+                            [1.0, np.nan, 0.0], [np.nan, np.nan, 2.0]]),
+              torch.from_numpy(rng.normal(size=(77, 300))).T]  # float64, not contiguous
     for block in blocks:
         values, indices = row_min(block)
         expected = block.min(1)
-        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(indices, expected.indices)
 
 
 def test_cluster_sizes_from_the_one_hot_blocks_are_bincounts():

@@ -36,8 +36,9 @@ def row_min(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     On a CPU torch's indexed min is a scalar loop: 2.6 ms for a (4096, 800) block on one thread,
     a fifth of the GEMM that made the block, where numpy's vectorised argmin takes 0.42 ms and
-    torch's amin 0.17 ms. Both also take the first of equal minima, so the labels are the same."""
-    if block.device.type != "cpu":
+    torch's amin 0.17 ms. Both also take the first of equal minima (and of NaNs), so the labels
+    are the same. Off a CPU, and for what numpy cannot hold (bfloat16, autograd), ``min(1)``."""
+    if block.device.type != "cpu" or block.requires_grad or block.dtype not in (torch.float32, torch.float64):
         return block.min(1)
     return block.amin(1), torch.from_numpy(block.numpy().argmin(1))
 
@@ -73,7 +74,7 @@ def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
     taken = np.zeros(x.shape[0], dtype=bool)  # on the host: a GPU would be waited on per centre
     for start in range(0, c.shape[0], 256):
         d = torch.addmm(x_sq, c[start : start + 256], x.T, alpha=-2.0)  # ||x||^2 - 2 c.x: same argmin
-        first = row_min(d)[1].cpu().numpy()
+        first = (row_min(d)[1] if d.device.type == "cpu" else d.argmin(1)).cpu().numpy()
         for row in range(d.shape[0]):
             j = int(first[row])
             if taken[j]:  # rare: the nearest free row, on the device
