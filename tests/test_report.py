@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 from scipy import stats
@@ -73,8 +74,6 @@ def _selection_case(seed: int, scale: float, n_selected: int, zeros: int):
 def test_a_selection_figure_redrawn_for_another_run_is_the_one_a_fresh_figure_draws(tmp_path):
     """plot_selection keeps its figure for the next run: nothing of the previous run (limits,
     legend counts, bars) may show in the next one's plot."""
-    import matplotlib.image as mpimg
-
     first, second = _selection_case(1, 0.05, 300, 40), _selection_case(0, 2.0, 900, 0)  # the first peaks higher
     kept = report._SelectionFigure(10)
     kept.draw(*first, "first run", tmp_path / "first.png")

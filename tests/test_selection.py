@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from altrack.selection import available_methods, get_selector
 from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
-from altrack.selection.geometry import StepLoop, nearest, nearest_distinct, padded_steps, row_min
+from altrack.selection.geometry import StepLoop, nearest, nearest_distinct, padded_steps, row_argmin, row_min
 from altrack.selection.kcenter import _kcenter_on_device, kcenter_greedy
 from altrack.selection.kmeans import _plusplus_on_device, kmeans, kmeans_plusplus, lloyd
 from altrack.settings import Settings, parse_lam_mode
@@ -321,6 +321,7 @@ def test_row_min_gives_torchs_min_with_its_first_index_among_ties():
         expected = block.min(1)
         torch.testing.assert_close(values, expected.values, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(indices, expected.indices)
+        assert torch.equal(row_argmin(block), block.argmin(1))
 
 
 def test_cluster_sizes_from_the_one_hot_blocks_are_bincounts():

@@ -31,16 +31,26 @@ def sq_dists(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None)
     return d.add_(x_sq.unsqueeze(1)).clamp_(min=0.0)
 
 
-def row_min(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's minimum and the index of its first occurrence, as ``block.min(1)`` gives them.
+def _numpy_reduces(block: torch.Tensor) -> bool:
+    """Whether ``row_min`` and ``row_argmin`` reduce ``block`` through numpy: on a CPU torch's
+    indexed reductions are a scalar loop, 2.6 ms for a (4096, 800) block on one thread (a fifth
+    of the GEMM that made it), where numpy's vectorised argmin takes 0.42 ms and torch's amin
+    0.17 ms. Not off a CPU, nor for what numpy cannot hold (bfloat16, autograd)."""
+    return block.device.type == "cpu" and not block.requires_grad and block.dtype in (torch.float32, torch.float64)
 
-    On a CPU torch's indexed min is a scalar loop: 2.6 ms for a (4096, 800) block on one thread,
-    a fifth of the GEMM that made the block, where numpy's vectorised argmin takes 0.42 ms and
-    torch's amin 0.17 ms. Both also take the first of equal minima (and of NaNs), so the labels
-    are the same. Off a CPU, and for what numpy cannot hold (bfloat16, autograd), ``min(1)``."""
-    if block.device.type != "cpu" or block.requires_grad or block.dtype not in (torch.float32, torch.float64):
+
+def row_argmin(block: torch.Tensor) -> torch.Tensor:
+    """Each row's index of its first minimum (and of its first NaN), as ``block.argmin(1)``."""
+    return torch.from_numpy(block.numpy().argmin(1)) if _numpy_reduces(block) else block.argmin(1)
+
+
+def row_min(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's minimum and the index of its first occurrence, as ``block.min(1)`` gives them:
+    on a CPU from amin and ``row_argmin``, which take the first of equal minima (and of NaNs) as
+    ``min(1)`` does, so the labels are the same."""
+    if not _numpy_reduces(block):
         return block.min(1)
-    return block.amin(1), torch.from_numpy(block.numpy().argmin(1))
+    return block.amin(1), row_argmin(block)
 
 
 def nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +84,7 @@ def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
     taken = np.zeros(x.shape[0], dtype=bool)  # on the host: a GPU would be waited on per centre
     for start in range(0, c.shape[0], 256):
         d = torch.addmm(x_sq, c[start : start + 256], x.T, alpha=-2.0)  # ||x||^2 - 2 c.x: same argmin
-        first = (row_min(d)[1] if d.device.type == "cpu" else d.argmin(1)).cpu().numpy()
+        first = row_argmin(d).cpu().numpy()
         for row in range(d.shape[0]):
             j = int(first[row])
             if taken[j]:  # rare: the nearest free row, on the device

@@ -419,7 +419,6 @@ def rerun_command(result: RunResult) -> str:
             + (f" --stack {result.identity[STACK_WIDTH]}" if STACK_WIDTH in result.identity else ""))  # fmt: skip
 
 
-
 def _log_input(dataset: object, context: str, tags: dict[str, str]) -> None:
     """``mlflow.log_input``, tried once more when another process registered the same dataset a
     moment before: MLflow inserts a dataset new to the experiment without a lock, so runs of
@@ -431,6 +430,7 @@ def _log_input(dataset: object, context: str, tags: dict[str, str]) -> None:
         if not any(text in str(exc) for text in ("UNIQUE constraint", "duplicate key")):
             raise
         mlflow.log_input(dataset, context=context, tags=tags)
+
 
 def _log_lineage(client: MlflowClient, run_id: str, result: RunResult, kind: str) -> None:
     """What produced the run and how to redo it: the commit, versions, the rerun command, and the
