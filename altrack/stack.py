@@ -12,7 +12,8 @@ the sum of the models' mean losses, so each model's gradient is its own, and one
 every stacked tensor (Adam is elementwise: N independent Adams). On a GPU a step's hundreds of
 tiny kernels are recorded once as a CUDA graph and replayed (``altrack.graphs``): on an H100, 35
 stacked MLPs train in a third of the time per model of one alone; on a CPU stacking saves Python
-overhead.
+overhead. Trained CUDA stacks are evaluated the same way, padded to their width
+(``infer_stacked``), so a model's outputs do not depend on its stack mates either.
 
 A model whose loss stops being finite is reported diverged; the others go on (their parameters
 never mix).
@@ -55,6 +56,71 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+# a weight gradient's GEMM with few outputs per model (C_out x C*kh*kw: the first convolution's
+# 64 x 27) but a long reduction over B*h*w rows (28,800) leaves most of an H100 idle, one long sum
+# per output tile (0.97 ms of a 35-wide CifarNet step); it runs as SPLIT_ROWS GEMMs over
+# consecutive row blocks, summed after
+SPLIT_BELOW = 16384  # output elements per model
+SPLIT_ROWS = 8
+
+
+class _PatchGemm(torch.autograd.Function):
+    """N unpadded stride-1 convolutions as one batched GEMM of their im2col patches.
+
+    ``h``: (N, B, H, W, C) activations; ``w``: (N, C_out, kh, kw, C), the patch's own order, so a
+    patch row is kh*kw runs of C contiguous channels and the im2col copy moves whole runs (in the
+    weight's (C, kh, kw) order it gathered single floats); ``b``: (N, C_out). Returns
+    (N, B, H-kh+1, W-kw+1, C_out).
+
+    The backward is written out: the patches' gradient goes back to ``h`` as kh*kw slice-adds in a
+    fixed order (autograd's unfold backward zero-filled and re-read 7-d intermediates), and a
+    weight gradient of few elements over many rows is summed from SPLIT_ROWS row blocks. Every
+    shape here follows from the model, the batch size and the stack's width, so the kernels and
+    the bits do too. One 35-wide CifarNet step on an H100 (graph replays): 8.70 ms with unfold
+    and autograd, 8.35 ms with the patch order and this backward, 7.58 ms with the split.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        n, batch, height, width, c = h.shape
+        c_out, kh, kw = w.shape[1], w.shape[2], w.shape[3]
+        out_h, out_w = height - kh + 1, width - kw + 1
+        s = h.stride()  # patch (i, j, channel) of output (y, x) is h[y + i, x + j, channel]
+        cols = h.as_strided((n, batch, out_h, out_w, kh, kw, c), (s[0], s[1], s[2], s[3], s[2], s[3], s[4]))
+        cols = cols.reshape(n, batch * out_h * out_w, kh * kw * c)
+        weight = w.view(n, c_out, kh * kw * c)
+        ctx.save_for_backward(cols, weight)
+        ctx.shapes = (h.shape, w.shape)
+        return torch.baddbmm(b.unsqueeze(1), cols, weight.transpose(1, 2)).view(n, batch, out_h, out_w, c_out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        cols, weight = ctx.saved_tensors
+        (n, batch, height, width, c), (_, c_out, kh, kw, _) = ctx.shapes
+        out_h, out_w = height - kh + 1, width - kw + 1
+        rows = batch * out_h * out_w
+        g = grad.reshape(n, rows, c_out)
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            patches = torch.bmm(g, weight).view(n, batch, out_h, out_w, kh * kw, c)
+            grad_h = grad.new_zeros(n, batch, height, width, c)
+            for i in range(kh):
+                for j in range(kw):
+                    grad_h[:, :, i : i + out_h, j : j + out_w].add_(patches[:, :, :, :, i * kw + j])
+        if ctx.needs_input_grad[1]:
+            k = cols.shape[2]
+            if k * c_out < SPLIT_BELOW and rows % SPLIT_ROWS == 0 and rows // SPLIT_ROWS >= k * c_out:
+                part = rows // SPLIT_ROWS
+                grad_w = torch.bmm(cols.view(n * SPLIT_ROWS, part, k).transpose(1, 2),
+                                   g.reshape(n * SPLIT_ROWS, part, c_out)).view(n, SPLIT_ROWS, k, c_out).sum(1)
+            else:
+                grad_w = torch.bmm(cols.transpose(1, 2), g)  # (N, C*kh*kw, C_out)
+            grad_w = grad_w.transpose(1, 2).reshape(n, c_out, kh, kw, c)
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(1)
+        return grad_h, grad_w, grad_b
+
+
 class StackedNet:
     """The stacked parameters of N models and a forward pass over a stack of batches.
 
@@ -81,13 +147,33 @@ class StackedNet:
             for name in ("weight", "bias"):
                 if getattr(layer, name, None) is None:
                     continue
-                stacked = torch.stack([getattr(layers[position], name).detach() for layers in per_model])
-                self.params.append(stacked.clone().requires_grad_(True))
+                tensors = [getattr(layers[position], name).detach() for layers in per_model]
+                if self._patch_major(position, name):  # (C_out, C, kh, kw) -> (C_out, kh, kw, C)
+                    tensors = [t.permute(0, 2, 3, 1) for t in tensors]
+                stacked = torch.stack(tensors).contiguous()
+                self.params.append(stacked.requires_grad_(True))
                 self.slots.append((position, name))
         self.index = {slot: i for i, slot in enumerate(self.slots)}
+        # the order the layers run in: a ReLU then a max-pool runs as the pool then the ReLU. Max
+        # commutes with a monotone ReLU, in value and in the gradient's route (the window's first
+        # maximum, zeroed where it is not positive), so the bits are the model's (tests/test_stack.py),
+        # and the ReLU and its backward see a quarter of the elements
+        self.order = list(range(len(self.layers)))
+        for i in range(len(self.layers) - 1):
+            if isinstance(self.layers[i], nn.ReLU) and isinstance(self.layers[i + 1], nn.MaxPool2d):
+                self.order[i], self.order[i + 1] = i + 1, i
 
     def _param(self, position: int, name: str) -> torch.Tensor:
         return self.params[self.index[(position, name)]]
+
+    def _patch_major(self, position: int, name: str) -> bool:
+        """Whether this stacked tensor is a batched convolution's weight, kept as (N, C_out, kh, kw,
+        C): the order of its im2col patches, so its GEMM reads it and writes its gradient in place."""
+        return self.batched and name == "weight" and isinstance(self.layers[position], nn.Conv2d)
+
+    def model_layout(self, slot: tuple[int, str], tensor: torch.Tensor) -> torch.Tensor:
+        """A stacked tensor of ``slot`` (a parameter or its gradient) as (N, *the model's shape)."""
+        return tensor.permute(0, 1, 4, 2, 3) if self._patch_major(*slot) else tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (N, B, *input shape) -> logits (N, B, classes)."""
@@ -100,7 +186,8 @@ class StackedNet:
             h = h.contiguous(memory_format=torch.channels_last)
         else:
             h = x
-        for position, layer in enumerate(self.layers):
+        for position in self.order:
+            layer = self.layers[position]
             if isinstance(layer, nn.Conv2d):
                 w = self._param(position, "weight")
                 b = self._param(position, "bias")
@@ -126,24 +213,20 @@ class StackedNet:
                                  zip(b.unbind(), h.unbind(), w.unbind(), strict=True)])  # fmt: skip
         return h
 
-    def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` as one batched GEMM per layer, convolutions included: a convolution is a
-        GEMM of its im2col patches, (N, B*h*w, C*kh*kw) @ (N, C*kh*kw, C_out), with activations
-        kept as (N, B, h, w, C) so that the GEMM's output is the next layer's input. On an H100
-        this trained 35 stacked CifarNets 1.37x faster per step than cuDNN's grouped convolution
-        (64: 1.6x), and a model's bits depend only on the stack's width (``train_stacked``)."""
+    def _forward_batched(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``forward`` as one batched GEMM per layer, convolutions included (``_PatchGemm``), with
+        activations kept as (N, B, h, w, C) so that a GEMM's output is the next layer's input. On
+        an H100 this trained 35 stacked CifarNets 1.37x faster per step than cuDNN's grouped
+        convolution (64: 1.6x), and a model's bits depend only on the stack's width
+        (``train_stacked``). ``features``, if given, receives the head's input (the embeddings)."""
         n, batch = x.shape[0], x.shape[1]
         spatial = isinstance(self.layers[0], nn.Conv2d)
         h = x.permute(0, 1, 3, 4, 2).contiguous() if spatial else x.flatten(2)  # (N, B, h, w, C) or (N, B, F)
-        for position, layer in enumerate(self.layers):
+        head = len(self.layers) - 1
+        for position in self.order:
+            layer = self.layers[position]
             if isinstance(layer, nn.Conv2d):
-                w = self._param(position, "weight")  # (N, C_out, C, kh, kw)
-                kh, kw = layer.kernel_size
-                out_h, out_w = h.shape[2] - kh + 1, h.shape[3] - kw + 1
-                # (N, B, h, w, C, kh, kw): the patch in the weight's (C, kh, kw) order
-                cols = h.unfold(2, kh, 1).unfold(3, kw, 1).reshape(n, batch * out_h * out_w, -1)
-                h = torch.baddbmm(self._param(position, "bias").unsqueeze(1), cols, w.flatten(2).transpose(1, 2))
-                h = h.view(n, batch, out_h, out_w, -1)
+                h = _PatchGemm.apply(h, self._param(position, "weight"), self._param(position, "bias"))
             elif isinstance(layer, nn.MaxPool2d):  # on a channels-last view, the kernel the model runs
                 pooled = F.max_pool2d(h.flatten(0, 1).permute(0, 3, 1, 2), layer.kernel_size, layer.stride,
                                       layer.padding, layer.dilation)  # fmt: skip
@@ -155,6 +238,8 @@ class StackedNet:
             elif isinstance(layer, nn.Flatten):
                 pass
             else:
+                if position == head and features is not None:
+                    features.append(h)
                 w = self._param(position, "weight")
                 h = torch.baddbmm(self._param(position, "bias").unsqueeze(1), h, w.transpose(1, 2))
         return h
@@ -166,8 +251,9 @@ class StackedNet:
             twin = copy.deepcopy(model)
             layers = _layers(twin)
             with torch.no_grad():
-                for (position, name), tensor in zip(self.slots, self.params, strict=True):
-                    getattr(layers[position], name).copy_(tensor[i])
+                for slot, tensor in zip(self.slots, self.params, strict=True):
+                    position, name = slot
+                    getattr(layers[position], name).copy_(self.model_layout(slot, tensor)[i])
             trained.append(twin)
         return trained
 
@@ -297,3 +383,4 @@ def train_stacked(
             on_epoch(epoch, sum(finite) / len(finite) if finite else float("nan"))
     del graph  # its memory pool holds a step's activations
     return StackOutcome(net.export(models), losses, diverged)
+

@@ -230,9 +230,19 @@ def test_batched_gemms_give_each_model_its_own_gradient(dataset):
     for batched in (False, True):
         net = StackedNet(models, batched=batched)
         mean_loss(net.forward(x), y, None).sum().backward()
-        grads.append([p.grad for p in net.params])
+        grads.append([net.model_layout(slot, p.grad) for slot, p in zip(net.slots, net.params, strict=True)])
     for exact, batched in zip(*grads, strict=True):
         torch.testing.assert_close(batched, exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_stack_exports_its_models_unchanged(batched):
+    """The batched path keeps a convolution's weight in its patches' (C_out, kh, kw, C) order and
+    hands it back in the model's own."""
+    models = [fresh_model("cifar10", "cpu", stream_seed(i, 4)) for i in range(2)]
+    for model, twin in zip(models, StackedNet(models, batched=batched).export(models), strict=True):
+        assert _same(model, twin)
+        assert all(p.stride() == q.stride() for p, q in zip(_params(model), _params(twin), strict=True))
 
 
 @needs_cuda
