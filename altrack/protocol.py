@@ -33,8 +33,8 @@ from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
 from altrack.selection import SelectionContext, SelectionResult, get_selector
 from altrack.settings import RunKey, Settings
-from altrack.stack import model_bytes, train_stacked
-from altrack.train import evaluate, forward_all
+from altrack.stack import infer_stacked, model_bytes, train_stacked
+from altrack.train import Outputs, forward_all, score
 
 SEED_SET, SEED_INIT, SEED_ORDER, SELECT, FINAL_INIT, FINAL_ORDER = range(6)
 
@@ -143,6 +143,39 @@ def check_stacks(
                           "(runs' bits depend on it)")  # fmt: skip
 
 
+def padded_width(data: Dataset, settings: Settings, stack: int = 0, memory_cap: int | None = None,
+                 share: int = 1) -> int | None:
+    """The width of ``data``'s CUDA stacks for models that share a stack ``share`` ways
+    (``stack_width`` // ``share``; the seed models pass ``SEED_SHARE``); None off CUDA."""
+    width = stack_width(data.name, data.x_train.device, stack, memory_cap, settings.batch_size)
+    return None if width is None else max(1, width // share)
+
+
+def outputs_of(
+    models: Sequence[torch.nn.Module], x: torch.Tensor, width: int | None, batch_size: int, features: bool = True
+) -> list[Outputs]:
+    """Each model's outputs on all rows of ``x`` (embeddings as well if ``features``). With
+    ``width`` None (stacks of one GEMM per model: a CPU) one model at a time, ``forward_all``, as a
+    model alone computes them; else as stacks padded to ``width``, the GEMMs the models trained with
+    (``stack.infer_stacked``), so a model's outputs do not depend on which others share its stack."""
+    if width is None:
+        return [forward_all(model, x) for model in models]
+    outs = []
+    for start in range(0, len(models), width):
+        logits, embeddings = infer_stacked(models[start : start + width], x, width=width, batch_size=batch_size,
+                                           features=features)  # fmt: skip
+        empty = logits.new_empty(logits.shape[1], 0)
+        outs += [Outputs(logits[i], embeddings[i] if embeddings is not None else empty) for i in range(len(logits))]
+    return outs
+
+
+def evaluate_models(
+    models: Sequence[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, width: int | None, batch_size: int
+) -> list[tuple[float, float]]:
+    """(accuracy, mean cross-entropy) of each model on (x, y), computed as ``outputs_of`` does."""
+    return [score(out, y) for out in outputs_of(models, x, width, batch_size, features=False)]
+
+
 def run_identity(
     dataset: str,
     digest: str,
@@ -181,11 +214,8 @@ def fit_many(
 
     Returns, per fit, (model or None, epoch losses, divergence message or None)."""
     device = data.x_train.device
-    width = stack_width(data.name, device, stack, memory_cap, settings.batch_size)
-    if width is None:
-        limit = stack_limit(data.name, device, stack, memory_cap, settings.batch_size)
-    else:
-        limit = width = max(1, width // share)
+    width = padded_width(data, settings, stack, memory_cap, share)
+    limit = width if width is not None else stack_limit(data.name, device, stack, memory_cap, settings.batch_size)
     out: list[tuple[torch.nn.Module | None, list[float], str | None]] = [(None, [], None)] * len(fits)
     by_size: dict[int, list[int]] = {}
     for i, f in enumerate(fits):
@@ -193,7 +223,13 @@ def fit_many(
     for members in by_size.values():
         for start in range(0, len(members), limit):
             chunk = members[start : start + limit]
-            models = [fresh_model(data.name, device, stream_seed(fits[i].seed, init_stream)) for i in chunk]
+            # the methods of a seed share their final model's initialisation: build it once (a CifarNet
+            # takes 6 ms), as the stack copies each slot's parameters
+            built: dict[int, torch.nn.Module] = {}
+            for i in chunk:
+                if fits[i].seed not in built:
+                    built[fits[i].seed] = fresh_model(data.name, device, stream_seed(fits[i].seed, init_stream))
+            models = [built[fits[i].seed] for i in chunk]
             indices = torch.from_numpy(np.stack([fits[i].indices for i in chunk])).to(device)
             weights = None
             if any(fits[i].weights is not None for i in chunk):
@@ -307,13 +343,16 @@ def train_seed_stages(
                       share=SEED_SHARE)  # fmt: skip
     seconds = (time.perf_counter() - started) / len(seeds)
     labels = data.y_train.cpu().numpy()
+    trained = [model for model, _, _ in fitted if model is not None]
+    width = padded_width(data, settings, stack, memory_cap, SEED_SHARE)
+    outputs = iter(outputs_of(trained, data.x_train, width, settings.batch_size))
+    scores = iter(evaluate_models(trained, data.x_test, data.y_test, width, settings.batch_size))
     stages: list[SeedStage | str] = []
     for seed, seed_indices, (model, losses, error) in zip(seeds, seed_sets, fitted, strict=True):
         if model is None:
             stages.append(f"seed model: {error}")
             continue
-        out = forward_all(model, data.x_train)
-        accuracy, _ = evaluate(model, data.x_test, data.y_test)
+        out, (accuracy, _) = next(outputs), next(scores)
         stages.append(SeedStage(
             dataset=data.name, budget=budget, seed=seed, seed_indices=seed_indices,
             pool_indices=_without(available, seed_indices), labels=labels, model=model, epoch_losses=losses,
@@ -430,16 +469,23 @@ def run_methods(
     each = None if live is None else lambda i, epoch, loss: live(results[i].key, epoch, loss)
     fitted = fit_many(data, fits, settings, FINAL_INIT, FINAL_ORDER, on_epoch, stack, memory_cap, each)
     seconds = (time.perf_counter() - started) / max(len(fits), 1)
-    for result, (model, losses, error) in zip(results, fitted, strict=True):
+    done = [(result, model, losses) for result, (model, losses, _) in zip(results, fitted, strict=True)
+            if model is not None]  # fmt: skip
+    for result, (model, _, error) in zip(results, fitted, strict=True):
         if model is None:
             result.status, result.error = FAILED, error
-            continue
+    width = padded_width(data, settings, stack, memory_cap)
+    models = [model for _, model, _ in done]
+    tests = evaluate_models(models, data.x_test, data.y_test, width, settings.batch_size)
+    if holdout is not None:
+        idx = torch.from_numpy(holdout).to(device)
+        vals = evaluate_models(models, data.x_train[idx], data.y_train[idx], width, settings.batch_size)
+    for j, (result, model, losses) in enumerate(done):
         result.timings["final_train_seconds"] = seconds
         result.final_model, result.final_epoch_losses = model, losses
-        result.test_accuracy, result.test_loss = evaluate(model, data.x_test, data.y_test)
+        result.test_accuracy, result.test_loss = tests[j]
         if holdout is not None:
-            idx = torch.from_numpy(holdout).to(device)
-            result.val_accuracy, _ = evaluate(model, data.x_train[idx], data.y_train[idx])
+            result.val_accuracy = vals[j][0]
     return results
 
 

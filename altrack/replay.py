@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from altrack.data import load_dataset, resolve_device, set_determinism
 from altrack.errors import AltrackError
 from altrack.liveness import temp_dir
-from altrack.protocol import FINAL_INIT, FINAL_ORDER, fit
+from altrack.protocol import FINAL_INIT, FINAL_ORDER, evaluate_models, fit, padded_width
 from altrack.provenance import STACK_WIDTH
 from altrack.results import FINISHED
 from altrack.settings import Settings
@@ -28,7 +28,6 @@ from altrack.tracking.tags import (
     TEST_LOSS_METRIC,
     TRAIN_LOSS_METRIC,
 )
-from altrack.train import evaluate
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,8 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     data = load_dataset(params["dataset"], data_dir, resolved)
     width = int(params.get(STACK_WIDTH, 0))  # a CUDA run's padded width: its bits depend on it
     model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights, stack=width)
-    accuracy, loss = evaluate(model, data.x_test, data.y_test)
+    [(accuracy, loss)] = evaluate_models([model], data.x_test, data.y_test, padded_width(data, settings, width),
+                                         settings.batch_size)  # as the run evaluated it
     logged = float(original.data.metrics[TEST_ACCURACY_METRIC])
     tags = {KIND_TAG: KIND_REPLAY, REPLAY_OF_TAG: run_id}
     if mlflow.active_run() is None and not under_project_run():

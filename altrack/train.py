@@ -200,9 +200,13 @@ def forward_all(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH)
     return Outputs(torch.cat(logits).float(), torch.cat(embeddings).float())
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on a split; the accuracy is the exact fraction correct / n
-    (a float32 mean would log 0.86470001 for 8647 / 10000)."""
-    out = forward_all(model, x)
+def score(out: Outputs, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a model's outputs on a split; the accuracy is the exact
+    fraction correct / n (a float32 mean would log 0.86470001 for 8647 / 10000)."""
     accuracy = int((out.logits.argmax(1) == y).sum()) / len(y)
     return accuracy, out.ce_loss(y).mean().item()
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """``score`` of one model's outputs on a split, computed alone (``forward_all``)."""
+    return score(forward_all(model, x), y)

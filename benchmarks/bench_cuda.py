@@ -5,7 +5,9 @@
 - 35 stacked MLPs with one GEMM per model (``width=None``, the CPU's path) against a stack
   padded to 64 with one batched GEMM per layer (CUDA's);
 - grouping invariance of the engine: a seed alone against the same seed among five, and one
-  method alone against seven (selected indices and accuracies, exactly).
+  method alone against seven (selected indices and accuracies, exactly), on MNIST and on
+  CIFAR-10-shaped random pixels; a CifarNet alone against the same one among 35 at width 35,
+  trained and evaluated (``infer_stacked``).
 
     python benchmarks/bench_cuda.py [--data-dir DIR]   # reads mnist; CifarNet runs on random pixels
 """
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from _common import data_dir
+from bench_engine import synthetic_cifar
 
 from altrack.config import GridConfig
 from altrack.data import load_dataset, set_determinism
@@ -25,7 +30,7 @@ from altrack.models import build_model
 from altrack.protocol import iterate_grid
 from altrack.selection import available_methods
 from altrack.settings import Settings
-from altrack.stack import train_stacked
+from altrack.stack import infer_stacked, train_stacked
 
 
 def stacked(x, y, dataset, n_models, n, epochs, graphs, width=None):
@@ -50,8 +55,8 @@ def same_bits(a, b) -> bool:
     return params and a.losses == b.losses
 
 
-def grid(folder: str, methods, runs: int, seed: int) -> dict[str, tuple[float, str]]:
-    cfg = GridConfig(datasets=("mnist",), methods=tuple(methods), budgets=(2000,), runs=runs, seed=seed,
+def grid(folder: str, methods, runs: int, seed: int, dataset: str = "mnist") -> dict[str, tuple[float, str]]:
+    cfg = GridConfig(datasets=(dataset,), methods=tuple(methods), budgets=(2000,), runs=runs, seed=seed,
                      device="cuda", data_dir=folder, out=None, log_models=False, settings=Settings())  # fmt: skip
     return {f"{r.key.method}/{r.key.seed}": (r.test_accuracy, hashlib.sha1(r.selected_indices.tobytes()).hexdigest())
             for r in iterate_grid(cfg, progress=False)}  # fmt: skip
@@ -90,6 +95,23 @@ def main() -> None:
     alone, one = grid(args.data_dir, available_methods(), 1, 3), grid(args.data_dir, ("coreset",), 1, 1)
     print("seed 3 alone == seed 3 among five:", all(alone[k] == five[k] for k in alone))
     print("coreset alone == coreset among seven methods:", one["coreset/1"] == five["coreset/1"])
+    company = stacked(x, y, "cifar10", 35, 256, 2, True, 35)[0]
+    alone = stacked(x, y, "cifar10", 1, 256, 2, True, 35)[0]  # model 0 of the 35, alone in its stack
+    print("a CifarNet at width 35, alone == among 35 (trained):", same_bits(
+        type(alone)(company.models[:1], company.losses[:1], company.diverged[:1]), alone))
+    test = torch.rand(1000, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    many = infer_stacked(company.models, test, width=35, batch_size=32)
+    single = infer_stacked(company.models[:1], test, width=35, batch_size=32)
+    print("a CifarNet at width 35, alone == among 35 (logits and embeddings):",
+          torch.equal(many[0][0], single[0][0]) and torch.equal(many[1][0], single[1][0]))
+    folder = tempfile.mkdtemp(prefix="altrack-synthetic-")
+    synthetic_cifar(Path(folder))
+    start = time.perf_counter()
+    five = grid(folder, available_methods(), 5, 0, "cifar10")
+    print(f"CIFAR-shaped grid, 7 methods x 5 seeds at k=2000: {time.perf_counter() - start:.2f} s", flush=True)
+    alone, one = grid(folder, available_methods(), 1, 3, "cifar10"), grid(folder, ("coreset",), 1, 1, "cifar10")
+    print("CIFAR-shaped: seed 3 alone == seed 3 among five:", all(alone[k] == five[k] for k in alone))
+    print("CIFAR-shaped: coreset alone == coreset among seven methods:", one["coreset/1"] == five["coreset/1"])
 
 
 if __name__ == "__main__":

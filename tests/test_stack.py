@@ -17,6 +17,7 @@ from altrack.protocol import (
     check_stacks,
     fresh_model,
     iterate_grid,
+    outputs_of,
     run_identity,
     stack_limit,
     stack_width,
@@ -24,9 +25,9 @@ from altrack.protocol import (
 )
 from altrack.provenance import STACK_WIDTH
 from altrack.settings import RunKey, Settings
-from altrack.stack import StackedNet, model_bytes, train_stacked
+from altrack.stack import StackedNet, infer_stacked, model_bytes, train_stacked
 from altrack.tracking.runs import rerun_command, run_params
-from altrack.train import mean_loss, train
+from altrack.train import forward_all, mean_loss, train
 
 
 def _train_both(data, n_models, n, epochs=2, weighted=False):
@@ -243,6 +244,29 @@ def test_a_stack_exports_its_models_unchanged(batched):
     for model, twin in zip(models, StackedNet(models, batched=batched).export(models), strict=True):
         assert _same(model, twin)
         assert all(p.stride() == q.stride() for p, q in zip(_params(model), _params(twin), strict=True))
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_stacked_inference_gives_a_model_the_same_outputs_in_any_company(data_dir, dataset):
+    """A padded stack's forward pass (CUDA's evaluation and seed-model outputs): a model's logits
+    and embeddings do not depend on its stack mates, a short last chunk included, and agree with
+    the model alone to float rounding; ``outputs_of`` without a width is the model alone."""
+    data = load_dataset(dataset, data_dir)
+    x = data.x_test[:300]  # chunks of 4 x 32 rows: two full and a short one
+    models = [fresh_model(dataset, "cpu", stream_seed(i, 4)) for i in range(3)]
+    logits, embeddings = infer_stacked(models, x, width=4, batch_size=32)
+    alone_logits, alone_embeddings = infer_stacked(models[1:2], x, width=4, batch_size=32)
+    assert torch.equal(logits[1], alone_logits[0]) and torch.equal(embeddings[1], alone_embeddings[0])
+    for i, model in enumerate(models):
+        single = forward_all(model, x)
+        torch.testing.assert_close(logits[i], single.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(embeddings[i], single.embeddings, rtol=1e-4, atol=1e-5)
+    padded = outputs_of(models, x, 4, 32)
+    assert all(torch.equal(out.logits, logits[i]) for i, out in enumerate(padded))
+    assert all(torch.equal(out.logits, forward_all(m, x).logits) for out, m in zip(outputs_of(models, x, None, 32),
+                                                                                   models, strict=True))  # fmt: skip
+    with pytest.raises(ValueError, match="width 2 cannot hold 3 models"):
+        infer_stacked(models, x, width=2, batch_size=32)
 
 
 @needs_cuda
