@@ -155,7 +155,7 @@ def outputs_of(
     models: Sequence[torch.nn.Module], x: torch.Tensor, width: int | None, batch_size: int, features: bool = True
 ) -> list[Outputs]:
     """Each model's outputs on all rows of ``x`` (embeddings as well if ``features``). With
-    ``width`` None (stacks of one GEMM per model: a CPU) one model at a time, ``forward_all``, as a
+    ``width`` None (stacks of one GEMM per model: a CPU, MPS) one model at a time, ``forward_all``, as a
     model alone computes them; else as stacks padded to ``width``, the GEMMs the models trained with
     (``stack.infer_stacked``), so a model's outputs do not depend on which others share its stack."""
     if width is None:

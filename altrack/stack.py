@@ -76,8 +76,9 @@ class _PatchGemm(torch.autograd.Function):
     fixed order (autograd's unfold backward zero-filled and re-read 7-d intermediates), and a
     weight gradient of few elements over many rows is summed from SPLIT_ROWS row blocks. Every
     shape here follows from the model, the batch size and the stack's width, so the kernels and
-    the bits do too. One 35-wide CifarNet step on an H100 (graph replays): 8.70 ms with unfold
-    and autograd, 8.35 ms with the patch order and this backward, 7.58 ms with the split.
+    the bits do too. One 35-wide CifarNet step on an H100 (graph replays of a probe's variants of
+    this path, which permuted the weight each step): 8.70 ms with unfold and autograd, 8.35 ms with
+    the patch order and this backward, 7.58 ms with the split.
     """
 
     @staticmethod
@@ -111,7 +112,7 @@ class _PatchGemm(torch.autograd.Function):
             k = cols.shape[2]
             if k * c_out < SPLIT_BELOW and rows % SPLIT_ROWS == 0 and rows // SPLIT_ROWS >= k * c_out:
                 part = rows // SPLIT_ROWS
-                grad_w = torch.bmm(cols.view(n * SPLIT_ROWS, part, k).transpose(1, 2),
+                grad_w = torch.bmm(cols.reshape(n * SPLIT_ROWS, part, k).transpose(1, 2),
                                    g.reshape(n * SPLIT_ROWS, part, c_out)).view(n, SPLIT_ROWS, k, c_out).sum(1)
             else:
                 grad_w = torch.bmm(cols.transpose(1, 2), g)  # (N, C*kh*kw, C_out)
@@ -150,14 +151,15 @@ class StackedNet:
                 tensors = [getattr(layers[position], name).detach() for layers in per_model]
                 if self._patch_major(position, name):  # (C_out, C, kh, kw) -> (C_out, kh, kw, C)
                     tensors = [t.permute(0, 2, 3, 1) for t in tensors]
-                stacked = torch.stack(tensors).contiguous()
-                self.params.append(stacked.requires_grad_(True))
+                stacked = torch.stack(tensors)  # as the models keep it (channels last), or patch-major
+                self.params.append((stacked.contiguous() if self._patch_major(position, name) else stacked.clone())
+                                   .requires_grad_(True))  # fmt: skip
                 self.slots.append((position, name))
         self.index = {slot: i for i, slot in enumerate(self.slots)}
         # the order the layers run in: a ReLU then a max-pool runs as the pool then the ReLU. Max
         # commutes with a monotone ReLU, in value and in the gradient's route (the window's first
-        # maximum, zeroed where it is not positive), so the bits are the model's (tests/test_stack.py),
-        # and the ReLU and its backward see a quarter of the elements
+        # maximum, zeroed where it is not positive), so the bits are the model's up to the sign of
+        # an exact zero (tests/test_stack.py), and the ReLU and its backward see a quarter of the elements
         self.order = list(range(len(self.layers)))
         for i in range(len(self.layers) - 1):
             if isinstance(self.layers[i], nn.ReLU) and isinstance(self.layers[i + 1], nn.MaxPool2d):

@@ -206,7 +206,3 @@ def score(out: Outputs, y: torch.Tensor) -> tuple[float, float]:
     accuracy = int((out.logits.argmax(1) == y).sum()) / len(y)
     return accuracy, out.ce_loss(y).mean().item()
 
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """``score`` of one model's outputs on a split, computed alone (``forward_all``)."""
-    return score(forward_all(model, x), y)

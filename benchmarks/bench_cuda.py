@@ -104,12 +104,12 @@ def main() -> None:
     single = infer_stacked(company.models[:1], test, width=35, batch_size=32)
     print("a CifarNet at width 35, alone == among 35 (logits and embeddings):",
           torch.equal(many[0][0], single[0][0]) and torch.equal(many[1][0], single[1][0]))
-    folder = tempfile.mkdtemp(prefix="altrack-synthetic-")
-    synthetic_cifar(Path(folder))
-    start = time.perf_counter()
-    five = grid(folder, available_methods(), 5, 0, "cifar10")
-    print(f"CIFAR-shaped grid, 7 methods x 5 seeds at k=2000: {time.perf_counter() - start:.2f} s", flush=True)
-    alone, one = grid(folder, available_methods(), 1, 3, "cifar10"), grid(folder, ("coreset",), 1, 1, "cifar10")
+    with tempfile.TemporaryDirectory(prefix="altrack-synthetic-") as folder:
+        synthetic_cifar(Path(folder))
+        start = time.perf_counter()
+        five = grid(folder, available_methods(), 5, 0, "cifar10")
+        print(f"CIFAR-shaped grid, 7 methods x 5 seeds at k=2000: {time.perf_counter() - start:.2f} s", flush=True)
+        alone, one = grid(folder, available_methods(), 1, 3, "cifar10"), grid(folder, ("coreset",), 1, 1, "cifar10")
     print("CIFAR-shaped: seed 3 alone == seed 3 among five:", all(alone[k] == five[k] for k in alone))
     print("CIFAR-shaped: coreset alone == coreset among seven methods:", one["coreset/1"] == five["coreset/1"])
 

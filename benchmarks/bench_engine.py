@@ -92,9 +92,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     args.data_dir = str(Path(args.data_dir).resolve())
-    if args.synthetic_cifar:
-        args.data_dir = tempfile.mkdtemp(prefix="altrack-synthetic-")
-        synthetic_cifar(Path(args.data_dir))
+    if not args.synthetic_cifar:
+        compare(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="altrack-synthetic-") as folder:  # 180 MB of pixels
+        args.data_dir = folder
+        synthetic_cifar(Path(folder))
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
     n_runs = 7 * args.seeds
     print(f"{args.dataset} x 7 methods x k={args.budget} x {args.seeds} seeds = {n_runs} runs; "
           f"{args.threads} CPU threads")  # fmt: skip

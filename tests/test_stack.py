@@ -88,6 +88,12 @@ def test_a_stacked_cifarnet_matches_one_at_a_time(data_dir):
         torch.testing.assert_close(alone[i], together[i], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(singles[i][1], two.losses[i], rtol=1e-5)
     assert not torch.allclose(together[0], together[1], atol=1e-2)  # two models, not one twice
+    # a stack of one, as a CPU trains CifarNets: the model's bits, though the stack pools before its
+    # ReLUs (max commutes with a monotone ReLU, in values and in the gradient's route)
+    one = stacked([0])
+    [model], [losses] = one.models, one.losses
+    assert all(torch.equal(a, b) for a, b in zip(_params(singles[0][0]), _params(model), strict=True))
+    assert losses == singles[0][1]
 
 
 def test_a_diverged_model_fails_alone(data_dir):
