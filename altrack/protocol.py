@@ -153,20 +153,21 @@ def padded_width(data: Dataset, settings: Settings, stack: int = 0, memory_cap: 
 
 def outputs_of(
     models: Sequence[torch.nn.Module], x: torch.Tensor, width: int | None, batch_size: int, features: bool = True
-) -> list[Outputs]:
-    """Each model's outputs on all rows of ``x`` (embeddings as well if ``features``). With
-    ``width`` None (stacks of one GEMM per model: a CPU, MPS) one model at a time, ``forward_all``, as a
-    model alone computes them; else as stacks padded to ``width``, the GEMMs the models trained with
+) -> Iterator[Outputs]:
+    """Each model's outputs on all rows of ``x`` (embeddings as well if ``features``), in order and
+    as they come, so a caller holds one model's (or one stack's) at a time. With ``width`` None
+    (stacks of one GEMM per model: a CPU, MPS) one model at a time, ``forward_all``, as a model
+    alone computes them; else as stacks padded to ``width``, the GEMMs the models trained with
     (``stack.infer_stacked``), so a model's outputs do not depend on which others share its stack."""
     if width is None:
-        return [forward_all(model, x) for model in models]
-    outs = []
+        yield from (forward_all(model, x) for model in models)
+        return
     for start in range(0, len(models), width):
         logits, embeddings = infer_stacked(models[start : start + width], x, width=width, batch_size=batch_size,
                                            features=features)  # fmt: skip
         empty = logits.new_empty(logits.shape[1], 0)
-        outs += [Outputs(logits[i], embeddings[i] if embeddings is not None else empty) for i in range(len(logits))]
-    return outs
+        for i in range(len(logits)):
+            yield Outputs(logits[i], embeddings[i] if embeddings is not None else empty)
 
 
 def evaluate_models(
@@ -345,7 +346,7 @@ def train_seed_stages(
     labels = data.y_train.cpu().numpy()
     trained = [model for model, _, _ in fitted if model is not None]
     width = padded_width(data, settings, stack, memory_cap, SEED_SHARE)
-    outputs = iter(outputs_of(trained, data.x_train, width, settings.batch_size))
+    outputs = outputs_of(trained, data.x_train, width, settings.batch_size)
     scores = iter(evaluate_models(trained, data.x_test, data.y_test, width, settings.batch_size))
     stages: list[SeedStage | str] = []
     for seed, seed_indices, (model, losses, error) in zip(seeds, seed_sets, fitted, strict=True):

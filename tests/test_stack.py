@@ -267,8 +267,8 @@ def test_stacked_inference_gives_a_model_the_same_outputs_in_any_company(data_di
         single = forward_all(model, x)
         torch.testing.assert_close(logits[i], single.logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(embeddings[i], single.embeddings, rtol=1e-4, atol=1e-5)
-    padded = outputs_of(models, x, 4, 32)
-    assert all(torch.equal(out.logits, logits[i]) for i, out in enumerate(padded))
+    padded = list(outputs_of(models, x, 4, 32))
+    assert len(padded) == 3 and all(torch.equal(out.logits, logits[i]) for i, out in enumerate(padded))
     assert all(torch.equal(out.logits, forward_all(m, x).logits) for out, m in zip(outputs_of(models, x, None, 32),
                                                                                    models, strict=True))  # fmt: skip
     with pytest.raises(ValueError, match="width 2 cannot hold 3 models"):
