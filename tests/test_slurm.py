@@ -19,7 +19,15 @@ from optuna.trial import TrialState
 from services import Unavailable, create_database, mlflow_server, postgres, slurm_cluster
 from test_sweep import TINY_SPEC
 
-from altrack.tracking.tags import ERROR_TAG, HASH_TAG, KIND_PROTOCOL, KIND_TAG, MLFLOW_PARENT_RUN_ID, SLURM_JOB_TAG
+from altrack.tracking.tags import (
+    ERROR_TAG,
+    HASH_TAG,
+    KIND_PROTOCOL,
+    KIND_TAG,
+    MLFLOW_PARENT_RUN_ID,
+    SLURM_ARRAY_TASK_TAG,
+    SLURM_JOB_TAG,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -85,21 +93,23 @@ def _squeue(cluster):
 
 
 def test_a_cancelled_task_is_rerun_alone_and_nothing_is_left_running(cluster, tmp_path):
-    """Three array tasks one at a time; the second is cancelled while it runs. The launcher says so
-    in one line and fails; the same command again runs only the missing run."""
-    args = [*GRID, "--datasets", "mnist", "--runs", "3", "--stack", "1", "--array-parallelism", "1",
-            "--experiment", "slurm-cancel", "--out", "out"]  # fmt: skip
+    """Three array tasks one at a time; the second is cancelled while it trains. The launcher says
+    so in one line and fails; the same command again runs only the missing run."""
+    # 200 epochs of 1,000 points, and the cancel once task 1 has claimed its run: on an idle machine
+    # the 1-epoch task finished within the 2 s a fixed wait after squeue's RUNNING gave it
+    args = [*GRID, "--datasets", "mnist", "--runs", "3", "--budget", "1000", "--epochs", "200", "--stack", "1",
+            "--array-parallelism", "1", "--experiment", "slurm-cancel", "--out", "out"]  # fmt: skip
     launcher = altrack(cluster, tmp_path, *args, wait=False)
     deadline = time.monotonic() + 300
     cancelled = None
-    while cancelled is None and time.monotonic() < deadline:
-        running = [task for task, state in _squeue(cluster).items() if state == "RUNNING" and task.endswith("_1")]
-        if running:
-            time.sleep(2)  # it is importing torch by now
-            subprocess.run(["scancel", running[0]], env=cluster["env"], check=True)
-            cancelled = running[0]
-        time.sleep(0.5)
-    assert cancelled is not None, "task 1 never ran"
+    while cancelled is None and time.monotonic() < deadline and launcher.poll() is None:
+        claimed = [r for r in protocol_runs(cluster, "slurm-cancel")
+                   if r.info.status == "RUNNING" and r.data.tags.get(SLURM_ARRAY_TASK_TAG) == "1"]  # fmt: skip
+        if claimed:
+            cancelled = f"{claimed[0].data.tags[SLURM_JOB_TAG]}_1"
+            subprocess.run(["scancel", cancelled], env=cluster["env"], check=True)
+        time.sleep(0.3)
+    assert cancelled is not None, "task 1 was never seen training"
     _, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 1
     failures = [line for line in err.splitlines() if "failed" in line]
@@ -133,7 +143,7 @@ def test_a_requeued_task_does_the_runs_its_killed_attempt_claimed(cluster, tmp_p
         claimed = [r for r in protocol_runs(cluster, "slurm-requeue") if r.info.status == "RUNNING"]
         if claimed:
             requeued = claimed[0].data.tags[SLURM_JOB_TAG]
-            task = claimed[0].data.tags.get("slurm.array_task_id")
+            task = claimed[0].data.tags.get(SLURM_ARRAY_TASK_TAG)
             subprocess.run(["scontrol", "requeue", f"{requeued}_{task}" if task else requeued],
                            env=cluster["env"], check=True)  # fmt: skip
         time.sleep(0.3)
