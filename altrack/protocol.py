@@ -470,11 +470,12 @@ def run_methods(
     each = None if live is None else lambda i, epoch, loss: live(results[i].key, epoch, loss)
     fitted = fit_many(data, fits, settings, FINAL_INIT, FINAL_ORDER, on_epoch, stack, memory_cap, each)
     seconds = (time.perf_counter() - started) / max(len(fits), 1)
-    done = [(result, model, losses) for result, (model, losses, _) in zip(results, fitted, strict=True)
-            if model is not None]  # fmt: skip
-    for result, (model, _, error) in zip(results, fitted, strict=True):
+    done = []  # (result, model, epoch losses) of the models that trained
+    for result, (model, losses, error) in zip(results, fitted, strict=True):
         if model is None:
             result.status, result.error = FAILED, error
+        else:
+            done.append((result, model, losses))
     width = padded_width(data, settings, stack, memory_cap)
     models = [model for _, model, _ in done]
     tests = evaluate_models(models, data.x_test, data.y_test, width, settings.batch_size)

@@ -149,11 +149,11 @@ class StackedNet:
                 if getattr(layer, name, None) is None:
                     continue
                 tensors = [getattr(layers[position], name).detach() for layers in per_model]
-                if self._patch_major(position, name):  # (C_out, C, kh, kw) -> (C_out, kh, kw, C)
-                    tensors = [t.permute(0, 2, 3, 1) for t in tensors]
-                stacked = torch.stack(tensors)  # as the models keep it (channels last), or patch-major
-                self.params.append((stacked.contiguous() if self._patch_major(position, name) else stacked.clone())
-                                   .requires_grad_(True))  # fmt: skip
+                if self._patch_major(position, name):  # (C_out, C, kh, kw) -> (C_out, kh, kw, C), dense
+                    stacked = torch.stack([t.permute(0, 2, 3, 1) for t in tensors]).contiguous()
+                else:  # as the models keep it (channels last)
+                    stacked = torch.stack(tensors).clone()
+                self.params.append(stacked.requires_grad_(True))
                 self.slots.append((position, name))
         self.index = {slot: i for i, slot in enumerate(self.slots)}
         # the order the layers run in: a ReLU then a max-pool runs as the pool then the ReLU. Max
@@ -260,6 +260,16 @@ class StackedNet:
         return trained
 
 
+def _padded(models: Sequence[nn.Module], width: int | None) -> list[nn.Module]:
+    """``models`` padded to ``width`` with copies of the first (None: as they are), the stack a
+    batched path runs. Raises ``ValueError`` when ``width`` is below their count."""
+    if width is None:
+        return list(models)
+    if width < len(models):
+        raise ValueError(f"a stack of width {width} cannot hold {len(models)} models")
+    return list(models) + [models[0]] * (width - len(models))
+
+
 def model_bytes(model: nn.Module, batch_size: int, input_shape: Sequence[int]) -> int:
     """A generous estimate of one stacked model's training memory: parameters with their
     gradients and Adam state, plus the activations of one batch (a probe forward pass) and, for
@@ -318,11 +328,9 @@ def train_stacked(
     n_models, n = indices.shape
     if len(models) != n_models or len(generators) != n_models:
         raise ValueError(f"{len(models)} models and {len(generators)} generators for {n_models} index rows")
-    if width is not None and width < n_models:
-        raise ValueError(f"a stack of width {width} cannot hold {n_models} models")
-    pads = 0 if width is None else width - n_models
+    net = StackedNet(_padded(models, width), batched=width is not None)
+    pads = net.n - n_models
     device = x.device
-    net = StackedNet(list(models) + [models[0]] * pads, batched=width is not None)
     if pads:  # the padding trains model 0's copy on model 0's rows: a real step's shapes, no NaN
         indices = torch.cat([indices, indices[:1].expand(pads, -1)])
         weights = None if weights is None else torch.cat([weights, weights[:1].expand(pads, -1)])
@@ -403,9 +411,7 @@ def infer_stacked(
     on its stack mates. On an H100, 35 CifarNets took 21 ms each on 10,000 images this way against
     29 ms through cuDNN one at a time. Raises ``ValueError`` when ``width`` is below N."""
     n_models = len(models)
-    if width < n_models:
-        raise ValueError(f"a stack of width {width} cannot hold {n_models} models")
-    net = StackedNet(list(models) + [models[0]] * (width - n_models), batched=True)
+    net = StackedNet(_padded(models, width), batched=True)
     chunk = INFER_BATCHES * batch_size
     logits, embeddings = [], []
     for start in range(0, x.shape[0], chunk):

@@ -205,4 +205,3 @@ def score(out: Outputs, y: torch.Tensor) -> tuple[float, float]:
     fraction correct / n (a float32 mean would log 0.86470001 for 8647 / 10000)."""
     accuracy = int((out.logits.argmax(1) == y).sum()) / len(y)
     return accuracy, out.ce_loss(y).mean().item()
-

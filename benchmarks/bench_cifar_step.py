@@ -86,6 +86,7 @@ def replay_ms(step, reps=60):
 
 
 def profile(step, label):
+    # lazy: the profiler loads only with --profile
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as record
 
