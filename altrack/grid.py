@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from altrack.errors import AltrackError
 from altrack.liveness import clean_stale_temp_dirs, temp_dir
 from altrack.protocol import (
     Progress,
+    RunResult,
     check_stacks,
     grid_blocks,
     map_in_workers,
@@ -166,12 +169,14 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
                 return GridOutcome(parent_id, rows, paths, len(done))
         keys = [key for key in cfg.run_keys() if key not in skip]
         client = MlflowClient()
-        for block_rows in _run_blocks(cfg, device, keys, parent_id, parent.info.experiment_id, progress):
-            rows += block_rows
-            client.log_metric(parent_id, PROGRESS_METRIC, len(rows) / len(hashes), step=len(rows))  # the UI's bar
-            failed = [row for row in block_rows if not row.finished]
-            if failed and cfg.fail_fast:
-                raise AltrackError(f"{failed[0].run_id} failed: {failed[0].error} (--fail-fast)")
+        # closed on the way out, an error's too: the last block's runs are filled in before it leaves
+        with closing(_run_blocks(cfg, device, keys, parent_id, parent.info.experiment_id, progress)) as done_blocks:
+            for block_rows in done_blocks:
+                rows += block_rows
+                client.log_metric(parent_id, PROGRESS_METRIC, len(rows) / len(hashes), step=len(rows))  # the UI's bar
+                failed = [row for row in block_rows if not row.finished]
+                if failed and cfg.fail_fast:
+                    raise AltrackError(f"{failed[0].run_id} failed: {failed[0].error} (--fail-fast)")
         ours = {(r.dataset, r.method, r.budget, r.seed) for r in rows}
         others = {h: k for h, k in hashes.items()
                   if h not in done and (k.dataset, k.method, k.budget, k.seed) not in ours}  # fmt: skip
@@ -287,11 +292,13 @@ def run_logged_block(
     experiment_id: str,
     tags: dict[str, str] | None = None,
     bar: Progress | None = None,
+    behind: _Behind | None = None,
 ) -> list[ResultRow]:
     """One (dataset, k, seeds, methods) block, wherever it runs (this process, a pool worker, a
     Slurm task): claim its runs (``claim_runs``: they start RUNNING in the UI now, and a run
     another live process has claimed is left to it), train with live epoch losses, then fill
-    the runs in. Returns the rows of the runs this process did."""
+    the runs in, here or, with ``behind``, on its thread while the next block trains. Returns
+    the rows of the runs this process did."""
     dataset, budget, seeds, methods = block
     data = load_dataset(dataset, cfg.data_dir, device)
     ident = run_identity(dataset, data.digest, data.x_train.device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
@@ -306,23 +313,78 @@ def run_logged_block(
     todo = tuple(seed for seed in seeds if any(key.seed == seed for key in claimed))
     if not todo:
         return []
-    live = LiveLosses(claimed, cfg.settings.epochs)
+    live = LiveLosses(claimed, cfg.settings.epochs, None if behind is None else behind.post)
     try:
         results = run_block(cfg, device, dataset, budget, todo, methods, bar, live)
     finally:  # a block that fails still leaves the epochs it trained in its runs
         live.flush()
-    rows = []
+    ours = [result for result in results if result.key in claimed]
+    if behind is None:
+        _fill_runs(ours, claimed, cfg.log_models)
+    else:
+        behind.submit(_fill_runs, _on_host(ours), claimed, cfg.log_models)
+    if bar is not None:
+        for result in results:
+            bar.finished(result)
+    return [result.row(claimed[result.key]) for result in ours]
+
+
+def _fill_runs(results: list[RunResult], claimed: dict, log_models: bool) -> None:
+    """Fill in a block's claimed runs: params, artifacts, models and metrics (``log_run``)."""
     seed_models: dict[int, str] = {}  # seed -> the run that logged its seed model
     for result in results:
-        if result.key in claimed:
-            home = seed_models.get(result.key.seed)
-            run_id = log_run(result, cfg.log_models, run_id=claimed[result.key], live=True, seed_model_run=home)
-            if home is None and result.status == FINISHED and cfg.log_models:
-                seed_models[result.key.seed] = run_id
-            rows.append(result.row(run_id))
-        if bar is not None:
-            bar.finished(result)
-    return rows
+        home = seed_models.get(result.key.seed)
+        run_id = log_run(result, log_models, run_id=claimed[result.key], live=True, seed_model_run=home)
+        if home is None and result.status == FINISHED and log_models:
+            seed_models[result.key.seed] = run_id
+
+
+def _on_host(results: list[RunResult]) -> list[RunResult]:
+    """``results`` with their models moved to the CPU, here: the thread that logs them then
+    touches no GPU memory (a copy from another thread while this one captures a CUDA graph
+    would break the capture). Everything else a result holds is numpy already."""
+    for result in results:
+        for model in (result.final_model, result.stage.model if result.stage is not None else None):
+            if model is not None:
+                model.cpu()
+    return results
+
+
+class _Behind:
+    """One thread that fills in a block's runs while the next block trains: logging a run
+    (params, selection plot, models, metrics) costs about a third of a second of host time,
+    which on a GPU is most of a grid's wall time and on a CPU a sixth. At most one block is
+    behind: ``submit`` first waits for the one before, so a logging error surfaces one block
+    late at most, and ``close`` waits for the last. The live epoch losses go through the same
+    thread (``post``), in order, so a block's are in the store before its runs are filled in.
+    The store's writes for a run are ``log_run``'s, as before; a run's results do not depend on
+    when it is logged."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="altrack-log")
+        self.pending: Future | None = None
+        self.posted: list[Future] = []
+
+    def post(self, fn: Callable[[], None]) -> None:
+        self.posted.append(self.pool.submit(fn))
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for everything submitted and posted; the first error of a block, else of a post."""
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+        for future in self.posted:
+            future.result()
 
 
 def _block_worker(cfg: GridConfig, device: str, block: tuple, parent_id: str, experiment_id: str,
@@ -341,8 +403,12 @@ def _run_blocks(
     bar = Progress(len(keys), progress)
     try:
         if cfg.workers <= 1:
-            for block in work:
-                yield run_logged_block(cfg, device, block, parent_id, experiment_id, bar=bar)
+            behind = _Behind()
+            try:
+                for block in work:
+                    yield run_logged_block(cfg, device, block, parent_id, experiment_id, bar=bar, behind=behind)
+            finally:  # every run filled in before the report, or before an error leaves the grid
+                behind.close()
             return
         uri = mlflow.get_tracking_uri()
         jobs = [(cfg, device, block, parent_id, experiment_id, uri) for block in work]

@@ -22,6 +22,7 @@ from altrack.errors import AltrackError
 from altrack.grid import run_grid
 from altrack.settings import Settings
 from altrack.tracking.query import rows_from_mlflow
+from altrack.tracking.tags import SEED_TRAIN_LOSS_METRIC, TRAIN_LOSS_METRIC
 
 GRID = ["run", "--datasets", "mnist", "--methods", "margin,random", "--budget", "100,200,300", "--runs", "3",
         "--epochs", "1", "--device", "cpu", "--no-log-models", "--quiet", "--experiment", "grid"]  # fmt: skip
@@ -114,6 +115,46 @@ def test_unwritable_artifact_location_fails_the_run_clearly(data_dir, mlflow_sto
         run_grid(cfg, progress=False)
     runs = client.search_runs([client.get_experiment_by_name("blocked").experiment_id])
     assert runs and {r.info.status for r in runs} == {"FAILED"}
+
+
+def _blocks_of_one_seed(data_dir, experiment):
+    """Three blocks of one seed each (a stack of one model): each block's runs are filled in on
+    the logging thread while the next block trains."""
+    return GridConfig(
+        datasets=("mnist",), methods=("random",), budgets=(100,), runs=3, settings=Settings(epochs=2),
+        data_dir=str(data_dir), out=None, experiment=experiment, log_models=True, device="cpu", stack=1,
+    )  # fmt: skip
+
+
+def test_every_block_is_filled_in_before_the_grid_returns(data_dir, mlflow_store):
+    outcome = run_grid(_blocks_of_one_seed(data_dir, mlflow_store), progress=False)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(mlflow_store).experiment_id],
+                              "tags.`altrack.kind` = 'protocol'")  # fmt: skip
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(row.run_id for row in outcome.rows) == sorted(r.info.run_id for r in runs)
+    for run in runs:
+        assert {"selection.png", "selected_indices.npy"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                             filter_string=f"source_run_id='{run.info.run_id}'")  # fmt: skip
+        assert sorted(m.name for m in models) == ["final_model", "seed_model"]  # one method: its run holds M
+        assert "test_accuracy" in run.data.metrics
+        for name in (TRAIN_LOSS_METRIC, SEED_TRAIN_LOSS_METRIC):  # sent live, through the logging thread
+            assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [0, 1]
+
+
+def test_a_logging_error_stops_the_grid_one_block_later_at_most(data_dir, mlflow_store, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    client = MlflowClient()
+    client.create_experiment("blocked-blocks", artifact_location=str(blocker / "artifacts"))
+    with pytest.raises(AltrackError, match="cannot store its artifacts"):
+        run_grid(_blocks_of_one_seed(data_dir, "blocked-blocks"), progress=False)
+    runs = client.search_runs([client.get_experiment_by_name("blocked-blocks").experiment_id],
+                              "tags.`altrack.kind` = 'protocol'")  # fmt: skip
+    # block 1 failed on the logging thread while block 2 trained; block 3 was never claimed
+    status = {r.data.params.get("seed"): r.info.status for r in runs}
+    assert len(runs) == 2 and status.get("0") == "FAILED" and "FINISHED" not in status.values()
 
 
 def test_unreachable_tracking_server_fails_at_start_up(tmp_path, data_dir):

@@ -11,8 +11,9 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -276,14 +277,22 @@ class LiveLosses:
     seconds, one batch per run, and at a model's last epoch (``epochs``), so that a finished
     curve does not wait through the selection that follows it: a send is a store transaction
     per run, and sending every epoch of every stacked model (840 in the README's main job) cost
-    more than three seconds of waiting at the blocks' ends. Asynchronous (MLflow's queue);
-    ``flush`` sends the rest and waits, before the runs are filled in."""
+    more than three seconds of waiting at the blocks' ends.
+
+    The sends are asynchronous: by default through MLflow's queue, and ``flush`` sends the rest
+    and waits, before the runs are filled in. ``post(fn)``, when given, runs a send elsewhere
+    instead, in order (the thread a grid fills its runs in on, ``grid._Behind``): MLflow keeps
+    one queue per store, and a run ended on another thread (``set_terminated``) shuts that queue
+    down under a sender (MLflow 3.17). ``flush`` then only sends; whatever the poster runs
+    after it sees every point."""
 
     PERIOD = 1.0
 
-    def __init__(self, runs: dict[object, str], epochs: int) -> None:
+    def __init__(self, runs: dict[object, str], epochs: int,
+                 post: Callable[[Callable[[], None]], None] | None = None) -> None:  # fmt: skip
         self.runs = runs
         self.epochs = epochs
+        self.post = post
         self.client = MlflowClient()
         self.pending: dict[str, list[Metric]] = {}
         self.sent = time.monotonic()
@@ -302,15 +311,24 @@ class LiveLosses:
             self._send()
 
     def _send(self) -> None:
-        for run_id, metrics in self.pending.items():
-            self.client.log_batch(run_id, metrics=metrics, synchronous=False)  # MLflow splits it into batches
-        self.pending.clear()
+        batches, self.pending = self.pending, {}
+        if self.post is not None:
+            self.post(partial(_log_batches, self.client, batches))
+        else:
+            for run_id, metrics in batches.items():
+                self.client.log_batch(run_id, metrics=metrics, synchronous=False)  # MLflow splits it into batches
         self.sent = time.monotonic()
 
     def flush(self) -> None:
-        """Send what is pending and wait until the store has every point."""
+        """Send what is pending and, through MLflow's queue, wait until the store has every point."""
         self._send()
-        mlflow.flush_async_logging()
+        if self.post is None:
+            mlflow.flush_async_logging()
+
+
+def _log_batches(client: MlflowClient, batches: dict[str, list[Metric]]) -> None:
+    for run_id, metrics in batches.items():
+        client.log_batch(run_id, metrics=metrics)
 
 
 def _blank_nan(value: float) -> str | float:
