@@ -95,10 +95,16 @@ def main() -> None:
     results = [(name, *run(root, options)) for name, root, options in runs]
     base = results[0][1]
     width = max(11, *(len(name) + 2 for name, *_ in results))
-    print(f"{'engine':<{width}}{'wall':>9}{'s/run':>8}{'peak MB':>9}{'x this':>8}")
-    for name, wall, peak, _ in results:
-        print(f"{name:<{width}}{wall / 60:>8.2f}m{wall / n_runs:>8.2f}{peak:>9.0f}{wall / base:>8.2f}")
+    print(f"{'engine':<{width}}{'wall':>9}{'s/run':>8}{'peak MB':>9}{'x this':>8}  same table")
+    for name, wall, peak, table in results:
+        same = "yes" if accuracy_rows(table) == accuracy_rows(results[0][3]) else "NO"
+        print(f"{name:<{width}}{wall / 60:>8.2f}m{wall / n_runs:>8.2f}{peak:>9.0f}{wall / base:>8.2f}  {same}")
     print(results[0][3])
+
+
+def accuracy_rows(table: str) -> list[list[str]]:
+    """The report's (method, mean, std) rows, in order: what two engines must agree on."""
+    return [line.split()[:3] for line in table.splitlines() if line.startswith("  ") and "method" not in line]
 
 
 if __name__ == "__main__":
