@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from altrack import report
 from altrack.catalog import CORESET_METHODS
 from altrack.config import GridConfig
 from altrack.data import load_dataset, release_datasets, resolve_device, set_determinism
-from altrack.errors import AltrackError
+from altrack.errors import AltrackError, first_line
 from altrack.liveness import clean_stale_temp_dirs, temp_dir
 from altrack.protocol import (
     Progress,
@@ -173,7 +173,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         with closing(_run_blocks(cfg, device, keys, parent_id, parent.info.experiment_id, progress)) as done_blocks:
             for block_rows in done_blocks:
                 rows += block_rows
-                client.log_metric(parent_id, PROGRESS_METRIC, len(rows) / len(hashes), step=len(rows))  # the UI's bar
+                client.log_metric(parent_id, PROGRESS_METRIC, len(rows) / len(hashes), step=len(rows),
+                                  synchronous=True)  # the UI's bar; never MLflow's queue: the logging thread shuts it
                 failed = [row for row in block_rows if not row.finished]
                 if failed and cfg.fail_fast:
                     raise AltrackError(f"{failed[0].run_id} failed: {failed[0].error} (--fail-fast)")
@@ -355,18 +356,18 @@ class _Behind:
     (params, selection plot, models, metrics) costs about a third of a second of host time,
     which on a GPU is most of a grid's wall time and on a CPU a sixth. At most one block is
     behind: ``submit`` first waits for the one before, so a logging error surfaces one block
-    late at most, and ``close`` waits for the last. The live epoch losses go through the same
-    thread (``post``), in order, so a block's are in the store before its runs are filled in.
-    The store's writes for a run are ``log_run``'s, as before; a run's results do not depend on
-    when it is logged."""
+    late at most (``_run_blocks`` then marks the runs it leaves unfilled KILLED), and ``close``
+    waits for the last. The live epoch losses go through the same thread (``post``), in order,
+    so a block's are in the store before its runs are filled in; as through MLflow's queue, a
+    failed send of them is a warning. The store's writes for a run are ``log_run``'s, as
+    before; a run's results do not depend on when it is logged."""
 
     def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="altrack-log")
         self.pending: Future | None = None
-        self.posted: list[Future] = []
 
     def post(self, fn: Callable[[], None]) -> None:
-        self.posted.append(self.pool.submit(fn))
+        self.pool.submit(fn)
 
     def submit(self, fn: Callable[..., None], *args: object) -> None:
         self.wait()
@@ -377,14 +378,26 @@ class _Behind:
         if pending is not None:
             pending.result()
 
-    def close(self) -> None:
-        """Wait for everything submitted and posted; the first error of a block, else of a post."""
+    def close(self, leaving: BaseException | None = None) -> None:
+        """Wait for everything submitted and posted. A logging error is raised, unless an
+        exception is ``leaving`` already: then it only says so, and that exception goes on."""
         try:
             self.wait()
+        except Exception as exc:
+            if leaving is None:
+                raise
+            print(f"altrack: also, a block's runs were not filled in: {first_line(exc)}", file=sys.stderr)
         finally:
             self.pool.shutdown()
-        for future in self.posted:
-            future.result()
+
+
+def _kill_unfilled(parent_id: str, experiment_id: str, exc: BaseException) -> None:
+    """Mark KILLED the runs this grid claimed and will not fill in now (a block trained while
+    the one before failed to log, a block Ctrl-C stopped), rather than leave them RUNNING until
+    the next invocation's ``close_dead_runs``. Best effort: the store may be what failed."""
+    reason = f"the grid stopped before this run was filled in: {first_line(exc) or type(exc).__name__}"
+    with suppress(Exception):  # the exception already leaving says what went wrong
+        kill_running_children(MlflowClient(), parent_id, experiment_id, reason)
 
 
 def _block_worker(cfg: GridConfig, device: str, block: tuple, parent_id: str, experiment_id: str,
@@ -407,8 +420,11 @@ def _run_blocks(
             try:
                 for block in work:
                     yield run_logged_block(cfg, device, block, parent_id, experiment_id, bar=bar, behind=behind)
-            finally:  # every run filled in before the report, or before an error leaves the grid
-                behind.close()
+            except BaseException as exc:  # an error, Ctrl-C, or the caller stopping (fail-fast)
+                behind.close(leaving=exc)
+                _kill_unfilled(parent_id, experiment_id, exc)
+                raise
+            behind.close()  # every run filled in before the report
             return
         uri = mlflow.get_tracking_uri()
         jobs = [(cfg, device, block, parent_id, experiment_id, uri) for block in work]

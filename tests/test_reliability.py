@@ -22,7 +22,7 @@ from altrack.errors import AltrackError
 from altrack.grid import run_grid
 from altrack.settings import Settings
 from altrack.tracking.query import rows_from_mlflow
-from altrack.tracking.tags import SEED_TRAIN_LOSS_METRIC, TRAIN_LOSS_METRIC
+from altrack.tracking.tags import ERROR_TAG, SEED_TRAIN_LOSS_METRIC, TRAIN_LOSS_METRIC
 
 GRID = ["run", "--datasets", "mnist", "--methods", "margin,random", "--budget", "100,200,300", "--runs", "3",
         "--epochs", "1", "--device", "cpu", "--no-log-models", "--quiet", "--experiment", "grid"]  # fmt: skip
@@ -152,9 +152,12 @@ def test_a_logging_error_stops_the_grid_one_block_later_at_most(data_dir, mlflow
         run_grid(_blocks_of_one_seed(data_dir, "blocked-blocks"), progress=False)
     runs = client.search_runs([client.get_experiment_by_name("blocked-blocks").experiment_id],
                               "tags.`altrack.kind` = 'protocol'")  # fmt: skip
-    # block 1 failed on the logging thread while block 2 trained; block 3 was never claimed
+    # block 1 failed on the logging thread while block 2 trained (its run KILLED, not left
+    # RUNNING); block 3 was never claimed
     status = {r.data.params.get("seed"): r.info.status for r in runs}
-    assert len(runs) == 2 and status.get("0") == "FAILED" and "FINISHED" not in status.values()
+    assert len(runs) == 2 and status.pop("0") == "FAILED" and list(status.values()) == ["KILLED"]
+    killed = next(r for r in runs if r.info.status == "KILLED")
+    assert "the grid stopped before this run was filled in: run " in killed.data.tags[ERROR_TAG]
 
 
 def test_unreachable_tracking_server_fails_at_start_up(tmp_path, data_dir):

@@ -327,8 +327,13 @@ class LiveLosses:
 
 
 def _log_batches(client: MlflowClient, batches: dict[str, list[Metric]]) -> None:
+    """A ``post``-ed send: best effort, as MLflow's queue is (it logs a failed write, and the
+    run's final metrics do not depend on it), so a lost curve never costs the grid."""
     for run_id, metrics in batches.items():
-        client.log_batch(run_id, metrics=metrics)
+        try:
+            client.log_batch(run_id, metrics=metrics)
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger(__name__).warning("live losses of run %s not stored: %s", run_id, first_line(exc))
 
 
 def _blank_nan(value: float) -> str | float:
