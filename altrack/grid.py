@@ -420,11 +420,11 @@ def _run_blocks(
             try:
                 for block in work:
                     yield run_logged_block(cfg, device, block, parent_id, experiment_id, bar=bar, behind=behind)
-            except BaseException as exc:  # an error, Ctrl-C, or the caller stopping (fail-fast)
+                behind.close()  # every run filled in before the report
+            except BaseException as exc:  # an error (the last block's logging too), Ctrl-C, fail-fast
                 behind.close(leaving=exc)
                 _kill_unfilled(parent_id, experiment_id, exc)
                 raise
-            behind.close()  # every run filled in before the report
             return
         uri = mlflow.get_tracking_uri()
         jobs = [(cfg, device, block, parent_id, experiment_id, uri) for block in work]
