@@ -36,7 +36,7 @@ from altrack.settings import RunKey, Settings
 from altrack.stack import infer_stacked, model_bytes, train_stacked
 from altrack.train import Outputs, forward_all, score
 
-SEED_SET, SEED_INIT, SEED_ORDER, SELECT, FINAL_INIT, FINAL_ORDER = range(6)
+SEED_SET, SEED_INIT, SEED_ORDER, SELECT, FINAL_INIT, FINAL_ORDER, SHARED_SELECT = range(7)
 
 EpochHook = Callable[[int, float], None]
 # one model's epoch loss as it trains: (what, epoch, loss), what a seed (seed model) or a RunKey (final model)
@@ -300,6 +300,8 @@ class SeedStage:
     grad_loss: np.ndarray
     test_accuracy: float
     seconds: float
+    # what the stage's selection methods share (``SelectionContext.shared``), filled in as they run
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def available_indices(n_train: int, holdout: np.ndarray | None) -> np.ndarray:
@@ -415,8 +417,9 @@ class RunResult:
 
 
 def select(stage: SeedStage, method: str, settings: Settings, device: str = "cpu") -> SelectionResult:
-    """``method``'s selection from the stage's pool, from the method's own random stream; the
-    distance kernels run on ``device``."""
+    """``method``'s selection from the stage's pool, from the method's own random stream and
+    what the stage's methods share (the coreset's clustering); the distance kernels run on
+    ``device``."""
     ctx = SelectionContext(
         seed_indices=stage.seed_indices,
         pool_indices=stage.pool_indices,
@@ -428,7 +431,9 @@ def select(stage: SeedStage, method: str, settings: Settings, device: str = "cpu
         grad_loss=stage.grad_loss,
         settings=settings,
         rng=np.random.default_rng(stream_seed(stage.seed, SELECT, method)),
+        shared_seed=stream_seed(stage.seed, SHARED_SELECT),
         device=device,
+        shared=stage.shared,
     )
     return get_selector(method).select(ctx)
 

@@ -334,7 +334,7 @@ def train_stacked(
     if pads:  # the padding trains model 0's copy on model 0's rows: a real step's shapes, no NaN
         indices = torch.cat([indices, indices[:1].expand(pads, -1)])
         weights = None if weights is None else torch.cat([weights, weights[:1].expand(pads, -1)])
-    optimizer = Adam(net.params, lr, schedule=adam_schedule(device, epochs, n, batch_size))
+    optimizer = Adam(net.params, lr, schedule=adam_schedule(device, epochs, n, batch_size), stacked=True)
     if weights is not None:
         weights = weights / weights.mean(1, keepdim=True)
     losses: list[list[float]] = [[] for _ in range(n_models)]

@@ -1,9 +1,9 @@
-"""Where a grid's time goes: 7 methods x 5 seeds at k=2000 with synchronised timers around the
+"""Where a grid's time goes: 7 methods x 5 seeds at k=2000 (``--budget``) with synchronised timers around the
 engine's phases (training stacks, building and exporting models, outputs and evaluation, each
 selection method), then a cProfile of the selections. On CUDA the timers' synchronisations cost
 a little; the plain grid's wall time is printed first.
 
-    python benchmarks/bench_phases.py [cuda|cpu] [cifar10|mnist|fashion_mnist] [--one | --first]
+    python benchmarks/bench_phases.py [cuda|cpu] [cifar10|mnist|fashion_mnist] [--one | --first] [--budget K]
 
 cifar10 runs on CIFAR-10-shaped random pixels (``bench_engine.synthetic_cifar``); the others read
 ``$ALTRACK_DATA_DIR``. ``--one``: one plain grid before the timed one (default two); ``--first``:
@@ -66,6 +66,7 @@ def main() -> None:
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--one", action="store_true", help="one plain grid before the timed one")
     runs.add_argument("--first", action="store_true", help="time the process's first grid")
+    parser.add_argument("--budget", type=int, default=2000, help="k (default 2000)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="altrack-synthetic-") as synthetic:
         if args.dataset == "cifar10":
@@ -73,12 +74,12 @@ def main() -> None:
             folder = synthetic
         else:
             folder = os.environ.get("ALTRACK_DATA_DIR", str(ROOT.parent / "shared/data"))
-        phases(args.device, args.dataset, folder, 0 if args.first else 1 if args.one else 2)
+        phases(args.device, args.dataset, folder, 0 if args.first else 1 if args.one else 2, args.budget)
 
 
-def phases(device: str, dataset: str, folder: str, plain_runs: int) -> None:
+def phases(device: str, dataset: str, folder: str, plain_runs: int, budget: int = 2000) -> None:
     set_determinism(device)
-    cfg = GridConfig(datasets=(dataset,), methods=available_methods(), budgets=(2000,), runs=5, device=device,
+    cfg = GridConfig(datasets=(dataset,), methods=available_methods(), budgets=(budget,), runs=5, device=device,
                      data_dir=folder, out=None, log_models=False, settings=Settings())  # fmt: skip
     load_dataset(dataset, folder, device)
     walls = []

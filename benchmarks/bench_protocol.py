@@ -23,7 +23,7 @@ from sklearn.cluster import KMeans
 from torch.utils.data import DataLoader, Subset
 
 from altrack.data import load_dataset
-from altrack.protocol import SEED_SET, SELECT, run_method, stream_seed, train_seed_stage
+from altrack.protocol import SEED_SET, SELECT, SHARED_SELECT, run_method, stream_seed, train_seed_stage
 from altrack.selection import SelectionContext
 from altrack.selection.coreset import CoresetSelector
 from altrack.settings import Settings
@@ -94,6 +94,7 @@ def reference_run(root: Path, seed: int) -> tuple[float, float]:
         grad_loss=ce.numpy(),
         settings=settings,
         rng=np.random.default_rng(stream_seed(seed, SELECT, "coreset")),
+        shared_seed=stream_seed(seed, SHARED_SELECT),
     )
     chosen = SklearnCoreset().select(ctx).indices
     torch.manual_seed(seed + 1)

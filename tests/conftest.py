@@ -97,4 +97,5 @@ def make_context(
         grad_loss=grad_loss,
         settings=settings or Settings(),
         rng=np.random.default_rng(seed + 1),
+        shared_seed=seed + 2,
     )

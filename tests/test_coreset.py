@@ -138,3 +138,41 @@ def test_the_device_path_of_the_pool_distances_is_the_cpu_path_up_to_rounding():
     device = _sq_offsets_on_device(*(torch.from_numpy(a) for a in (points, centres, nearest_centre)))
     np.testing.assert_allclose(device, cpu, rtol=1e-12)
     assert (cpu > 0).sum() == 493  # the 7 centre rows themselves are at 0
+
+
+class _CountingCoreset(type(get_selector("coreset-grad"))):
+    """coreset-grad whose k-means counts its calls (the real k-means, run)."""
+
+    calls = 0
+
+    @staticmethod
+    def cluster(points, k, seed, device="cpu"):
+        _CountingCoreset.calls += 1
+        return type(get_selector("coreset")).cluster(points, k, seed, device)
+
+
+def test_both_variants_read_one_clustering_of_the_stage_and_alone_compute_the_same():
+    """In the embedding space the loss and gradient variants cluster the same points: a stage
+    clusters once, with its shared seed, and a variant run alone (a fresh ``shared``) picks what
+    it picks beside the other."""
+    ctx = make_context(n_train=500, n_seed=40, budget=150)
+    loss_based = get_selector("coreset").select(ctx)
+    assert len(ctx.shared) == 1
+    beside = get_selector("coreset-grad").select(dataclasses.replace(ctx, rng=np.random.default_rng(7)))
+    assert len(ctx.shared) == 1  # read, not computed again
+    alone = get_selector("coreset-grad").select(dataclasses.replace(ctx, rng=np.random.default_rng(7), shared={}))
+    np.testing.assert_array_equal(beside.indices, alone.indices)
+    np.testing.assert_array_equal(beside.weights, alone.weights)
+    centres = loss_based.roles == "centre"
+    np.testing.assert_array_equal(loss_based.indices[centres], beside.indices[beside.roles == "centre"])
+    assert not np.array_equal(loss_based.indices[~centres], beside.indices[~centres])  # their own losses and draws
+    other_seed = get_selector("coreset").select(dataclasses.replace(ctx, shared_seed=ctx.shared_seed + 1, shared={}))
+    assert not np.array_equal(other_seed.indices[centres], loss_based.indices[centres])
+    _CountingCoreset.calls = 0
+    _CountingCoreset().select(ctx)  # another k-means function: its own entry
+    _CountingCoreset().select(dataclasses.replace(ctx, rng=np.random.default_rng(3)))
+    assert _CountingCoreset.calls == 1 and len(ctx.shared) == 2
+    loss_space = dataclasses.replace(ctx, settings=Settings(coreset_space="loss"), shared={})
+    get_selector("coreset").select(loss_space)
+    get_selector("coreset-grad").select(loss_space)
+    assert len(loss_space.shared) == 2  # clustered on each variant's own loss: nothing to share

@@ -1,4 +1,5 @@
-"""altrack.train's plain Adam: torch's update, the same bits in any blocking and memory layout."""
+"""altrack.train's Adam: torch's update; the elementwise path gives the same bits in any blocking and
+memory layout, the fused one (a CPU's) the same bits for a model alone and stacked."""
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def _run(block: int, reference: bool = False) -> list[torch.Tensor]:
     if reference:
         optimizer = torch.optim.Adam(params, lr=1e-2, foreach=False)
     else:
-        optimizer = type("BlockedAdam", (Adam,), {"CPU_BLOCK": block})(params, 1e-2)
+        optimizer = type("BlockedAdam", (Adam,), {"CPU_BLOCK": block})(params, 1e-2, fused=False)
     for step in grads:
         for p, grad in zip(params, step, strict=True):
             p.grad = grad.clone()
@@ -70,7 +71,7 @@ def test_adam_follows_a_swapped_storage_and_steps_a_slice():
     params, grads = _params_and_grads(1)
     base = torch.randn(7, 12)
     sliced = base[:, :5]  # strides that flatten in no order
-    optimizer = Adam([params[0].requires_grad_(True), sliced], 1e-2)
+    optimizer = Adam([params[0].requires_grad_(True), sliced], 1e-2, fused=False)
     params[0].data = params[0].detach().clone() * 2  # new storage after the plan was made
     expected = _literal([params[0].detach(), sliced.clone()], [[grads[0][0], torch.ones(7, 5)]], 1e-2)
     params[0].grad, sliced.grad = grads[0][0].clone(), torch.ones(7, 5)
@@ -87,7 +88,7 @@ def test_adam_reading_its_schedule_from_a_table_gives_the_same_bits():
     params, grads = _params_and_grads(2)
     plain = [p.clone(memory_format=torch.preserve_format).requires_grad_(True) for p in params]
     tabled = [p.clone(memory_format=torch.preserve_format).requires_grad_(True) for p in params]
-    a, b = Adam(plain, 1e-2), Adam(tabled, 1e-2, schedule=len(grads))
+    a, b = Adam(plain, 1e-2, fused=False), Adam(tabled, 1e-2, schedule=len(grads), fused=False)
     for step in grads:
         for p, q, grad in zip(plain, tabled, step, strict=True):
             p.grad, q.grad = grad.clone(), grad.clone()
@@ -95,3 +96,58 @@ def test_adam_reading_its_schedule_from_a_table_gives_the_same_bits():
         b.step()
         assert all(torch.equal(p, q) for p, q in zip(plain, tabled, strict=True))
     assert int(b._step) == len(grads)
+
+
+def _fused_run(params: list[torch.Tensor], grads: list[list[torch.Tensor]], **kwargs) -> list[torch.Tensor]:
+    params = [p.clone().requires_grad_(True) for p in params]
+    optimizer = Adam(params, 1e-2, **kwargs)
+    for step in grads:
+        for p, grad in zip(params, step, strict=True):
+            p.grad = grad.clone()
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+def test_the_fused_path_is_torchs_fused_adam_bit_for_bit():
+    params, grads = _params_and_grads(3)
+    params = [p.contiguous() for p in params]
+    ours = _fused_run(params, grads)
+    reference = [p.clone().requires_grad_(True) for p in params]
+    optimizer = torch.optim.Adam(reference, lr=1e-2, fused=True)
+    for step in grads:
+        for p, grad in zip(reference, step, strict=True):
+            p.grad = grad.clone()
+        optimizer.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(ours, reference, strict=True))
+    assert all(not torch.equal(a, p) for a, p in zip(ours, params, strict=True))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("models", "size"), [(8, 51), (5, 300), (3, 217), (9, 102), (7, 100_352)])
+def test_a_stacked_parameter_gets_each_models_bits_alone(models, size, threads):
+    """The fused kernel rounds its vector and scalar lanes differently, so a stacked tensor
+    updated whole gives some elements other bits than their model alone (these sizes did, with
+    AVX-512); ``stacked=True`` hands it each model's slice as a tensor of its own."""
+    g = torch.Generator().manual_seed(size)
+    stack = torch.randn(models, size, generator=g)
+    grads = [[torch.randn(models, size, generator=g) * 10.0**-e] for e in range(0, 9, 2)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = _fused_run([stack], grads, stacked=True)[0]
+    finally:
+        torch.set_num_threads(previous)
+    for i in range(models):
+        alone = _fused_run([stack[i]], [[step[0][i].contiguous()] for step in grads])[0]
+        assert torch.equal(together[i], alone)
+
+
+def test_the_fused_path_is_refused_off_a_cpu_and_steps_what_it_cannot_take_elementwise():
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CPU only"):
+            Adam([torch.zeros(3, device="cuda")], 1e-2, fused=True)
+    params, grads = _params_and_grads(4)  # params[1] is channels-last: not contiguous
+    fused = _fused_run(params, grads)
+    plain = _fused_run(params, grads, fused=False)
+    assert torch.equal(fused[1], plain[1])
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-6, atol=1e-7)

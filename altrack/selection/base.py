@@ -30,8 +30,12 @@ class SelectionContext:
     ce_loss: np.ndarray  # (n_train,) CE of M on the true label
     grad_loss: np.ndarray  # (n_train,) ||grad of CE wrt last layer||^2
     settings: Settings
-    rng: np.random.Generator
+    rng: np.random.Generator  # the method's own stream
+    shared_seed: int  # seeds the random work a stage's methods share (the coreset's k-means), the same for each
     device: str = "cpu"  # where the distance kernels run (the dataset's device)
+    # what a stage's methods share, filled in by the first that needs it (``coreset.Clustering``):
+    # the same dict for every method of the stage, a fresh one for a method run alone
+    shared: dict = field(default_factory=dict)
 
     @property
     def n_select(self) -> int:

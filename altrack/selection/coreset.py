@@ -3,6 +3,8 @@
 1. k-means with k'' clusters on M's pool embeddings (or, with ``coreset_space=loss``, on M's 1-D
    losses, the reading of the original experiment's README; that reading needs every pool
    point's true label, which a real labelling budget would not give, so it is for comparison).
+   In the embedding space both variants (loss, gradient) cluster the same points: a stage
+   clusters once, with a seed of its own, and both read the result (``Clustering``).
 2. Each centre is replaced by its nearest free pool point (the *snap*); those k'' centre points
    are selected and their labels bought.
 3. Every other pool point e is scored against its nearest centre point c_e (after the snap, so
@@ -34,6 +36,8 @@ Distances are exact float64 differences, and a pair counts only when its distanc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -134,6 +138,23 @@ def score_pool(
     ``points`` (n, d), an array or a float32 tensor already on ``device``; ``centres`` (m, d),
     ``centre_loss`` and ``lam`` (m,).
     """
+    nearest_centre, sq = assign(points, centres, device)
+    return _estimate(centre_loss, lam, nearest_centre, sq)
+
+
+def _estimate(
+    centre_loss: np.ndarray, lam: np.ndarray, nearest_centre: np.ndarray, sq: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    distance = lam[nearest_centre] * sq
+    return centre_loss[nearest_centre] + distance, distance, nearest_centre
+
+
+def assign(
+    points: np.ndarray | torch.Tensor, centres: np.ndarray, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's nearest centre (n,) and its exact float64 squared distance to it (n,).
+
+    ``points`` (n, d), an array or a float32 tensor already on ``device``; ``centres`` (m, d)."""
     xt = points if isinstance(points, torch.Tensor) else as_tensor(points, device)
     ct = as_tensor(centres, device)
     nearest_centre, _ = nearest(xt, ct)
@@ -141,11 +162,8 @@ def score_pool(
     if xt.device.type != "cuda":  # (MPS has no float64)
         host = xt.cpu().numpy() if isinstance(points, torch.Tensor) else points
         offset = host.astype(np.float64) - centres[c].astype(np.float64)
-        sq = np.einsum("ij,ij->i", offset, offset)
-    else:  # a float64 pass over the pool on the host took longer than the rest of the scoring
-        sq = _sq_offsets_on_device(xt, ct, nearest_centre)
-    distance = lam[c] * sq
-    return centre_loss[c] + distance, distance, c
+        return c, np.einsum("ij,ij->i", offset, offset)
+    return c, _sq_offsets_on_device(xt, ct, nearest_centre)  # a float64 pass on the host took longer
 
 
 def _sq_offsets_on_device(points: torch.Tensor, centres: torch.Tensor, nearest_centre: torch.Tensor) -> np.ndarray:
@@ -170,6 +188,25 @@ def _kmeans(points: np.ndarray, k: int, seed: int, device: str = "cpu") -> tuple
     return result.centres, result.labels
 
 
+@dataclass(frozen=True)
+class Clustering:
+    """Algorithm 1's steps 1 and 2 and the geometry of step 3: what depends on the space the pool
+    is clustered in and on k'', not on the loss. In the embedding space both variants of the
+    algorithm (loss and gradient) cluster the same points, so a stage computes it once, with the
+    stage's shared seed, and both read it (``SelectionContext.shared``): the variants differ in
+    their loss alone, a paired comparison, and the k-means, most of a coreset's time, runs once
+    instead of twice. A variant run alone computes the same clustering."""
+
+    centres: np.ndarray  # (k'', d) the k-means centres
+    cluster_of: np.ndarray  # (n_pool,) each pool point's k-means cluster
+    centre_pos: np.ndarray  # (k'',) pool positions of the snapped centre points
+    centre_space: np.ndarray  # (k'', d) those points
+    rest: np.ndarray  # (n_pool - k'',) the other pool positions, sorted
+    nearest_centre: np.ndarray  # (n_pool - k'',) each one's nearest centre point (a row of centre_pos)
+    sq: np.ndarray  # (n_pool - k'',) float64 squared distance to it
+    inertia: float  # of the k-means centres and labels
+
+
 class _SensitivitySampling(Selector):
     """Shared Algorithm 1; subclasses choose the per-point loss l.
 
@@ -183,35 +220,36 @@ class _SensitivitySampling(Selector):
     def loss(self, ctx: SelectionContext) -> np.ndarray:
         return ctx.ce_loss if self.loss_name == "ce" else ctx.grad_loss
 
+    def clustering(self, ctx: SelectionContext, n_clusters: int) -> Clustering:
+        """The stage's ``Clustering`` of its pool into ``n_clusters``, computed on first use."""
+        embedding = ctx.settings.coreset_space == "embedding"
+        key = ("coreset clustering", "embedding" if embedding else self.loss_name, n_clusters, self.cluster, ctx.device)
+        found = ctx.shared.get(key)
+        if found is None:
+            space = ctx.embeddings if embedding else self.loss(ctx)[:, None]
+            seed = int(np.random.default_rng(ctx.shared_seed).integers(2**31))  # sklearn's range, for the benchmarks
+            pool_space = np.ascontiguousarray(space[ctx.pool_indices], dtype=np.float32)
+            found = ctx.shared[key] = _cluster_pool(pool_space, n_clusters, seed, ctx.device, self.cluster)
+        return found
+
     def select(self, ctx: SelectionContext) -> SelectionResult:
         settings = ctx.settings
         pool = ctx.pool_indices
         loss = self.loss(ctx)  # read at centre points only: the labels this method buys
-        space = ctx.embeddings if settings.coreset_space == "embedding" else loss[:, None]
-        pool_space = np.ascontiguousarray(space[pool], dtype=np.float32)
-
         n_clusters = settings.n_clusters(ctx.budget, ctx.n_select)
         n_sample = ctx.n_select - n_clusters
-        centres, cluster_of = self.cluster(pool_space, n_clusters, int(ctx.rng.integers(2**31)), ctx.device)
-        pool_t = as_tensor(pool_space, ctx.device)  # uploaded once for the snap, the scores and the inertia
-        centre_pos = nearest_distinct(pool_t, as_tensor(centres, ctx.device))
-        centre_space = pool_space[centre_pos]
-        centre_loss = np.asarray(loss[pool[centre_pos]], dtype=np.float64)
+        found = self.clustering(ctx, n_clusters)
+        centre_loss = np.asarray(loss[pool[found.centre_pos]], dtype=np.float64)
 
         mode = parse_lam_mode(settings.lam)
-        lam = estimate_lambda(mode, centre_space, centre_loss, len(pool))
-
-        free = np.ones(len(pool), dtype=bool)
-        free[centre_pos] = False
-        rest = np.flatnonzero(free)  # sorted pool positions
-        rest_t = pool_t.index_select(0, torch.from_numpy(rest).to(pool_t.device))
-        estimate, distance, nearest_centre = score_pool(rest_t, centre_space, centre_loss, lam, ctx.device)
+        lam = estimate_lambda(mode, found.centre_space, centre_loss, len(pool))
+        estimate, distance, nearest_centre = _estimate(centre_loss, lam, found.nearest_centre, found.sq)
         drawn, probs, inclusion = sample_without_replacement(estimate, n_sample, ctx.rng)
 
         roles = np.array(["centre"] * n_clusters + ["sampled"] * n_sample, dtype=object)
         probabilities = np.concatenate([np.full(n_clusters, np.nan), probs[drawn]])
         weights = np.concatenate([np.ones(n_clusters), 1.0 / inclusion[drawn]])
-        indices = np.concatenate([pool[centre_pos], pool[rest[drawn]]]).astype(np.int64)
+        indices = np.concatenate([pool[found.centre_pos], pool[found.rest[drawn]]]).astype(np.int64)
         total = float(estimate.sum())
         info = {
             "n_clusters": n_clusters,
@@ -219,11 +257,29 @@ class _SensitivitySampling(Selector):
             "lam": float(np.median(lam)) if len(lam) else 0.0,
             "lam_mode": str(settings.lam),
             "distance_share": float(distance.sum()) / total if total > 0 else 0.0,
-            "snap_moved": int((nearest_centre != cluster_of[rest]).sum()),
-            "kmeans_inertia": _inertia(pool_space, pool_t, centres, cluster_of),
+            "snap_moved": int((nearest_centre != found.cluster_of[found.rest]).sum()),
+            "kmeans_inertia": found.inertia,
             "probability_sum": float(probs.sum()),
         }
         return SelectionResult(indices, roles, probabilities, weights, info)
+
+
+def _cluster_pool(
+    pool_space: np.ndarray, n_clusters: int, seed: int, device: str, cluster: Callable
+) -> Clustering:
+    """k-means of the (n_pool, d) pool points, the snap of its centres to distinct pool points,
+    and every other pool point's nearest centre point."""
+    centres, cluster_of = cluster(pool_space, n_clusters, seed, device)
+    pool_t = as_tensor(pool_space, device)  # uploaded once for the snap, the distances and the inertia
+    centre_pos = nearest_distinct(pool_t, as_tensor(centres, device))
+    free = np.ones(len(pool_space), dtype=bool)
+    free[centre_pos] = False
+    rest = np.flatnonzero(free)  # sorted pool positions
+    rest_t = pool_t.index_select(0, torch.from_numpy(rest).to(pool_t.device))
+    centre_space = pool_space[centre_pos]
+    nearest_centre, sq = assign(rest_t, centre_space, device)
+    inertia = _inertia(pool_space, pool_t, centres, cluster_of)
+    return Clustering(centres, cluster_of, centre_pos, centre_space, rest, nearest_centre, sq, inertia)
 
 
 @register
