@@ -153,9 +153,16 @@ class StackedNet:
                     stacked = torch.stack([t.permute(0, 2, 3, 1) for t in tensors]).contiguous()
                 else:  # as the models keep it (channels last)
                     stacked = torch.stack(tensors).clone()
-                self.params.append(stacked.requires_grad_(True))
+                self.params.append(stacked.requires_grad_(batched))
                 self.slots.append((position, name))
         self.index = {slot: i for i, slot in enumerate(self.slots)}
+        # the exact path trains each model's slice of a stacked tensor as a leaf of its own, a view
+        # of the stack: its gradient is the model's GEMM's output, kept as it is. Slicing a stacked
+        # leaf in the forward pass instead had the backward stack N slices' gradients into a new
+        # (N, ...) tensor every step: on a CPU that copy took half of a step of 7 MNIST MLPs
+        self.leaves: list[list[torch.Tensor]] = [
+            [] if batched else [t.detach()[i].requires_grad_(True) for i in range(self.n)] for t in self.params
+        ]
         # the order the layers run in: a ReLU then a max-pool runs as the pool then the ReLU. Max
         # commutes with a monotone ReLU, in value and in the gradient's route (the window's first
         # maximum, zeroed where it is not positive), so the bits are the model's up to the sign of
@@ -167,6 +174,15 @@ class StackedNet:
 
     def _param(self, position: int, name: str) -> torch.Tensor:
         return self.params[self.index[(position, name)]]
+
+    def _leaves(self, position: int, name: str) -> list[torch.Tensor]:
+        return self.leaves[self.index[(position, name)]]
+
+    @property
+    def trainable(self) -> list[torch.Tensor]:
+        """What autograd fills in and Adam steps: the stacked tensors on the batched path, each
+        model's leaves on the exact one."""
+        return list(self.params) if self.batched else [leaf for leaves in self.leaves for leaf in leaves]
 
     def _patch_major(self, position: int, name: str) -> bool:
         """Whether this stacked tensor is a batched convolution's weight, kept as (N, C_out, kh, kw,
@@ -190,9 +206,9 @@ class StackedNet:
             h = x
         for position in self.order:
             layer = self.layers[position]
-            if isinstance(layer, nn.Conv2d):
-                w = self._param(position, "weight")
-                b = self._param(position, "bias")
+            if isinstance(layer, nn.Conv2d):  # the leaves as one grouped weight (a view when N is 1)
+                w, b = (torch.stack(ts) if n > 1 else ts[0].unsqueeze(0)
+                        for ts in (self._leaves(position, "weight"), self._leaves(position, "bias")))  # fmt: skip
                 h = F.conv2d(h, w.flatten(0, 1), b.flatten(), layer.stride, layer.padding, layer.dilation, groups=n)
             elif isinstance(layer, nn.MaxPool2d):
                 h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
@@ -205,14 +221,12 @@ class StackedNet:
                 else:
                     h = h.flatten(2)
             else:
-                w = self._param(position, "weight")
-                b = self._param(position, "bias")
-                # one addmm per model, the GEMM nn.Linear runs: a batched GEMM (MKL's, cuBLAS's) picks
-                # its kernels by batch count, so a model's bits would depend on its stack. unbind, not
-                # w[i]: one backward for all slices instead of a zero-filled stack each (whose sum also
-                # turned an exact -0.0 gradient into +0.0, as nn.Linear does not)
+                # one addmm per model on its own leaves, the GEMM nn.Linear runs: a batched GEMM
+                # (MKL's, cuBLAS's) picks its kernels by batch count, so a model's bits would depend
+                # on its stack
                 h = torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
-                                 zip(b.unbind(), h.unbind(), w.unbind(), strict=True)])  # fmt: skip
+                                 zip(self._leaves(position, "bias"), h.unbind(), self._leaves(position, "weight"),
+                                     strict=True)])  # fmt: skip
         return h
 
     def _forward_batched(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -334,7 +348,7 @@ def train_stacked(
     if pads:  # the padding trains model 0's copy on model 0's rows: a real step's shapes, no NaN
         indices = torch.cat([indices, indices[:1].expand(pads, -1)])
         weights = None if weights is None else torch.cat([weights, weights[:1].expand(pads, -1)])
-    optimizer = Adam(net.params, lr, schedule=adam_schedule(device, epochs, n, batch_size), stacked=True)
+    optimizer = Adam(net.trainable, lr, schedule=adam_schedule(device, epochs, n, batch_size), stacked=net.batched)
     if weights is not None:
         weights = weights / weights.mean(1, keepdim=True)
     losses: list[list[float]] = [[] for _ in range(n_models)]
@@ -348,7 +362,9 @@ def train_stacked(
     batch_w = None if weights is None else torch.empty(rows, batch_size, dtype=weights.dtype, device=device)
 
     def step(idx: torch.Tensor, w: torch.Tensor | None, size: int) -> None:
-        loss = mean_loss(net.forward(x[idx]), y[idx], w)  # (N,)
+        rows = idx.reshape(-1)  # index_select, not x[idx]: the same copy, on a CPU twice as fast
+        batch = x.index_select(0, rows).view(*idx.shape, *x.shape[1:])
+        loss = mean_loss(net.forward(batch), y.index_select(0, rows).view(idx.shape), w)  # (N,)
         optimizer.zero_grad()
         loss.sum().backward()
         optimizer.step()

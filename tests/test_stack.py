@@ -237,7 +237,9 @@ def test_batched_gemms_give_each_model_its_own_gradient(dataset):
     for batched in (False, True):
         net = StackedNet(models, batched=batched)
         mean_loss(net.forward(x), y, None).sum().backward()
-        grads.append([net.model_layout(slot, p.grad) for slot, p in zip(net.slots, net.params, strict=True)])
+        stacked = [p.grad if batched else torch.stack([leaf.grad for leaf in leaves])
+                   for p, leaves in zip(net.params, net.leaves, strict=True)]  # fmt: skip
+        grads.append([net.model_layout(slot, g) for slot, g in zip(net.slots, stacked, strict=True)])
     for exact, batched in zip(*grads, strict=True):
         torch.testing.assert_close(batched, exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
 
