@@ -12,4 +12,6 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA
 
-__version__ = "0.1.0"
+# part of a run's identity (resume keys, the stage cache): 0.2.0 changed CPU training bits (fused Adam) and
+# the coreset's clustering (one per stage, shared by its two variants)
+__version__ = "0.2.0"

@@ -26,7 +26,7 @@ from altrack.protocol import EpochHook, SeedStage, fresh_model, train_seed_stage
 from altrack.provenance import code_version
 from altrack.settings import Settings
 
-FORMAT = 2  # 2: stages carry the train labels; keys name the code and the data
+FORMAT = 3  # 2: stages carry the train labels; keys name the code and the data. 3: a CPU's fused Adam
 _ARRAYS = ("seed_indices", "pool_indices", "labels", "probs", "embeddings", "ce_loss", "grad_loss")
 
 

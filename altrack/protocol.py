@@ -463,7 +463,7 @@ def run_methods(
             result = RunResult(key, settings, str(device), ident, stage=stage)
             started = time.perf_counter()
             result.selection = select(stage, method, settings, str(device))
-            result.timings["selection_seconds"] = time.perf_counter() - started
+            result.timings["selection_seconds"] = time.perf_counter() - started + result.selection.shared_seconds
             result.timings["seed_train_seconds"] = stage.seconds
             weights = None
             if settings.weighted:

@@ -9,7 +9,9 @@ stack), and grouped convolutions for CifarNet. Batched (CUDA's): the stack padde
 width, one batched GEMM per layer, convolutions as GEMMs of their im2col patches; the width
 fixes the kernels, so a model's bits depend on the width, not on its stack mates. The loss is
 the sum of the models' mean losses, so each model's gradient is its own, and one Adam steps
-every stacked tensor (Adam is elementwise: N independent Adams). On a GPU a step's hundreds of
+them all, N independent Adams: on a CPU each model's slice of a stacked tensor is a leaf of its
+own and Adam torch's fused kernel, tensor by tensor; elsewhere Adam's elementwise ops run over
+the stacked tensors. On a GPU a step's hundreds of
 tiny kernels are recorded once as a CUDA graph and replayed (``altrack.graphs``): on an H100, 35
 stacked MLPs train in a third of the time per model of one alone; on a CPU stacking saves Python
 overhead. Trained CUDA stacks are evaluated the same way, padded to their width
@@ -153,16 +155,21 @@ class StackedNet:
                     stacked = torch.stack([t.permute(0, 2, 3, 1) for t in tensors]).contiguous()
                 else:  # as the models keep it (channels last)
                     stacked = torch.stack(tensors).clone()
-                self.params.append(stacked.requires_grad_(batched))
+                self.params.append(stacked)
                 self.slots.append((position, name))
         self.index = {slot: i for i, slot in enumerate(self.slots)}
-        # the exact path trains each model's slice of a stacked tensor as a leaf of its own, a view
-        # of the stack: its gradient is the model's GEMM's output, kept as it is. Slicing a stacked
-        # leaf in the forward pass instead had the backward stack N slices' gradients into a new
-        # (N, ...) tensor every step: on a CPU that copy took half of a step of 7 MNIST MLPs
+        # on a CPU the exact path trains each model's slice of a stacked tensor as a leaf of its
+        # own, a view of the stack: its gradient is the model's GEMM's output, kept as it is.
+        # Slicing a stacked leaf in the forward pass instead has the backward stack N slices'
+        # gradients into a new (N, ...) tensor every step: on a CPU that copy took half of a step
+        # of 7 MNIST MLPs. Off a CPU the stacked leaf stays: an elementwise Adam launches kernels
+        # per tensor, and N leaves would multiply its launches by N
+        self.per_model = not batched and all(t.device.type == "cpu" for t in self.params)
         self.leaves: list[list[torch.Tensor]] = [
-            [] if batched else [t.detach()[i].requires_grad_(True) for i in range(self.n)] for t in self.params
+            [t.detach()[i].requires_grad_(True) for i in range(self.n)] if self.per_model else [] for t in self.params
         ]
+        for t in self.params if not self.per_model else ():
+            t.requires_grad_(True)
         # the order the layers run in: a ReLU then a max-pool runs as the pool then the ReLU. Max
         # commutes with a monotone ReLU, in value and in the gradient's route (the window's first
         # maximum, zeroed where it is not positive), so the bits are the model's up to the sign of
@@ -175,14 +182,24 @@ class StackedNet:
     def _param(self, position: int, name: str) -> torch.Tensor:
         return self.params[self.index[(position, name)]]
 
-    def _leaves(self, position: int, name: str) -> list[torch.Tensor]:
-        return self.leaves[self.index[(position, name)]]
+    def _leaves(self, position: int, name: str) -> Sequence[torch.Tensor]:
+        """Each model's tensor of a slot: its own leaf on a CPU, a slice of the stacked leaf elsewhere
+        (``unbind``: one backward for all slices, not a zero-filled stack each, whose sum also turned
+        an exact -0.0 gradient into +0.0, as ``nn.Linear`` does not)."""
+        i = self.index[(position, name)]
+        return self.leaves[i] if self.per_model else self.params[i].unbind()
+
+    def _grouped(self, position: int, name: str) -> torch.Tensor:
+        if not self.per_model:
+            return self._param(position, name)
+        leaves = self._leaves(position, name)
+        return torch.stack(list(leaves)) if len(leaves) > 1 else leaves[0].unsqueeze(0)
 
     @property
     def trainable(self) -> list[torch.Tensor]:
-        """What autograd fills in and Adam steps: the stacked tensors on the batched path, each
-        model's leaves on the exact one."""
-        return list(self.params) if self.batched else [leaf for leaves in self.leaves for leaf in leaves]
+        """What autograd fills in and Adam steps: each model's leaves on a CPU's exact path, else
+        the stacked tensors (first dim: the models)."""
+        return [leaf for leaves in self.leaves for leaf in leaves] if self.per_model else list(self.params)
 
     def _patch_major(self, position: int, name: str) -> bool:
         """Whether this stacked tensor is a batched convolution's weight, kept as (N, C_out, kh, kw,
@@ -206,9 +223,8 @@ class StackedNet:
             h = x
         for position in self.order:
             layer = self.layers[position]
-            if isinstance(layer, nn.Conv2d):  # the leaves as one grouped weight (a view when N is 1)
-                w, b = (torch.stack(ts) if n > 1 else ts[0].unsqueeze(0)
-                        for ts in (self._leaves(position, "weight"), self._leaves(position, "bias")))  # fmt: skip
+            if isinstance(layer, nn.Conv2d):  # one grouped weight (the leaves' stack; a view when N is 1)
+                w, b = (self._grouped(position, name) for name in ("weight", "bias"))
                 h = F.conv2d(h, w.flatten(0, 1), b.flatten(), layer.stride, layer.padding, layer.dilation, groups=n)
             elif isinstance(layer, nn.MaxPool2d):
                 h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
@@ -348,7 +364,8 @@ def train_stacked(
     if pads:  # the padding trains model 0's copy on model 0's rows: a real step's shapes, no NaN
         indices = torch.cat([indices, indices[:1].expand(pads, -1)])
         weights = None if weights is None else torch.cat([weights, weights[:1].expand(pads, -1)])
-    optimizer = Adam(net.trainable, lr, schedule=adam_schedule(device, epochs, n, batch_size), stacked=net.batched)
+    schedule = adam_schedule(device, epochs, n, batch_size)
+    optimizer = Adam(net.trainable, lr, schedule=schedule, stacked=not net.per_model)
     if weights is not None:
         weights = weights / weights.mean(1, keepdim=True)
     losses: list[list[float]] = [[] for _ in range(n_models)]

@@ -38,9 +38,9 @@ class Adam:
     ``schedule=S`` (used on CUDA) precomputes the bias corrections of steps 1..S as a device table
     read through a device step counter, so that a CUDA graph recorded over many steps
     (``altrack.stack``) gives each replayed step its own. S must cover every step taken; ``steps``
-    then counts the Python calls only (a replayed step makes none). On a CPU both forms give the
-    same bits (tested); on CUDA a Python divisor is applied as a multiply by its reciprocal, so
-    ``train`` uses the table there too.
+    then counts the Python calls only (a replayed step makes none). On a CPU the elementwise path
+    gives the same bits with and without the table (tested); on CUDA a Python divisor is applied
+    as a multiply by its reciprocal, so ``train`` uses the table there too.
     """
 
     CPU_BLOCK = 1 << 18  # elements (1 MiB of fp32): the fastest block measured for 1 to 21 stacked MLPs

@@ -29,6 +29,9 @@ class Before(StackedNet):
 
     def __init__(self, models):
         super().__init__(models, batched=False)  # weights as the model keeps them, (N, C_out, C, kh, kw)
+        self.per_model, self.leaves = False, [[] for _ in self.params]  # the stacked tensors, as then
+        for p in self.params:
+            p.requires_grad_(True)
 
     def forward(self, x):
         n, batch = x.shape[0], x.shape[1]

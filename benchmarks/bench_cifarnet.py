@@ -1,5 +1,5 @@
 """CifarNet throughput in img/s on real CIFAR-10 images: altrack's loop (channels-last tensors,
-fused Adam, contiguous slices; inference at batch 2048) against a plain NCHW loop (batch 32 for
+altrack's Adam, contiguous slices; inference at batch 2048) against a plain NCHW loop (batch 32 for
 training, 256 for inference, foreach Adam).
 
     python benchmarks/bench_cifarnet.py [--images 2000]

@@ -163,15 +163,18 @@ def test_both_variants_read_one_clustering_of_the_stage_and_alone_compute_the_sa
     alone = get_selector("coreset-grad").select(dataclasses.replace(ctx, rng=np.random.default_rng(7), shared={}))
     np.testing.assert_array_equal(beside.indices, alone.indices)
     np.testing.assert_array_equal(beside.weights, alone.weights)
+    # the clustering's time counts in the run that read it too, so a method's time does not depend on company
+    assert loss_based.shared_seconds == alone.shared_seconds == 0.0 < beside.shared_seconds
     centres = loss_based.roles == "centre"
     np.testing.assert_array_equal(loss_based.indices[centres], beside.indices[beside.roles == "centre"])
     assert not np.array_equal(loss_based.indices[~centres], beside.indices[~centres])  # their own losses and draws
-    other_seed = get_selector("coreset").select(dataclasses.replace(ctx, shared_seed=ctx.shared_seed + 1, shared={}))
+    other_seed = get_selector("coreset").select(dataclasses.replace(ctx, shared_seed=ctx.shared_seed + 1))
     assert not np.array_equal(other_seed.indices[centres], loss_based.indices[centres])
+    assert len(ctx.shared) == 2  # another seed: its own entry, even in the same dict
     _CountingCoreset.calls = 0
     _CountingCoreset().select(ctx)  # another k-means function: its own entry
     _CountingCoreset().select(dataclasses.replace(ctx, rng=np.random.default_rng(3)))
-    assert _CountingCoreset.calls == 1 and len(ctx.shared) == 2
+    assert _CountingCoreset.calls == 1 and len(ctx.shared) == 3
     loss_space = dataclasses.replace(ctx, settings=Settings(coreset_space="loss"), shared={})
     get_selector("coreset").select(loss_space)
     get_selector("coreset-grad").select(loss_space)

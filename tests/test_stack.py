@@ -109,16 +109,18 @@ def test_a_diverged_model_fails_alone(data_dir):
 
 
 def _grid(data_dir, **kw):
-    base = dict(datasets=("mnist",), methods=("coreset", "random", "margin"), budgets=(100,), runs=1,
+    base = dict(datasets=("mnist",), methods=("coreset", "coreset-grad", "random", "margin"), budgets=(100,), runs=1,
                 settings=Settings(epochs=1), out=None, data_dir=str(data_dir), device="cpu")  # fmt: skip
     return GridConfig(**{**base, **kw})
 
 
 def test_a_run_does_not_depend_on_its_block_its_stack_or_its_company(data_dir):
-    alone = {r.key: r for r in iterate_grid(_grid(data_dir, methods=("coreset",)), progress=False)}
+    # coreset-grad alone computes the clustering that beside coreset it reads
+    alone = {r.key: r for method in ("coreset", "coreset-grad")
+             for r in iterate_grid(_grid(data_dir, methods=(method,)), progress=False)}  # fmt: skip
     crowd = {r.key: r for r in iterate_grid(_grid(data_dir, runs=4), progress=False)}
     narrow = {r.key: r for r in iterate_grid(_grid(data_dir, runs=4, stack=1), progress=False)}
-    assert len(crowd) == len(narrow) == 12
+    assert len(alone) == 2 and len(crowd) == len(narrow) == 16
     for key, result in [*alone.items(), *crowd.items()]:
         for other in (crowd[key], narrow[key]):
             np.testing.assert_array_equal(result.selected_indices, other.selected_indices)
@@ -237,7 +239,7 @@ def test_batched_gemms_give_each_model_its_own_gradient(dataset):
     for batched in (False, True):
         net = StackedNet(models, batched=batched)
         mean_loss(net.forward(x), y, None).sum().backward()
-        stacked = [p.grad if batched else torch.stack([leaf.grad for leaf in leaves])
+        stacked = [torch.stack([leaf.grad for leaf in leaves]) if net.per_model else p.grad
                    for p, leaves in zip(net.params, net.leaves, strict=True)]  # fmt: skip
         grads.append([net.model_layout(slot, g) for slot, g in zip(net.slots, stacked, strict=True)])
     for exact, batched in zip(*grads, strict=True):

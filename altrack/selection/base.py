@@ -51,6 +51,9 @@ class SelectionResult:
     probabilities: np.ndarray
     weights: np.ndarray
     info: dict = field(default_factory=dict)
+    # time of work this selection read from another method of its stage rather than computed
+    # (the coreset's clustering): counted in its selection time, which then does not depend on company
+    shared_seconds: float = 0.0
 
     @classmethod
     def picked(cls, indices: np.ndarray, info: dict | None = None) -> SelectionResult:

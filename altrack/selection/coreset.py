@@ -36,6 +36,8 @@ Distances are exact float64 differences, and a pair counts only when its distanc
 from __future__ import annotations
 
 import math
+import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -205,6 +207,7 @@ class Clustering:
     nearest_centre: np.ndarray  # (n_pool - k'',) each one's nearest centre point (a row of centre_pos)
     sq: np.ndarray  # (n_pool - k'',) float64 squared distance to it
     inertia: float  # of the k-means centres and labels
+    seconds: float  # it took to compute
 
 
 class _SensitivitySampling(Selector):
@@ -220,17 +223,21 @@ class _SensitivitySampling(Selector):
     def loss(self, ctx: SelectionContext) -> np.ndarray:
         return ctx.ce_loss if self.loss_name == "ce" else ctx.grad_loss
 
-    def clustering(self, ctx: SelectionContext, n_clusters: int) -> Clustering:
-        """The stage's ``Clustering`` of its pool into ``n_clusters``, computed on first use."""
+    def clustering(self, ctx: SelectionContext, n_clusters: int) -> tuple[Clustering, bool]:
+        """The stage's ``Clustering`` of its pool into ``n_clusters``, and whether it was read
+        (computed by another method of the stage) rather than computed here."""
         embedding = ctx.settings.coreset_space == "embedding"
-        key = ("coreset clustering", "embedding" if embedding else self.loss_name, n_clusters, self.cluster, ctx.device)
+        pool = zlib.crc32(np.ascontiguousarray(ctx.pool_indices, dtype=np.int64).tobytes())
+        key = ("coreset clustering", "embedding" if embedding else self.loss_name, n_clusters, self.cluster,
+               ctx.device, ctx.shared_seed, len(ctx.pool_indices), pool)  # fmt: skip
         found = ctx.shared.get(key)
-        if found is None:
-            space = ctx.embeddings if embedding else self.loss(ctx)[:, None]
-            seed = int(np.random.default_rng(ctx.shared_seed).integers(2**31))  # sklearn's range, for the benchmarks
-            pool_space = np.ascontiguousarray(space[ctx.pool_indices], dtype=np.float32)
-            found = ctx.shared[key] = _cluster_pool(pool_space, n_clusters, seed, ctx.device, self.cluster)
-        return found
+        if found is not None:
+            return found, True
+        space = ctx.embeddings if embedding else self.loss(ctx)[:, None]
+        seed = int(np.random.default_rng(ctx.shared_seed).integers(2**31))  # sklearn's range, for the benchmarks
+        pool_space = np.ascontiguousarray(space[ctx.pool_indices], dtype=np.float32)
+        found = ctx.shared[key] = _cluster_pool(pool_space, n_clusters, seed, ctx.device, self.cluster)
+        return found, False
 
     def select(self, ctx: SelectionContext) -> SelectionResult:
         settings = ctx.settings
@@ -238,7 +245,7 @@ class _SensitivitySampling(Selector):
         loss = self.loss(ctx)  # read at centre points only: the labels this method buys
         n_clusters = settings.n_clusters(ctx.budget, ctx.n_select)
         n_sample = ctx.n_select - n_clusters
-        found = self.clustering(ctx, n_clusters)
+        found, read = self.clustering(ctx, n_clusters)
         centre_loss = np.asarray(loss[pool[found.centre_pos]], dtype=np.float64)
 
         mode = parse_lam_mode(settings.lam)
@@ -261,7 +268,9 @@ class _SensitivitySampling(Selector):
             "kmeans_inertia": found.inertia,
             "probability_sum": float(probs.sum()),
         }
-        return SelectionResult(indices, roles, probabilities, weights, info)
+        # a clustering read from another method of the stage still counts in this run's time, as the
+        # seed model's training does in every run of its seed: a method's time does not depend on its company
+        return SelectionResult(indices, roles, probabilities, weights, info, found.seconds if read else 0.0)
 
 
 def _cluster_pool(
@@ -269,6 +278,7 @@ def _cluster_pool(
 ) -> Clustering:
     """k-means of the (n_pool, d) pool points, the snap of its centres to distinct pool points,
     and every other pool point's nearest centre point."""
+    started = time.perf_counter()
     centres, cluster_of = cluster(pool_space, n_clusters, seed, device)
     pool_t = as_tensor(pool_space, device)  # uploaded once for the snap, the distances and the inertia
     centre_pos = nearest_distinct(pool_t, as_tensor(centres, device))
@@ -279,7 +289,8 @@ def _cluster_pool(
     centre_space = pool_space[centre_pos]
     nearest_centre, sq = assign(rest_t, centre_space, device)
     inertia = _inertia(pool_space, pool_t, centres, cluster_of)
-    return Clustering(centres, cluster_of, centre_pos, centre_space, rest, nearest_centre, sq, inertia)
+    seconds = time.perf_counter() - started
+    return Clustering(centres, cluster_of, centre_pos, centre_space, rest, nearest_centre, sq, inertia, seconds)
 
 
 @register
