@@ -132,9 +132,10 @@ def test_a_requeued_task_does_the_runs_its_killed_attempt_claimed(cluster, tmp_p
     """Slurm requeues a task while it trains (``scontrol requeue``, as after a node failure): the
     killed attempt leaves its claimed run RUNNING under a job id squeue still lists. The second
     attempt must take that run over, not wait on it nor leave it, and the grid ends complete."""
-    # 200 epochs: the kill must land while the task trains; with 40, a fast CPU finished the run
-    # within the 2 s between Slurm's SIGTERM (which submitit lets pass) and its SIGKILL
-    args = [*GRID, "--datasets", "mnist", "--runs", "1", "--budget", "1000", "--epochs", "200", "--stack", "1",
+    # 1000 epochs (about 10 s of training): the kill must land while the task trains; with 40, and
+    # then with 200 once Adam was fused, this CPU finished the run within the 2 s between Slurm's
+    # SIGTERM (which submitit lets pass) and its SIGKILL
+    args = [*GRID, "--datasets", "mnist", "--runs", "1", "--budget", "1000", "--epochs", "1000", "--stack", "1",
             "--experiment", "slurm-requeue", "--out", "out"]  # fmt: skip
     launcher = altrack(cluster, tmp_path, *args, wait=False)
     deadline = time.monotonic() + 300
