@@ -200,7 +200,8 @@ def _alive(pid: int) -> bool:
 
 def _sigkill_leaves_no_workers(proc: subprocess.Popen) -> bool:
     """Wait for ``proc``'s two worker processes, let them work, SIGKILL ``proc``; whether every
-    worker is gone 15 s later."""
+    worker is gone 15 s later. Workers that finished before the kill would prove nothing, so they
+    must still be alive when it lands."""
     deadline = time.monotonic() + 120
     workers: list[int] = []
     while time.monotonic() < deadline and len(workers) < 2:
@@ -208,6 +209,7 @@ def _sigkill_leaves_no_workers(proc: subprocess.Popen) -> bool:
         time.sleep(0.5)
     assert len(workers) >= 2, "the workers never started"
     time.sleep(3)  # they are training
+    assert all(_alive(p) for p in workers), "a worker finished before the kill: train longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 15
@@ -270,7 +272,7 @@ def test_a_child_still_importing_its_target_dies_with_a_sigkilled_parent(tmp_pat
 def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)
     command = [sys.executable, "-m", "altrack", "run", "--datasets", "mnist,fashion_mnist", "--runs", "2",
-               "--methods", "random", "--budget", "500", "--epochs", "40", "--workers", "2", "--quiet",
+               "--methods", "random", "--budget", "500", "--epochs", "1000", "--workers", "2", "--quiet",
                "--no-log-models"]  # fmt: skip
     grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _sigkill_leaves_no_workers(grid), "workers outlived their grid"
@@ -320,8 +322,10 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
     if probe.returncode != 0:
         pytest.skip(f"unshare --pid is not permitted here: {probe.stderr.strip()}")
     env = _env(data_dir, tmp_path)
+    # 2000 epochs (seconds of training, and killed once checked): the parent must still be RUNNING
+    # after this test has found it and run close_dead_runs
     command = ["unshare", "--pid", "--fork", sys.executable, "-m", "altrack", "run", "--methods", "random",
-               "--budget", "500", "--epochs", "60", "--no-log-models", "--quiet", "--experiment", "ns"]  # fmt: skip
+               "--budget", "500", "--epochs", "2000", "--no-log-models", "--quiet", "--experiment", "ns"]  # fmt: skip
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     client.search_experiments()  # the store exists before this test's polling meets the grid's first touch
     grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
