@@ -13,7 +13,13 @@ from conftest import make_context
 
 from altrack.errors import ConfigError
 from altrack.selection import get_selector
-from altrack.selection.coreset import _sq_offsets_on_device, estimate_lambda, sample_without_replacement, score_pool
+from altrack.selection.coreset import (
+    _estimate,
+    _sq_offsets_on_device,
+    assign,
+    estimate_lambda,
+    sample_without_replacement,
+)
 from altrack.settings import RunKey, Settings, parse_lam, parse_lam_mode
 
 
@@ -34,7 +40,7 @@ def test_each_point_is_scored_against_its_nearest_centre_point():
     points = np.array([[6.0, 0.0], [1.0, 1.0], [9.0, 3.0]], dtype=np.float32)
     centre_loss = np.array([1.0, 5.0])
     lam = np.array([0.5, 0.25])  # per centre, as lemma8 gives
-    estimate, distance, nearest = score_pool(points, centres, centre_loss, lam)
+    estimate, distance, nearest = _estimate(centre_loss, lam, *assign(points, centres))
     assert nearest.tolist() == [1, 0, 1]  # (6, 0) is 36 from the first centre and 16 from the second
     np.testing.assert_allclose(distance, [0.25 * 16, 0.5 * 2, 0.25 * 10])
     np.testing.assert_allclose(estimate, [5.0 + 4.0, 1.0 + 1.0, 5.0 + 2.5])
@@ -134,7 +140,7 @@ def test_the_device_path_of_the_pool_distances_is_the_cpu_path_up_to_rounding():
     rng = np.random.default_rng(3)
     points = (rng.normal(size=(500, 16)) * 40 + 1000).astype(np.float32)  # far from the origin
     centres = points[rng.choice(500, 7, replace=False)]
-    _, cpu, nearest_centre = score_pool(points, centres, np.zeros(7), np.ones(7))  # lam 1: the distances
+    nearest_centre, cpu = assign(points, centres)
     device = _sq_offsets_on_device(*(torch.from_numpy(a) for a in (points, centres, nearest_centre)))
     np.testing.assert_allclose(device, cpu, rtol=1e-12)
     assert (cpu > 0).sum() == 493  # the 7 centre rows themselves are at 0

@@ -128,25 +128,12 @@ def sample_without_replacement(
     return order[:size], probs, np.maximum(inclusion, np.finfo(np.float64).tiny)
 
 
-def score_pool(
-    points: np.ndarray | torch.Tensor,
-    centres: np.ndarray,
-    centre_loss: np.ndarray,
-    lam: np.ndarray,
-    device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """l~ for each point against its nearest centre point: (estimate, distance term, nearest).
-
-    ``points`` (n, d), an array or a float32 tensor already on ``device``; ``centres`` (m, d),
-    ``centre_loss`` and ``lam`` (m,).
-    """
-    nearest_centre, sq = assign(points, centres, device)
-    return _estimate(centre_loss, lam, nearest_centre, sq)
-
-
 def _estimate(
     centre_loss: np.ndarray, lam: np.ndarray, nearest_centre: np.ndarray, sq: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """l~ = l(c_e) + lam_e * ||e - c_e||^2 of each point e against its nearest centre point c_e:
+    (estimate, distance term, nearest), each (n,). ``centre_loss``, ``lam``: (m,), per centre point;
+    ``nearest_centre``, ``sq``: (n,), from ``assign``."""
     distance = lam[nearest_centre] * sq
     return centre_loss[nearest_centre] + distance, distance, nearest_centre
 
@@ -169,7 +156,7 @@ def assign(
 
 
 def _sq_offsets_on_device(points: torch.Tensor, centres: torch.Tensor, nearest_centre: torch.Tensor) -> np.ndarray:
-    """``score_pool``'s exact float64 squared distances, computed where the points are: (n,).
+    """``assign``'s exact float64 squared distances, computed where the points are: (n,).
     Runs on any device; tests compare it with the CPU's numpy on a CPU."""
     offset = points.double() - centres.double().index_select(0, nearest_centre)
     return (offset * offset).sum(1).cpu().numpy()
