@@ -94,6 +94,18 @@ def test_kmeans_inertia_within_one_percent_of_sklearn():
     assert np.bincount(ours.labels, minlength=12).min() > 0
 
 
+@pytest.mark.parametrize("inertia_tol", [0.0, 7e-4, 0.5])  # the shift rule, the default, the first iteration
+def test_kmeans_labels_and_inertia_are_those_of_its_centres_whichever_rule_stopped_it(inertia_tol):
+    """On a host the assignment of an iteration the inertia rule dropped is reused, not recomputed:
+    it must be the one the returned centres give."""
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(2000, 6)) + rng.integers(0, 4, size=(2000, 1)) * 3).astype(np.float32)
+    result = kmeans(x, 9, seed=2, inertia_tol=inertia_tol, warm_start_per_cluster=None)
+    labels, dists = nearest(torch.from_numpy(x), torch.from_numpy(result.centres))
+    np.testing.assert_array_equal(result.labels, labels.numpy())
+    assert result.inertia == float(dists.double().sum())
+
+
 def test_lloyd_gives_an_empty_cluster_the_farthest_point():
     """A centre nobody is nearest to takes the point farthest from its own centre; without that
     it would fall to the origin and the run would end elsewhere."""
