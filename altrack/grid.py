@@ -314,11 +314,14 @@ def run_logged_block(
     todo = tuple(seed for seed in seeds if any(key.seed == seed for key in claimed))
     if not todo:
         return []
-    live = LiveLosses(claimed, cfg.settings.epochs, None if behind is None else behind.post)
+    own = _Behind() if behind is None else None  # a worker's or a Slurm task's: the losses' thread is the block's
+    live = LiveLosses(claimed, cfg.settings.epochs, (behind or own).post)
     try:
         results = run_block(cfg, device, dataset, budget, todo, methods, bar, live)
     finally:  # a block that fails still leaves the epochs it trained in its runs
         live.flush()
+        if own is not None:
+            own.close()  # every point sent before the runs are filled in (and ended)
     ours = [result for result in results if result.key in claimed]
     if behind is None:
         _fill_runs(ours, claimed, cfg.log_models)

@@ -279,17 +279,16 @@ class LiveLosses:
     per run, and sending every epoch of every stacked model (840 in the README's main job) cost
     more than three seconds of waiting at the blocks' ends.
 
-    The sends are asynchronous: by default through MLflow's queue, and ``flush`` sends the rest
-    and waits, before the runs are filled in. ``post(fn)``, when given, runs a send elsewhere
-    instead, in order (the thread a grid fills its runs in on, ``grid._Behind``): MLflow keeps
-    one queue per store, and a run ended on another thread (``set_terminated``) shuts that queue
-    down under a sender (MLflow 3.17). ``flush`` then only sends; whatever the poster runs
-    after it sees every point."""
+    The sends run elsewhere, in order: ``post(fn)`` runs each (the thread a grid fills its runs
+    in on, ``grid._Behind``), and whoever owns that thread waits for it before the runs are
+    filled in. Not MLflow's own queue: a run's end (``set_terminated``) shuts that queue down and
+    joins its thread, which only sees the request once its wait on the empty queue times out
+    (one second, MLflow 3), so each block waited up to two seconds on it; and a run ended on
+    another thread shuts the queue down under a sender."""
 
     PERIOD = 1.0
 
-    def __init__(self, runs: dict[object, str], epochs: int,
-                 post: Callable[[Callable[[], None]], None] | None = None) -> None:  # fmt: skip
+    def __init__(self, runs: dict[object, str], epochs: int, post: Callable[[Callable[[], None]], None]) -> None:
         self.runs = runs
         self.epochs = epochs
         self.post = post
@@ -312,18 +311,13 @@ class LiveLosses:
 
     def _send(self) -> None:
         batches, self.pending = self.pending, {}
-        if self.post is not None:
+        if batches:
             self.post(partial(_log_batches, self.client, batches))
-        else:
-            for run_id, metrics in batches.items():
-                self.client.log_batch(run_id, metrics=metrics, synchronous=False)  # MLflow splits it into batches
         self.sent = time.monotonic()
 
     def flush(self) -> None:
-        """Send what is pending and, through MLflow's queue, wait until the store has every point."""
+        """Send what is pending; whatever ``post`` runs after this sees every point."""
         self._send()
-        if self.post is None:
-            mlflow.flush_async_logging()
 
 
 def _log_batches(client: MlflowClient, batches: dict[str, list[Metric]]) -> None:
