@@ -278,9 +278,12 @@ def test_live_losses_are_held_for_a_period_then_reach_every_run_of_their_seed(ml
 
 def test_system_metrics_are_sampled_into_the_parent(data_dir, mlflow_store, tmp_path, monkeypatch):
     pytest.importorskip("psutil", reason="psutil (the test extra) samples the system metrics")
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
-    outcome = run_grid(_cfg(data_dir, None, methods=("random",), system_metrics=True), progress=False)
+    # MLflow logs nothing of a grid shorter than one sampling interval: the 2-epoch grid took under
+    # half a second in CI on fd97145, so this one trains 300 epochs (seconds)
+    cfg = _cfg(data_dir, None, methods=("random",), system_metrics=True, settings=Settings(epochs=300))
+    outcome = run_grid(cfg, progress=False)
     metrics = MlflowClient().get_run(outcome.parent_run_id).data.metrics
     assert any(name.startswith("system/cpu") for name in metrics), sorted(metrics)
     assert any(name.startswith("system/system_memory") for name in metrics), sorted(metrics)
