@@ -17,10 +17,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from altrack.catalog import DATASETS  # noqa: E402
 from altrack.results import ROW_FIELDS, ResultRow  # noqa: E402
@@ -194,24 +197,45 @@ def install(paths: Sequence[Path], out: Path) -> list[Path]:
 
 
 _PLAIN_POWERS = FuncFormatter(lambda value, _: f"{value:g}")
+_NICE_STEPS = np.array([1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
+_ONE_TWO_FIVE = np.array([1.0, 2.0, 5.0, 10.0])
+_DECADES = np.array([1.0, 10.0])
+
+
+def _nice(value: float, up: bool, steps: np.ndarray = _NICE_STEPS) -> float:
+    """``value`` rounded up (or down) to the next of ``steps`` x a power of ten: axis limits from
+    a short ladder, so runs of a grid share their axes (and, in ``_SelectionFigure``, their
+    rendered background)."""
+    exponent = np.floor(np.log10(value))
+    mantissa = value / 10.0**exponent
+    index = np.searchsorted(steps, mantissa * (1 - 1e-9), side="left") if up else (
+        np.searchsorted(steps, mantissa * (1 + 1e-9), side="right") - 1)  # fmt: skip
+    return float(steps[index] * 10.0**exponent)
 
 
 class _SelectionFigure:
     """``plot_selection``'s figure, built once per process and redrawn with each run's data.
 
-    One is written per protocol run, and building it (two axes, their ticks, bars, legends) took
-    about as long as drawing it: a fresh one cost 127 ms here. Only the data, the limits and the
-    texts change between runs; the axes rescale to the new data (``relim``), so a figure drawn
-    after others is the one a fresh figure draws (tests/test_report.py). Shared by the process's
-    threads, so drawing holds a lock (altrack's own workers are processes; a caller's may not be)."""
+    One is written per protocol run (7,000 in the paper's grid), and a full draw of two axes
+    with their ticks and texts cost about 60 ms, most of it text. So the axes' limits come from a
+    short ladder of round values (``_nice``): runs of a grid mostly share them, and with them
+    every tick, label and title, which are rendered once per set of limits and kept as a raster
+    (matplotlib's blitting). A run draws only its own artists over that raster (the steps, the
+    bars, the legend with its counts, the suptitle) and writes the buffer; the legend sits
+    between the suptitle and the axes, so no data is drawn over it or under it.
+    The PNG is the one a fresh figure draws (tests/test_report.py), whatever was drawn before.
+    Shared by the process's threads, so drawing holds a lock (altrack's own workers are
+    processes; a caller's may not be)."""
 
     BINS = 50
     GREY, RED = "#7f7f7f", "#d62728"
+    KEPT_BACKGROUNDS = 64  # halves of 0.76 MB each
 
     def __init__(self, num_classes: int) -> None:
-        self.fig = Figure(figsize=(10, 3.8))
+        self.fig = Figure(figsize=(10, 3.8), dpi=100)
+        self.canvas = FigureCanvasAgg(self.fig)
         self.left, self.right = self.fig.subplots(1, 2)
-        self.fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.82, wspace=0.25)
+        self.fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.80, wspace=0.25)
         left, right = self.left, self.right
         edges = np.logspace(-2, 0, self.BINS + 1)
         self.stairs = [left.stairs(np.zeros(self.BINS), edges, fill=True, alpha=0.45, color=color, label=label)
@@ -221,42 +245,76 @@ class _SelectionFigure:
         left.xaxis.set_major_formatter(_PLAIN_POWERS)  # "0.01", not mathtext's 10^-2: a third of the rest
         left.set_xlabel("seed-model cross-entropy (log scale)")
         left.set_ylabel("share of points per bin")
-        self.left_legend = left.legend(fontsize=8)
         left.set_title("loss of the pool vs the selection", fontsize=10)
         classes = np.arange(num_classes)
         self.bars = [right.bar(classes - 0.2, np.zeros(num_classes), width=0.4, color=self.GREY, label="pool"),
                      right.bar(classes + 0.2, np.zeros(num_classes), width=0.4, color=self.RED, label="selected")]
         right.set_xticks(classes)
+        right.set_xlim(-0.6, num_classes - 0.4)
         right.set_xlabel("class")
         right.set_ylabel("share")
-        right.legend(fontsize=8)
         right.set_title("class balance", fontsize=10)
+        # one legend for both panels, between the suptitle and the axes: over no data
+        self.legend = self.fig.legend(handles=self.stairs, loc="upper center", bbox_to_anchor=(0.5, 0.935), ncol=2,
+                                      fontsize=9, frameon=False)  # fmt: skip
         self.title = self.fig.suptitle("", fontsize=11)
+        self.own = [*self.stairs, *(bar for bars in self.bars for bar in bars), self.legend, self.title]
+        for artist in self.own:
+            artist.set_animated(True)
+        self.backgrounds: dict[tuple, object] = {}
 
     def draw(self, seed_losses: np.ndarray, labels: np.ndarray, pool: np.ndarray, selected: np.ndarray,
              title: str, path: Path) -> Path:  # fmt: skip
         positive = seed_losses[seed_losses > 0]
-        low = float(positive.min()) if len(positive) else 1e-8
-        high = max(float(seed_losses.max()), low * 10)
+        # the low end is a sparse tail: a whole decade; the high end 1, 2 or 5 x a power of ten
+        low = _nice(float(positive.min()) if len(positive) else 1e-8, up=False, steps=_DECADES)
+        high = max(_nice(float(seed_losses.max()), up=True, steps=_ONE_TWO_FIVE), low * 10)
         edges = np.logspace(np.log10(low), np.log10(high), self.BINS + 1)
         parts = (pool, selected)
-        for stairs, text, part, label in zip(self.stairs, self.left_legend.get_texts(), parts, ("pool", "selected"),
+        for stairs, text, part, label in zip(self.stairs, self.legend.get_texts(), parts, ("pool", "selected"),
                                              strict=True):  # fmt: skip
             counts, _ = np.histogram(np.clip(seed_losses[part], low, high), bins=edges)
             stairs.set_data(counts / max(len(part), 1), edges)
-            text.set_text(f"{label} ({len(part)})")
+            text.set_text(f"{label} ({len(part):,})")
         num_classes = len(self.bars[0])
         for bars, part in zip(self.bars, parts, strict=True):
             shares = np.bincount(labels[part], minlength=num_classes) / max(len(part), 1)
             for bar, share in zip(bars, shares, strict=True):
                 bar.set_height(share)
-        for axes in (self.left, self.right):
-            axes.relim()
-            axes.autoscale_view()
-        self.left.set_xlim(low, high)
+        tallest_step = max(float(stairs.get_data().values.max()) for stairs in self.stairs)
+        tallest_bar = max(bar.get_height() for bars in self.bars for bar in bars)
+        limits = (low, high, _nice(max(tallest_step, 1e-3), up=True), _nice(max(tallest_bar, 1e-3), up=True))
         self.title.set_text(title)
-        self.fig.savefig(path, dpi=100)
+        self._background(limits)
+        for artist in self.own:
+            self.fig.draw_artist(artist)
+        matplotlib.image.imsave(path, np.asarray(self.canvas.get_renderer().buffer_rgba()))
         return path
+
+    def _background(self, limits: tuple[float, float, float, float]) -> None:
+        """Set the axes to these limits (the run's artists are drawn through them) and restore
+        the raster of everything else, rendering (and keeping) it first if no run had them.
+
+        Each half of the figure holds one axes with its ticks and labels, so each is kept under
+        its own axes' limits: the loss panel's under (low, high, top), the class panel's under
+        its top alone, and a run reuses each half that an earlier run drew."""
+        low, high, left_top, right_top = limits
+        self.left.set_xlim(low, high)
+        self.left.set_ylim(0.0, left_top)
+        self.right.set_ylim(0.0, right_top)
+        keys = (("left", low, high, left_top), ("right", right_top))
+        if all(key in self.backgrounds for key in keys):
+            for key in keys:
+                self.canvas.restore_region(self.backgrounds[key])
+            return
+        self.canvas.draw()  # animated artists are left out
+        width, height = self.fig.bbox.width, self.fig.bbox.height
+        halves = (Bbox.from_extents(0, 0, width / 2, height), Bbox.from_extents(width / 2, 0, width, height))
+        for key, half in zip(keys, halves, strict=True):
+            self.backgrounds.pop(key, None)
+            if len(self.backgrounds) >= self.KEPT_BACKGROUNDS:
+                self.backgrounds.pop(next(iter(self.backgrounds)))
+            self.backgrounds[key] = self.canvas.copy_from_bbox(half)
 
 
 _SELECTION_FIGURES: dict[int, _SelectionFigure] = {}

@@ -72,17 +72,33 @@ def _selection_case(seed: int, scale: float, n_selected: int, zeros: int):
 
 
 def test_a_selection_figure_redrawn_for_another_run_is_the_one_a_fresh_figure_draws(tmp_path):
-    """plot_selection keeps its figure for the next run: nothing of the previous run (limits,
-    legend counts, bars) may show in the next one's plot."""
+    """plot_selection keeps its figure, and a raster of each half (axes, ticks, labels) per set of
+    limits, for the next run: nothing of an earlier run (limits, legend counts, bars) may show in
+    a later one's plot, whether both halves are new, both kept, or one of each."""
     first, second = _selection_case(1, 0.05, 300, 40), _selection_case(0, 2.0, 900, 0)  # the first peaks higher
+    losses_only = (first[0], *second[1:])  # the loss panel's limits differ from second's, the class panel's not
+    runs = [("first", first), ("second", second), ("first", first), ("mixed", losses_only), ("second", second)]
     kept = report._SelectionFigure(10)
-    kept.draw(*first, "first run", tmp_path / "first.png")
-    kept.draw(*second, "second run", tmp_path / "kept.png")
-    report._SelectionFigure(10).draw(*second, "second run", tmp_path / "fresh.png")
-    kept_pixels, fresh_pixels = mpimg.imread(tmp_path / "kept.png"), mpimg.imread(tmp_path / "fresh.png")
-    assert kept_pixels.shape == (380, 1000, 4) and np.array_equal(kept_pixels, fresh_pixels)
-    assert not np.array_equal(mpimg.imread(tmp_path / "first.png"), fresh_pixels)
+    drawn = []
+    for name, case in runs:
+        kept.draw(*case, f"{name} run", tmp_path / "kept.png")
+        drawn.append(mpimg.imread(tmp_path / "kept.png"))
+        report._SelectionFigure(10).draw(*case, f"{name} run", tmp_path / "fresh.png")
+        assert np.array_equal(drawn[-1], mpimg.imread(tmp_path / "fresh.png")), name
+    assert drawn[0].shape == (380, 1000, 4) and not np.array_equal(drawn[0], drawn[1])
+    assert {key[0] for key in kept.backgrounds} == {"left", "right"} and len(kept.backgrounds) == 5
     tallest_step = max(float(np.max(stairs.get_data().values)) for stairs in kept.stairs)
     tallest_bar = max(bar.get_height() for bars in kept.bars for bar in bars)
-    assert kept.left.get_ylim()[0] == 0.0 and tallest_step <= kept.left.get_ylim()[1] < 1.2 * tallest_step
-    assert kept.right.get_ylim()[0] == 0.0 and tallest_bar <= kept.right.get_ylim()[1] < 1.2 * tallest_bar
+    # round limits that hold the data: y from a ladder 1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8 per decade
+    assert kept.left.get_ylim()[0] == 0.0 and tallest_step <= kept.left.get_ylim()[1] < 1.34 * tallest_step
+    assert kept.right.get_ylim()[0] == 0.0 and tallest_bar <= kept.right.get_ylim()[1] < 1.34 * tallest_bar
+    positive = second[0][second[0] > 0]
+    low, high = kept.left.get_xlim()
+    assert low <= positive.min() < 10 * low and high / 2.5 < second[0].max() <= high  # a decade; 1, 2, 5
+
+
+def test_nice_rounds_to_the_ladder():
+    assert report._nice(0.0123, up=True) == pytest.approx(0.015)
+    assert report._nice(0.0123, up=False) == pytest.approx(0.012)
+    assert report._nice(0.1, up=True) == pytest.approx(0.1) and report._nice(0.1, up=False) == pytest.approx(0.1)
+    assert report._nice(7.9e-6, up=False) == pytest.approx(6e-6) and report._nice(8.1, up=True) == pytest.approx(10)
