@@ -342,7 +342,14 @@ def _lam_of(setting: str) -> str:
 
 def ablation_section(runs: Sequence[AblationRun]) -> list[str]:
     """The lam ablation: coreset under each lam against lam = 0 and against random, paired by seed,
-    with the lam used and the share of the sampling mass the distance term carries."""
+    with the lam used and the share of the sampling mass the distance term carries.
+
+    It covers the (dataset, k) where some coreset run used a lam other than ``auto``: a grid's
+    parent can then serve as the ablation's ``auto`` and ``random`` arms without its other
+    budgets repeating the paired comparisons of the page's own tables."""
+    ablated = {(r.row.dataset, r.row.budget) for r in runs
+               if r.row.method == "coreset" and _lam_of(r.row.setting) != "auto"}  # fmt: skip
+    runs = [r for r in runs if (r.row.dataset, r.row.budget) in ablated]
     coreset = [r for r in runs if r.row.method == "coreset"]
     if not coreset:
         return []

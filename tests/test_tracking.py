@@ -190,16 +190,18 @@ def test_paper_page_compares_a_tuned_setting_with_the_papers_paired_by_seed(data
 
 def test_paper_page_carries_the_lambda_ablation_paired_by_seed(data_dir, mlflow_store, tmp_path):
     base = dict(runs=2, settings=Settings(epochs=1))
-    auto = run_grid(_cfg(data_dir, None, methods=("coreset", "random"), **base), progress=False)
+    auto = run_grid(_cfg(data_dir, None, methods=("coreset", "random"), budgets=(100, 200), **base), progress=False)
     zero = run_grid(_cfg(data_dir, None, methods=("coreset",), **{**base, "settings": Settings(epochs=1, lam=0.0)}),
                     progress=False)  # fmt: skip
     ids = [auto.parent_run_id, zero.parent_run_id]
     text = paper_page([auto.parent_run_id], None, str(tmp_path / "docs"), None, ablation_ids=ids).read_text()
     assert "## λ ablation: what the distance term does" in text
-    acc = {(r.method, r.setting.rsplit("lam=", 1)[1], r.seed): r.test_accuracy for r in auto.rows + zero.rows}
+    acc = {(r.method, r.setting.rsplit("lam=", 1)[1], r.seed): r.test_accuracy
+           for r in auto.rows + zero.rows if r.budget == 100}  # fmt: skip
     diff = np.mean([acc[("coreset", "auto", s)] - acc[("coreset", "0", s)] for s in (0, 1)])
     assert f"| MNIST | 100 | `coreset` λ = `auto` − λ = 0 | 2 | {diff:+.4f}" in text
     assert "| MNIST | 100 | `0` |" in text and "| MNIST | 100 | `random` |" in text
+    assert "| MNIST | 200 | `auto` |" not in text  # no other lam ran at k = 200: not an ablation budget
     assert all(parent in text for parent in ids)
 
 
