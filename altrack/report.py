@@ -268,7 +268,7 @@ class _SelectionFigure:
         positive = seed_losses[seed_losses > 0]
         # the low end is a sparse tail: a whole decade; the high end 1, 2 or 5 x a power of ten
         low = _nice(float(positive.min()) if len(positive) else 1e-8, up=False, steps=_DECADES)
-        high = max(_nice(float(seed_losses.max()), up=True, steps=_ONE_TWO_FIVE), low * 10)
+        high = max(_nice(max(float(seed_losses.max()), low), up=True, steps=_ONE_TWO_FIVE), low * 10)
         edges = np.logspace(np.log10(low), np.log10(high), self.BINS + 1)
         parts = (pool, selected)
         for stairs, text, part, label in zip(self.stairs, self.legend.get_texts(), parts, ("pool", "selected"),

@@ -97,6 +97,12 @@ def test_a_selection_figure_redrawn_for_another_run_is_the_one_a_fresh_figure_dr
     assert low <= positive.min() < 10 * low and high / 2.5 < second[0].max() <= high  # a decade; 1, 2, 5
 
 
+def test_a_selection_figure_draws_a_seed_model_with_no_loss_at_all(tmp_path):
+    losses, labels, pool, selected = _selection_case(2, 1.0, 100, 6000)  # every loss is zero
+    report._SelectionFigure(10).draw(losses, labels, pool, selected, "perfect", tmp_path / "zero.png")
+    assert mpimg.imread(tmp_path / "zero.png").shape == (380, 1000, 4)
+
+
 def test_nice_rounds_to_the_ladder():
     assert report._nice(0.0123, up=True) == pytest.approx(0.015)
     assert report._nice(0.0123, up=False) == pytest.approx(0.012)
