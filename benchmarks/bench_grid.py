@@ -6,12 +6,19 @@ a6cf675's: ``git archive a6cf675 altrack | tar -x -C REF``), side by side.
     python benchmarks/bench_grid.py [--seeds 5] [--budgets 1000,2000,3000,4000,5000] [--workers 2]
     python benchmarks/bench_grid.py --main-job --reference REF   # the README's main job
     python benchmarks/bench_grid.py --main-job --also "--workers 2"   # and beside it with extra options
+    python benchmarks/bench_grid.py --main-job --reference REF --repeats 3   # interleaved rounds
+
+On a shared 2-core machine one call's ratio moves by a tenth or more from call to call (the same
+code gave 2.0x to 2.6x against a6cf675 in one afternoon), so ``--repeats N`` runs the sides in N
+interleaved rounds (this tree, the others, this tree again, ...) and prints each round's ratio,
+then the median and the range: a neighbour's load then hits both sides of a round alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +82,10 @@ def main() -> None:
     parser.add_argument("--reference", action="append", default=[],
                         help="folder holding another checkout's altrack package (repeatable)")
     parser.add_argument("--also", default=None, help="options for a second run of this tree beside the first")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all sides (median, range)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.main_job:
         arguments = ["--datasets", "mnist,fashion_mnist", "--runs", "3"]
         n_runs, what = 42, "the README's main job (42 runs, models logged, --workers 1)"
@@ -92,13 +102,27 @@ def main() -> None:
     runs = [(name, root, arguments) for name, root in sides]
     if args.also:
         runs.insert(1, (args.also, sides[0][1], [*arguments, *args.also.split()]))
-    results = [(name, *run(root, options)) for name, root, options in runs]
+    rounds = []
+    for round_ in range(args.repeats):
+        rounds.append([(name, *run(root, options)) for name, root, options in runs])
+        if args.repeats > 1:
+            walls = "  ".join(f"{name} {wall / 60:.2f}m" for name, wall, *_ in rounds[-1])
+            print(f"round {round_ + 1}: {walls}", flush=True)
+    results = [(name, statistics.median(r[i][1] for r in rounds), max(r[i][2] for r in rounds), rounds[0][i][3])
+               for i, (name, *_) in enumerate(runs)]  # fmt: skip
     base = results[0][1]
     width = max(11, *(len(name) + 2 for name, *_ in results))
-    print(f"{'engine':<{width}}{'wall':>9}{'s/run':>8}{'peak MB':>9}{'x this':>8}  same table")
-    for name, wall, peak, table in results:
-        same = "yes" if accuracy_rows(table) == accuracy_rows(results[0][3]) else "NO"
-        print(f"{name:<{width}}{wall / 60:>8.2f}m{wall / n_runs:>8.2f}{peak:>9.0f}{wall / base:>8.2f}  {same}")
+    wall_head = "wall" if args.repeats == 1 else "median"
+    spread = "" if args.repeats == 1 else "  x this per round (min-max)"
+    print(f"{'engine':<{width}}{wall_head:>9}{'s/run':>8}{'peak MB':>9}{'x this':>8}  same table{spread}")
+    for i, (name, wall, peak, _) in enumerate(results):
+        same = "yes" if all(accuracy_rows(r[i][3]) == accuracy_rows(r[0][3]) for r in rounds) else "NO"
+        ratios = [r[i][1] / r[0][1] for r in rounds]
+        per_round = "" if args.repeats == 1 else (
+            f"  {' '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}, "
+            f"{min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+        row = f"{name:<{width}}{wall / 60:>8.2f}m{wall / n_runs:>8.2f}{peak:>9.0f}{wall / base:>8.2f}  {same:<10}"
+        print(f"{row}{per_round}".rstrip())
     print(results[0][3])
 
 
