@@ -202,21 +202,56 @@ def _plain_kcenter(points, centres, n):
     return chosen
 
 
-@pytest.mark.parametrize("case", ["spread", "duplicates", "far-from-origin", "no-seeds", "wider-than-projection"])
-def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
+def _kcenter_case(case):
     rng = np.random.default_rng(len(case))
     x = rng.normal(size=(2000, 12)).astype(np.float32) * 3
     if case == "wider-than-projection":  # 40 dims: the projection bound keeps 16, so it truly bounds
         x = (x @ rng.normal(size=(12, 40)) + 0.1 * rng.normal(size=(2000, 40))).astype(np.float32)
     if case == "duplicates":
         x[:1000] = x[0]
-    if case == "far-from-origin":
+    if case == "far-from-origin":  # squared norms 3e6, distances ~100: the pruning margin at its largest
         x = x + np.float32(500)
     points = torch.from_numpy(x)
     m = 0 if case == "no-seeds" else 25
-    assert kcenter_greedy(points[m:], points[:m], 400) == _plain_kcenter(points[m:], points[:m], 400)
+    return points[m:], points[:m]
+
+
+@pytest.mark.parametrize("case", ["spread", "duplicates", "no-seeds", "wider-than-projection"])
+def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
+    points, centres = _kcenter_case(case)
+    assert kcenter_greedy(points, centres, 400) == _plain_kcenter(points, centres, 400)
     # the GPU's loop (a CUDA graph there, the same kernels), run here on a CPU, picks the same
-    assert _kcenter_on_device(points[m:], points[:m], 400) == _plain_kcenter(points[m:], points[:m], 400)
+    assert _kcenter_on_device(points, centres, 400) == _plain_kcenter(points, centres, 400)
+
+
+def test_pruned_kcenter_far_from_the_origin_parts_from_the_plain_greedy_only_at_a_rounding_tie():
+    """Far from the origin float32 resolves distances only to about 0.2% (||x||^2 - 2 x.c + ||c||^2
+    with squared norms 3e4 times the distances), and BLAS may round a row of a short batch
+    differently from the same row of the full product (seen with MKL on an Intel Xeon, not on an
+    AMD EPYC): the two greedies may then part. They must agree until two points tie within that
+    rounding, and every pruned pick must be a farthest untaken point up to it (float64 distances),
+    which a bound that ruled out a point the new centre moves would break."""
+    points, centres = _kcenter_case("far-from-origin")
+    pruned, plain = kcenter_greedy(points, centres, 400), _plain_kcenter(points, centres, 400)
+    assert len(set(pruned)) == 400
+    assert _kcenter_on_device(points, centres, 400) == plain
+    x64 = points.numpy().astype(np.float64)
+    top = float((points * points).sum(1).max())
+    # eight ulps of the largest squared norm (about 2.9): what the expansion's roundings come to in
+    # practice; the worst case, 4 d eps of it, would be 17, a fifth of the distances
+    tol = 8 * torch.finfo(torch.float32).eps * top
+    nearest_sq = ((x64[:, None, :] - centres.numpy().astype(np.float64)[None]) ** 2).sum(-1).min(1)
+    taken = np.zeros(len(x64), dtype=bool)
+    parted = False
+    for ours, theirs in zip(pruned, plain, strict=True):
+        farthest = nearest_sq[~taken].max()
+        assert nearest_sq[ours] >= farthest - tol, (ours, nearest_sq[ours], farthest)
+        if not parted and ours != theirs:  # the first parting: a tie within rounding, nothing more
+            assert abs(nearest_sq[ours] - nearest_sq[theirs]) <= tol, (ours, theirs)
+            parted = True
+        taken[ours] = True
+        nearest_sq = np.minimum(nearest_sq, ((x64 - x64[ours]) ** 2).sum(1))
+    assert tol < 0.1 * np.median(nearest_sq[~taken])  # far tighter than the distances it separates
 
 
 def test_pruned_kcenter_takes_a_farthest_point_up_to_rounding_when_duplicates_tie():

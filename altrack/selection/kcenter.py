@@ -30,9 +30,11 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     few points left (about 90 of 59,600 per pick on MNIST) are measured, with the arithmetic of
     the plain greedy, so the picks are the plain greedy's (tests/test_selection.py; identical on
     the MNIST pools at k = 2000 and 5000) up to one caveat: MKL may round a row's dot product in a
-    short batch one ulp away from the same row in the full product, so distances that tie to the
-    last bit (duplicated points) can break the other way; the pick is then still a farthest point
-    up to rounding (tested). The filters run in numpy (a pass over 60k points costs a few
+    short batch one ulp away from the same row in the full product, so distances that tie within
+    float32 rounding can break the other way: duplicated points, or points far from the origin,
+    whose squared norms dwarf their distances (seen with MKL on an Intel Xeon at norms 3e4 times
+    the distances, not on an AMD EPYC); the pick is then still a farthest point up to rounding
+    (tested). The filters run in numpy (a pass over 60k points costs a few
     microseconds of overhead there, tens in torch); both bounds keep a rounding margin.
 
     Raises ``ValueError`` if n exceeds the number of points (a taken row cannot be taken again).
