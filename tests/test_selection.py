@@ -202,6 +202,20 @@ def _plain_kcenter(points, centres, n):
     return chosen
 
 
+def _greedy_walk(points, centres, picks):
+    """For each pick in turn: (the pick, every point's float64 squared distance to its nearest
+    centre, the taken mask, the largest distance among untaken points), all as they stand before
+    the pick: what a farthest-point check reads. The two arrays are updated in place, so once the
+    walk is exhausted they hold the state after the last pick."""
+    x64 = points.numpy().astype(np.float64)
+    nearest_sq = ((x64[:, None, :] - centres.numpy().astype(np.float64)[None]) ** 2).sum(-1).min(1)
+    taken = np.zeros(len(x64), dtype=bool)
+    for j in picks:
+        yield j, nearest_sq, taken, nearest_sq[~taken].max()
+        taken[j] = True
+        np.minimum(nearest_sq, ((x64 - x64[j]) ** 2).sum(1), out=nearest_sq)
+
+
 def _kcenter_case(case):
     rng = np.random.default_rng(len(case))
     x = rng.normal(size=(2000, 12)).astype(np.float32) * 3
@@ -209,7 +223,7 @@ def _kcenter_case(case):
         x = (x @ rng.normal(size=(12, 40)) + 0.1 * rng.normal(size=(2000, 40))).astype(np.float32)
     if case == "duplicates":
         x[:1000] = x[0]
-    if case == "far-from-origin":  # squared norms 3e6, distances ~100: the pruning margin at its largest
+    if case == "far-from-origin":  # squared norms 3e6, squared distances ~100: the largest margin
         x = x + np.float32(500)
     points = torch.from_numpy(x)
     m = 0 if case == "no-seeds" else 25
@@ -225,8 +239,8 @@ def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case):
 
 
 def test_pruned_kcenter_far_from_the_origin_parts_from_the_plain_greedy_only_at_a_rounding_tie():
-    """Far from the origin float32 resolves distances only to about 0.2% (||x||^2 - 2 x.c + ||c||^2
-    with squared norms 3e4 times the distances), and BLAS may round a row of a short batch
+    """Far from the origin float32 resolves squared distances only to about 0.2% (||x||^2 - 2 x.c +
+    ||c||^2 with squared norms 3e4 times the squared distances), and BLAS may round a row of a short batch
     differently from the same row of the full product (seen with MKL on an Intel Xeon, not on an
     AMD EPYC): the two greedies may then part. They must agree until two points tie within that
     rounding, and every pruned pick must be a farthest untaken point up to it (float64 distances),
@@ -235,23 +249,19 @@ def test_pruned_kcenter_far_from_the_origin_parts_from_the_plain_greedy_only_at_
     pruned, plain = kcenter_greedy(points, centres, 400), _plain_kcenter(points, centres, 400)
     assert len(set(pruned)) == 400
     assert _kcenter_on_device(points, centres, 400) == plain
-    x64 = points.numpy().astype(np.float64)
     top = float((points * points).sum(1).max())
     # eight ulps of the largest squared norm (about 2.9): what the expansion's roundings come to in
-    # practice; the worst case, 4 d eps of it, would be 17, a fifth of the distances
+    # practice; the worst case, 4 d eps of it, would be 17, a fifth of the squared distances
     tol = 8 * torch.finfo(torch.float32).eps * top
-    nearest_sq = ((x64[:, None, :] - centres.numpy().astype(np.float64)[None]) ** 2).sum(-1).min(1)
-    taken = np.zeros(len(x64), dtype=bool)
     parted = False
-    for ours, theirs in zip(pruned, plain, strict=True):
-        farthest = nearest_sq[~taken].max()
+    for step, theirs in zip(_greedy_walk(points, centres, pruned), plain, strict=True):
+        ours, nearest_sq, _, farthest = step
         assert nearest_sq[ours] >= farthest - tol, (ours, nearest_sq[ours], farthest)
         if not parted and ours != theirs:  # the first parting: a tie within rounding, nothing more
             assert abs(nearest_sq[ours] - nearest_sq[theirs]) <= tol, (ours, theirs)
             parted = True
-        taken[ours] = True
-        nearest_sq = np.minimum(nearest_sq, ((x64 - x64[ours]) ** 2).sum(1))
-    assert tol < 0.1 * np.median(nearest_sq[~taken])  # far tighter than the distances it separates
+    _, nearest_sq, taken, _ = step  # the walk's live arrays, now as they stand after the last pick
+    assert tol < 0.1 * np.median(nearest_sq[~taken])  # far tighter than the squared distances it separates
 
 
 def test_pruned_kcenter_takes_a_farthest_point_up_to_rounding_when_duplicates_tie():
@@ -264,13 +274,8 @@ def test_pruned_kcenter_takes_a_farthest_point_up_to_rounding_when_duplicates_ti
     points, centres = torch.from_numpy(x), torch.from_numpy(rng.normal(size=(10, 20)).astype(np.float32))
     picks = kcenter_greedy(points, centres, 500)
     assert len(set(picks)) == 500
-    x64, nearest_sq = x.astype(np.float64), ((x[:, None, :] - centres.numpy()[None]) ** 2).sum(-1).min(1)
-    taken = np.zeros(len(x), dtype=bool)
-    for j in picks:
-        farthest = nearest_sq[~taken].max()
+    for j, nearest_sq, _, farthest in _greedy_walk(points, centres, picks):
         assert nearest_sq[j] >= farthest * (1 - 1e-5), (j, nearest_sq[j], farthest)
-        taken[j] = True
-        nearest_sq = np.minimum(nearest_sq, ((x64 - x64[j]) ** 2).sum(1))
 
 
 def test_kcenter_refuses_more_picks_than_points():
