@@ -32,8 +32,8 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     the MNIST pools at k = 2000 and 5000) up to one caveat: MKL may round a row's dot product in a
     short batch one ulp away from the same row in the full product, so distances that tie within
     float32 rounding can break the other way: duplicated points, or points far from the origin,
-    whose squared norms dwarf their distances (seen with MKL on an Intel Xeon at norms 3e4 times
-    the distances, not on an AMD EPYC); the pick is then still a farthest point up to rounding
+    whose squared norms dwarf their squared distances (seen with MKL on an Intel Xeon at 3e4
+    times, not on an AMD EPYC); the pick is then still a farthest point up to rounding
     (tested). The filters run in numpy (a pass over 60k points costs a few
     microseconds of overhead there, tens in torch); both bounds keep a rounding margin.
 
