@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from altrack.paper import paper_page
 from altrack.replay import replay
 from altrack.settings import RunKey, Settings
 from altrack.tracking.query import rows_from_mlflow
-from altrack.tracking.runs import LiveLosses, close_dead_runs
-from altrack.tracking.tags import SEED_TRAIN_LOSS_METRIC, TRAIN_LOSS_METRIC
+from altrack.tracking.runs import LiveLosses, claim_runs, close_dead_runs
+from altrack.tracking.tags import SEED_TRAIN_LOSS_METRIC, TICKET_TAG, TRAIN_LOSS_METRIC
 
 
 def _cfg(data_dir, out, **kw) -> GridConfig:
@@ -315,3 +316,42 @@ def test_no_resume_reruns_what_an_earlier_invocation_finished(data_dir, mlflow_s
     assert again.resumed == 1 and fresh.resumed == 0
     assert fresh.rows[0].run_id not in {first.rows[0].run_id}
     assert _children(fresh.parent_run_id)[0].info.status == "FINISHED"
+
+
+def _claim(experiment_id: str) -> dict:
+    """Claim one run under a new RUNNING parent that this live process owns, as a grid would."""
+    parent = MlflowClient().create_run(experiment_id, tags={"altrack.worker": worker_id()}).info.run_id
+    return claim_runs(parent, experiment_id, [(RunKey("mnist", "margin", 100, 0), "h", "g")], {})
+
+
+def test_a_claim_made_after_a_rivals_win_loses_though_its_clock_is_behind(mlflow_store, monkeypatch):
+    """MLflow stamps a run's start on the client, before its insert waits for SQLite's lock (or on
+    another host's clock): a claim stamped a minute early but published after a rival won must
+    lose, or both do the run (CI saw it with the oldest start winning)."""
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
+    first = _claim(experiment_id)
+    assert len(first) == 1
+    behind = int(time.time() * 1000) - 60_000
+    monkeypatch.setattr("mlflow.tracking._tracking_service.client.get_current_time_millis", lambda: behind)
+    assert _claim(experiment_id) == {}
+    runs = client.search_runs([experiment_id], "tags.`altrack.config_hash` = 'h'")
+    assert [r.info.run_id for r in runs] == list(first.values())  # the loser's claim is deleted
+    assert runs[0].data.tags[TICKET_TAG] == "1"
+
+
+def test_a_claim_waits_for_a_live_rival_still_choosing_its_ticket(mlflow_store):
+    """A rival published but not yet ticketed may have read the store before this claim existed:
+    the claim waits for its ticket before comparing (here the rival's is lower, so it loses)."""
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
+    tags = {"altrack.config_hash": "h", "altrack.group": "g", "altrack.kind": "protocol", "altrack.worker": worker_id()}
+    later = int(time.time() * 1000) + 60_000  # its start says nothing: it may come from a clock ahead
+    rival = client.create_run(experiment_id, start_time=later, tags=tags).info.run_id
+    ticketing = threading.Timer(1.0, client.set_tag, (rival, TICKET_TAG, "0"))
+    ticketing.start()
+    try:
+        assert _claim(experiment_id) == {}
+    finally:
+        ticketing.join()
+    assert [r.info.run_id for r in client.search_runs([experiment_id], "tags.`altrack.config_hash` = 'h'")] == [rival]

@@ -54,6 +54,7 @@ from altrack.tracking.tags import (
     SLURM_JOB_TAG,
     TEST_ACCURACY_METRIC,
     TEST_LOSS_METRIC,
+    TICKET_TAG,
     TIME_PREFIX,
     TRAIN_LOSS_METRIC,
     VAL_ACCURACY_METRIC,
@@ -379,6 +380,10 @@ def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> 
     return info.model_id
 
 
+CLAIM_POLL_S = 0.2  # how often a claim waiting on a rival's ticket looks again
+CLAIM_WAIT_S = 30.0  # a live rival still without a ticket after this long is deferred to (see claim_runs)
+
+
 def claim_runs(
     parent_run_id: str,
     experiment_id: str,
@@ -390,33 +395,86 @@ def claim_runs(
     starts, and keep only those no other live process has claimed: two identical commands at
     once then do each run once. Returns {key: run id} of the runs this process owns.
 
-    Claims are made first and compared after: of several RUNNING claims of one hash, the oldest
-    (start time, then run id) whose owner lives wins; a FINISHED run of the hash started after
-    ``finished_since`` (ms; 0: any, as a resume wants; the parent's start under --no-resume)
-    beats them all. Losing claims are deleted."""
+    Lamport's bakery over the store, which offers writes and reads but no compare-and-set: a
+    claim is published first without a ticket ("choosing"), then takes a ticket one past the
+    highest any claim of its hash holds, then waits until every live rival of the hash has one,
+    and wins if its (ticket, run id) is the smallest among the live RUNNING claims. Why not the
+    oldest start time, as before: MLflow stamps a run's start on the client, before its insert
+    waits for SQLite's write lock, so a claim stamped first could land after a rival had already
+    looked, found nothing and won, and then win too (CI saw one run done twice). With tickets, a
+    claim a rival did not see was published after that rival's ticket, so it drew a larger one.
+
+    A FINISHED run of the hash started after ``finished_since`` (ms; 0: any, as a resume wants;
+    the parent's start under --no-resume) beats every claim. A rival whose owner is dead
+    (``run_is_dead``) is ignored; one still without a ticket after ``CLAIM_WAIT_S`` (a process
+    of an altrack that had no tickets) is deferred to. Losing claims are deleted."""
     client = MlflowClient()
     mine: dict[str, tuple[object, Run]] = {}
     for key, config_hash, group in wanted:
         run_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: key.name, KIND_TAG: KIND_PROTOCOL,
                     HASH_TAG: config_hash, GROUP_TAG: group, **owner_tags(), **tags}  # fmt: skip
         mine[config_hash] = (key, client.create_run(experiment_id, run_name=key.name, tags=run_tags))
+    groups = {group: [h for _, h, g in wanted if g == group] for _, _, group in wanted}
+    tickets: dict[str, int] = {}
+    for group, hashes in groups.items():
+        rivals = _claims(client, experiment_id, group)
+        for config_hash in hashes:
+            held = [_ticket(r) for r in rivals if r.data.tags.get(HASH_TAG) == config_hash]
+            tickets[config_hash] = 1 + max((t for t in held if t is not None), default=0)
+            client.set_tag(mine[config_hash][1].info.run_id, TICKET_TAG, str(tickets[config_hash]))
     won: dict[object, str] = {}
-    for group in sorted({group for _, _, group in wanted}):
-        rivals = client.search_runs([experiment_id], f"tags.`{GROUP_TAG}` = '{group}'", max_results=5000)
-        for config_hash in [h for _, h, g in wanted if g == group]:
-            key, run = mine[config_hash]
-            order = (run.info.start_time, run.info.run_id)
-            others = [r for r in rivals if r.data.tags.get(HASH_TAG) == config_hash and r is not run]
-            others = [r for r in others if r.info.run_id != run.info.run_id]
-            taken = any(r.info.status == FINISHED and r.info.start_time >= finished_since for r in others) or any(
-                r.info.status == RUNNING and (r.info.start_time, r.info.run_id) < order and not run_is_dead(r)
-                for r in others
-            )
-            if taken:
-                client.delete_run(run.info.run_id)
-            else:
-                won[key] = run.info.run_id
+    undecided = dict(groups)
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while undecided:
+        for group, hashes in list(undecided.items()):
+            rivals = _claims(client, experiment_id, group)
+            waiting = []
+            for config_hash in hashes:
+                key, run = mine[config_hash]
+                verdict = _verdict(run, tickets[config_hash], rivals, finished_since, time.monotonic() > deadline)
+                if verdict is None:
+                    waiting.append(config_hash)
+                elif verdict:
+                    won[key] = run.info.run_id
+                else:
+                    client.delete_run(run.info.run_id)
+            undecided[group] = waiting
+            if not waiting:
+                del undecided[group]
+        if undecided:
+            time.sleep(CLAIM_POLL_S)
     return won
+
+
+def _claims(client: MlflowClient, experiment_id: str, group: str) -> list[Run]:
+    """Every run of the group: claims, and the runs they became (deleted ones are not listed)."""
+    return client.search_runs([experiment_id], f"tags.`{GROUP_TAG}` = '{group}'", max_results=5000)
+
+
+def _ticket(run: Run) -> int | None:
+    value = run.data.tags.get(TICKET_TAG)
+    return int(value) if value is not None else None
+
+
+def _verdict(run: Run, ticket: int, rivals: list[Run], finished_since: int, waited_out: bool) -> bool | None:
+    """Whether the claim ``run`` holding ``ticket`` wins against the other runs of its hash;
+    None while a live rival is still choosing its ticket."""
+    config_hash = run.data.tags[HASH_TAG]
+    others = [r for r in rivals if r.data.tags.get(HASH_TAG) == config_hash and r.info.run_id != run.info.run_id]
+    if any(r.info.status == FINISHED and r.info.start_time >= finished_since for r in others):
+        return False
+    mine = (ticket, run.info.run_id)
+    for rival in others:
+        if rival.info.status != RUNNING or run_is_dead(rival):
+            continue
+        theirs = _ticket(rival)
+        if theirs is None:
+            if not waited_out:
+                return None
+            return False
+        if (theirs, rival.info.run_id) < mine:
+            return False
+    return True
 
 
 DATA_SOURCES = {  # where each dataset comes from; the digest pins the exact arrays read

@@ -22,6 +22,7 @@ HEARTBEAT_TAG = "altrack.heartbeat"  # when the owner of a RUNNING parent last s
 HASH_TAG = "altrack.config_hash"
 SETTING_TAG = "altrack.setting"  # the Settings label a report groups a run by (its params omit what its method ignores)
 GROUP_TAG = "altrack.group"  # the config hash of a run's (dataset, k, seed) group: claims are found by it
+TICKET_TAG = "altrack.claim_ticket"  # a claim's place in line for its config hash (tracking.runs.claim_runs)
 ERROR_TAG = "altrack.error"
 COMMAND_TAG = "altrack.command"  # the command line that made a parent run, for the results page
 RESUMED_TAG = "altrack.resumed_runs"
