@@ -340,18 +340,22 @@ def test_a_claim_made_after_a_rivals_win_loses_though_its_clock_is_behind(mlflow
     assert runs[0].data.tags[TICKET_TAG] == "1"
 
 
-def test_a_claim_waits_for_a_live_rival_still_choosing_its_ticket(mlflow_store):
+@pytest.mark.parametrize("theirs, wins", [("0", False), ("5", True)])
+def test_a_claim_waits_for_a_live_rival_still_choosing_its_ticket(mlflow_store, theirs, wins):
     """A rival published but not yet ticketed may have read the store before this claim existed:
-    the claim waits for its ticket before comparing (here the rival's is lower, so it loses)."""
+    the claim waits for its ticket, then the lower ticket wins (this claim's is 1). Ignoring the
+    rival fails the first case, deferring to it at once the second."""
     client = MlflowClient()
     experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
     tags = {"altrack.config_hash": "h", "altrack.group": "g", "altrack.kind": "protocol", "altrack.worker": worker_id()}
     later = int(time.time() * 1000) + 60_000  # its start says nothing: it may come from a clock ahead
     rival = client.create_run(experiment_id, start_time=later, tags=tags).info.run_id
-    ticketing = threading.Timer(1.0, client.set_tag, (rival, TICKET_TAG, "0"))
+    ticketing = threading.Timer(1.0, client.set_tag, (rival, TICKET_TAG, theirs))
     ticketing.start()
     try:
-        assert _claim(experiment_id) == {}
+        won = _claim(experiment_id)
     finally:
         ticketing.join()
-    assert [r.info.run_id for r in client.search_runs([experiment_id], "tags.`altrack.config_hash` = 'h'")] == [rival]
+    assert len(won) == wins
+    left = {r.info.run_id for r in client.search_runs([experiment_id], "tags.`altrack.config_hash` = 'h'")}
+    assert left == {rival, *won.values()}  # a losing claim is deleted

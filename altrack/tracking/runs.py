@@ -381,7 +381,6 @@ def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> 
 
 
 CLAIM_POLL_S = 0.2  # how often a claim waiting on a rival's ticket looks again
-CLAIM_WAIT_S = 30.0  # a live rival still without a ticket after this long is deferred to (see claim_runs)
 
 
 def claim_runs(
@@ -406,8 +405,10 @@ def claim_runs(
 
     A FINISHED run of the hash started after ``finished_since`` (ms; 0: any, as a resume wants;
     the parent's start under --no-resume) beats every claim. A rival whose owner is dead
-    (``run_is_dead``) is ignored; one still without a ticket after ``CLAIM_WAIT_S`` (a process
-    of an altrack that had no tickets) is deferred to. Losing claims are deleted."""
+    (``run_is_dead``) is ignored; a live one without a ticket is waited for however long it takes
+    (deferring to it after a while could leave the run to nobody: it may then draw a larger ticket
+    and lose to this claim's), which for a claim of an altrack without tickets means until its
+    run ends. Losing claims are deleted."""
     client = MlflowClient()
     mine: dict[str, tuple[object, Run]] = {}
     for key, config_hash, group in wanted:
@@ -424,14 +425,13 @@ def claim_runs(
             client.set_tag(mine[config_hash][1].info.run_id, TICKET_TAG, str(tickets[config_hash]))
     won: dict[object, str] = {}
     undecided = dict(groups)
-    deadline = time.monotonic() + CLAIM_WAIT_S
     while undecided:
         for group, hashes in list(undecided.items()):
             rivals = _claims(client, experiment_id, group)
             waiting = []
             for config_hash in hashes:
                 key, run = mine[config_hash]
-                verdict = _verdict(run, tickets[config_hash], rivals, finished_since, time.monotonic() > deadline)
+                verdict = _verdict(run, config_hash, tickets[config_hash], rivals, finished_since)
                 if verdict is None:
                     waiting.append(config_hash)
                 elif verdict:
@@ -456,10 +456,9 @@ def _ticket(run: Run) -> int | None:
     return int(value) if value is not None else None
 
 
-def _verdict(run: Run, ticket: int, rivals: list[Run], finished_since: int, waited_out: bool) -> bool | None:
+def _verdict(run: Run, config_hash: str, ticket: int, rivals: list[Run], finished_since: int) -> bool | None:
     """Whether the claim ``run`` holding ``ticket`` wins against the other runs of its hash;
     None while a live rival is still choosing its ticket."""
-    config_hash = run.data.tags[HASH_TAG]
     others = [r for r in rivals if r.data.tags.get(HASH_TAG) == config_hash and r.info.run_id != run.info.run_id]
     if any(r.info.status == FINISHED and r.info.start_time >= finished_since for r in others):
         return False
@@ -469,9 +468,7 @@ def _verdict(run: Run, ticket: int, rivals: list[Run], finished_since: int, wait
             continue
         theirs = _ticket(rival)
         if theirs is None:
-            if not waited_out:
-                return None
-            return False
+            return None
         if (theirs, rival.info.run_id) < mine:
             return False
     return True
