@@ -23,7 +23,16 @@ from altrack.replay import replay
 from altrack.settings import RunKey, Settings
 from altrack.tracking.query import rows_from_mlflow
 from altrack.tracking.runs import LiveLosses, claim_runs, close_dead_runs
-from altrack.tracking.tags import SEED_TRAIN_LOSS_METRIC, TICKET_TAG, TRAIN_LOSS_METRIC
+from altrack.tracking.tags import (
+    GROUP_TAG,
+    HASH_TAG,
+    KIND_PROTOCOL,
+    KIND_TAG,
+    SEED_TRAIN_LOSS_METRIC,
+    TICKET_TAG,
+    TRAIN_LOSS_METRIC,
+    WORKER_TAG,
+)
 
 
 def _cfg(data_dir, out, **kw) -> GridConfig:
@@ -320,7 +329,7 @@ def test_no_resume_reruns_what_an_earlier_invocation_finished(data_dir, mlflow_s
 
 def _claim(experiment_id: str) -> dict:
     """Claim one run under a new RUNNING parent that this live process owns, as a grid would."""
-    parent = MlflowClient().create_run(experiment_id, tags={"altrack.worker": worker_id()}).info.run_id
+    parent = MlflowClient().create_run(experiment_id, tags={WORKER_TAG: worker_id()}).info.run_id
     return claim_runs(parent, experiment_id, [(RunKey("mnist", "margin", 100, 0), "h", "g")], {})
 
 
@@ -335,7 +344,7 @@ def test_a_claim_made_after_a_rivals_win_loses_though_its_clock_is_behind(mlflow
     behind = int(time.time() * 1000) - 60_000
     monkeypatch.setattr("mlflow.tracking._tracking_service.client.get_current_time_millis", lambda: behind)
     assert _claim(experiment_id) == {}
-    runs = client.search_runs([experiment_id], "tags.`altrack.config_hash` = 'h'")
+    runs = client.search_runs([experiment_id], f"tags.`{HASH_TAG}` = 'h'")
     assert [r.info.run_id for r in runs] == list(first.values())  # the loser's claim is deleted
     assert runs[0].data.tags[TICKET_TAG] == "1"
 
@@ -347,7 +356,7 @@ def test_a_claim_waits_for_a_live_rival_still_choosing_its_ticket(mlflow_store, 
     rival fails the first case, deferring to it at once the second."""
     client = MlflowClient()
     experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
-    tags = {"altrack.config_hash": "h", "altrack.group": "g", "altrack.kind": "protocol", "altrack.worker": worker_id()}
+    tags = {HASH_TAG: "h", GROUP_TAG: "g", KIND_TAG: KIND_PROTOCOL, WORKER_TAG: worker_id()}
     later = int(time.time() * 1000) + 60_000  # its start says nothing: it may come from a clock ahead
     rival = client.create_run(experiment_id, start_time=later, tags=tags).info.run_id
     ticketing = threading.Timer(1.0, client.set_tag, (rival, TICKET_TAG, theirs))
@@ -357,5 +366,5 @@ def test_a_claim_waits_for_a_live_rival_still_choosing_its_ticket(mlflow_store, 
     finally:
         ticketing.join()
     assert len(won) == wins
-    left = {r.info.run_id for r in client.search_runs([experiment_id], "tags.`altrack.config_hash` = 'h'")}
+    left = {r.info.run_id for r in client.search_runs([experiment_id], f"tags.`{HASH_TAG}` = 'h'")}
     assert left == {rival, *won.values()}  # a losing claim is deleted

@@ -424,23 +424,21 @@ def claim_runs(
             tickets[config_hash] = 1 + max((t for t in held if t is not None), default=0)
             client.set_tag(mine[config_hash][1].info.run_id, TICKET_TAG, str(tickets[config_hash]))
     won: dict[object, str] = {}
-    undecided = dict(groups)
+    undecided = groups
     while undecided:
-        for group, hashes in list(undecided.items()):
+        waiting: dict[str, list[str]] = {}  # group -> its claims still waiting on a rival's ticket
+        for group, hashes in undecided.items():
             rivals = _claims(client, experiment_id, group)
-            waiting = []
             for config_hash in hashes:
                 key, run = mine[config_hash]
                 verdict = _verdict(run, config_hash, tickets[config_hash], rivals, finished_since)
                 if verdict is None:
-                    waiting.append(config_hash)
+                    waiting.setdefault(group, []).append(config_hash)
                 elif verdict:
                     won[key] = run.info.run_id
                 else:
                     client.delete_run(run.info.run_id)
-            undecided[group] = waiting
-            if not waiting:
-                del undecided[group]
+        undecided = waiting
         if undecided:
             time.sleep(CLAIM_POLL_S)
     return won
