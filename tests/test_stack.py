@@ -59,10 +59,11 @@ def _params(model):
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_stacked_mlps_match_one_at_a_time_and_each_other_bit_for_bit(data_dir, weighted):
+@pytest.mark.parametrize(("weighted", "n"), [(False, 100), (True, 100), (True, 103)])
+def test_stacked_mlps_match_one_at_a_time_and_each_other_bit_for_bit(data_dir, weighted, n):
+    """n = 103 ends each epoch on a batch of 7, whose mean's 1/7 is not exact in binary."""
     data = load_dataset("mnist", data_dir)
-    singles, stacked = _train_both(data, 3, 100, weighted=weighted)
+    singles, stacked = _train_both(data, 3, n, weighted=weighted)
     three, alone = stacked([0, 1, 2]), stacked([1])
     for a, b in zip(_params(three.models[1]), _params(alone.models[0]), strict=True):
         assert torch.equal(a, b)  # grouping invariance: the same bits alone or in a stack
