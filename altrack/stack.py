@@ -242,13 +242,16 @@ class StackedNet:
                 else:
                     h = h.flatten(2)
             else:
-                # one addmm per model on its own leaves, the GEMM nn.Linear runs: a batched GEMM
-                # (MKL's, cuBLAS's) picks its kernels by batch count, so a model's bits would depend
-                # on its stack
-                h = torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
-                                 zip(self._leaves(position, "bias"), h.unbind(), self._leaves(position, "weight"),
-                                     strict=True)])  # fmt: skip
+                h = self._per_model_linear(position, h)
         return h
+
+    def _per_model_linear(self, position: int, h: torch.Tensor) -> torch.Tensor:
+        """Linear layer ``position`` on (N, B, features): one addmm per model on its own leaves,
+        the GEMM nn.Linear runs; a batched GEMM (MKL's, cuBLAS's) picks its kernels by batch
+        count, so a model's bits would depend on its stack."""
+        return torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
+                            zip(self._leaves(position, "bias"), h.unbind(), self._leaves(position, "weight"),
+                                strict=True)])  # fmt: skip
 
     @torch.no_grad()
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -275,9 +278,7 @@ class StackedNet:
             elif isinstance(layer, nn.Flatten):
                 h = h.flatten(2)
             else:
-                h = torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
-                                 zip(self._leaves(position, "bias"), h.unbind(), self._leaves(position, "weight"),
-                                     strict=True)])  # fmt: skip
+                h = self._per_model_linear(position, h)
         # cross_entropy is log_softmax then nll_loss; mean_loss then scales (w) and means over B
         target = y.reshape(-1)
         log_p = torch.log_softmax(h.flatten(0, -2), 1)
