@@ -297,24 +297,34 @@ class _SelectionFigure:
 
         Each half of the figure holds one axes with its ticks and labels, so each is kept under
         its own axes' limits: the loss panel's under (low, high, top), the class panel's under
-        its top alone, and a run reuses each half that an earlier run drew."""
+        its top alone, and a run reuses each half that an earlier run drew. Only a half no run
+        drew is rendered, the other axes hidden meanwhile: a render costs about its axes' share."""
         low, high, left_top, right_top = limits
         self.left.set_xlim(low, high)
         self.left.set_ylim(0.0, left_top)
         self.right.set_ylim(0.0, right_top)
         keys = (("left", low, high, left_top), ("right", right_top))
-        if all(key in self.backgrounds for key in keys):
-            for key in keys:
-                self.canvas.restore_region(self.backgrounds[key])
-            return
-        self.canvas.draw()  # animated artists are left out
-        width, height = self.fig.bbox.width, self.fig.bbox.height
-        halves = (Bbox.from_extents(0, 0, width / 2, height), Bbox.from_extents(width / 2, 0, width, height))
-        for key, half in zip(keys, halves, strict=True):
-            self.backgrounds.pop(key, None)
-            if len(self.backgrounds) >= self.KEPT_BACKGROUNDS:
-                self.backgrounds.pop(next(iter(self.backgrounds)))
-            self.backgrounds[key] = self.canvas.copy_from_bbox(half)
+        regions = [self.backgrounds.get(key) for key in keys]  # read before a new half may evict one
+        if None in regions:
+            hidden = [axes for axes, region in zip((self.left, self.right), regions, strict=True) if region is not None]
+            for axes in hidden:
+                axes.set_visible(False)
+            try:
+                self.canvas.draw()  # animated artists are left out
+            finally:
+                for axes in hidden:
+                    axes.set_visible(True)
+            width, height = self.fig.bbox.width, self.fig.bbox.height
+            halves = (Bbox.from_extents(0, 0, width / 2, height), Bbox.from_extents(width / 2, 0, width, height))
+            for key, half, region in zip(keys, halves, regions, strict=True):
+                if region is not None:
+                    continue
+                if len(self.backgrounds) >= self.KEPT_BACKGROUNDS:
+                    self.backgrounds.pop(next(iter(self.backgrounds)))
+                self.backgrounds[key] = self.canvas.copy_from_bbox(half)
+        for region in regions:
+            if region is not None:
+                self.canvas.restore_region(region)
 
 
 _SELECTION_FIGURES: dict[int, _SelectionFigure] = {}
