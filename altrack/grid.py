@@ -363,9 +363,13 @@ class _Behind:
     waits for the last. The live epoch losses go through the same thread (``post``), in order,
     so a block's are in the store before its runs are filled in; as through MLflow's queue, a
     failed send of them is a warning. The store's writes for a run are ``log_run``'s, as
-    before; a run's results do not depend on when it is logged. A pool worker or a Slurm task,
-    which fills its runs in itself, makes one per block for the live losses alone and closes it
-    before filling them in (``run_logged_block``)."""
+    before; a run's results do not depend on when it is logged. On a CPU the overlap saves
+    little: the training's small torch ops each wait for the interpreter's lock while this thread
+    runs Python, so filling runs in costs the training about as long as it takes
+    (``benchmarks/bench_logging.py``); the main job took as long with it as with runs filled in
+    on the main thread. A pool worker or a Slurm task, which fills its runs in itself, makes one
+    per block for the live losses alone and closes it before filling them in
+    (``run_logged_block``)."""
 
     def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="altrack-log")

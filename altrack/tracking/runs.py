@@ -278,7 +278,11 @@ class LiveLosses:
     seconds, one batch per run, and at a model's last epoch (``epochs``), so that a finished
     curve does not wait through the selection that follows it: a send is a store transaction
     per run, and sending every epoch of every stacked model (840 in the README's main job) cost
-    more than three seconds of waiting at the blocks' ends.
+    more than three seconds of waiting at the blocks' ends. Not more often than every three
+    seconds: a send holds the interpreter's lock for about 20 ms of Python per run, and the
+    training beside it, dozens of small torch ops per step, each giving that lock up and waiting
+    to get it back, slowed ninefold while any was going on (``benchmarks/bench_logging.py``);
+    once a second, sends took 2.5 s of the main job.
 
     The sends run elsewhere, in order: ``post(fn)`` runs each (the thread a grid fills its runs
     in on, ``grid._Behind``), and whoever owns that thread waits for it before the runs are
@@ -287,7 +291,7 @@ class LiveLosses:
     (one second, MLflow 3), so each block waited up to two seconds on it; and a run ended on
     another thread shuts the queue down under a sender."""
 
-    PERIOD = 1.0
+    PERIOD = 3.0
 
     def __init__(self, runs: dict[object, str], epochs: int, post: Callable[[Callable[[], None]], None]) -> None:
         self.runs = runs

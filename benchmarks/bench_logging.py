@@ -1,0 +1,114 @@
+"""Why logging on a thread does not come for free: 7 stacked MNIST models (784-128-10, k=2000 rows
+each, batch 32) trained alone, and trained while another thread of the same process logs runs as
+a grid does (a selection figure and a ``log_batch`` to a SQLite store, in a loop), or sends live
+epoch losses (one ``log_batch`` per run), side by side with the ratios.
+
+The training is dozens of small torch ops per step; each gives up the interpreter's lock and
+waits to get it back, and a thread running Python (matplotlib, SQLAlchemy) holds it until the
+interpreter takes it away (``sys.getswitchinterval``). So the logging costs the training about
+what the logging itself takes, whichever thread it is on: the figures say how much, and how many
+runs the logger got through meanwhile. A shorter switch interval is measured too.
+
+    python benchmarks/bench_logging.py [--epochs 2] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from _common import data_dir
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from altrack import report
+from altrack.data import load_dataset
+from altrack.models import build_model
+from altrack.stack import train_stacked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    data = load_dataset("mnist", data_dir())
+    n = len(data.y_train)
+    rows = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[:2000] for s in range(7)])
+
+    def train() -> float:
+        torch.manual_seed(0)
+        models = [build_model("mnist") for _ in range(7)]
+        generators = [torch.Generator().manual_seed(s) for s in range(7)]
+        started = time.perf_counter()
+        train_stacked(models, data.x_train, data.y_train, rows, epochs=args.epochs, batch_size=32, lr=1e-3,
+                      generators=generators)  # fmt: skip
+        return time.perf_counter() - started
+
+    folder = Path(tempfile.mkdtemp(prefix="altrack-bench-logging-"))
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment("bench")
+    run_ids = [client.create_run(experiment).info.run_id for _ in range(7)]
+    rng = np.random.default_rng(0)
+    losses = rng.exponential(0.3, n)
+    labels = data.y_train.numpy()
+    pool = np.arange(400, n)
+    selected = rng.choice(pool, 1600, replace=False)
+
+    def fill_run(i: int) -> None:  # the bulk of a run's filling in: its figure and a metrics batch
+        report.plot_selection(losses, labels, pool, selected, f"run {i}", folder / "selection.png")
+        client.log_batch(run_ids[i % 7], metrics=[Metric("accuracy", 0.9, 0, i)])
+
+    def live_send(i: int) -> None:  # one live-losses send: a batch per run of the stack
+        for run_id in run_ids:
+            client.log_batch(run_id, metrics=[Metric("loss/train", 1.0 / (i + 1), 0, i)])
+
+    def beside(work, interval: float) -> tuple[float, int]:
+        stop, done = threading.Event(), [0]
+
+        def loop() -> None:
+            while not stop.is_set():
+                work(done[0])
+                done[0] += 1
+
+        default = sys.getswitchinterval()
+        sys.setswitchinterval(interval)
+        thread = threading.Thread(target=loop)
+        thread.start()
+        try:
+            seconds = train()
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(default)
+        return seconds, done[0]
+
+    train()  # warm-up
+    fill_run(0)
+    live_send(0)
+    default = sys.getswitchinterval()
+    cases = [("alone", None, default), ("beside runs being filled in", fill_run, default),
+             ("beside runs being filled in, switch 1e-5 s", fill_run, 1e-5),
+             ("beside live-loss sends (7 runs each)", live_send, default)]  # fmt: skip
+    print(f"7 stacked MNIST models, {args.epochs} epochs, {torch.get_num_threads()} torch threads; "
+          f"seconds per repeat (logger iterations meanwhile)")  # fmt: skip
+    alone = None
+    for name, work, interval in cases:
+        results = [(train(), 0) if work is None else beside(work, interval) for _ in range(args.repeats)]
+        best = min(seconds for seconds, _ in results)
+        alone = best if alone is None else alone
+        shown = " / ".join(f"{seconds:.2f}" + (f" ({done})" if work else "") for seconds, done in results)
+        print(f"  {name:44s} {shown:28s} {best / alone:5.1f}x alone")
+
+
+if __name__ == "__main__":
+    main()
