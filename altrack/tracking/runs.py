@@ -281,7 +281,7 @@ class LiveLosses:
     more than three seconds of waiting at the blocks' ends. Not more often than every three
     seconds: a send holds the interpreter's lock for about 20 ms of Python per run, and the
     training beside it, dozens of small torch ops per step, each giving that lock up and waiting
-    to get it back, slowed ninefold while any was going on (``benchmarks/bench_logging.py``);
+    to get it back, slowed 3.5x while sends were going on (``benchmarks/bench_logging.py``);
     once a second, sends took 2.5 s of the main job.
 
     The sends run elsewhere, in order: ``post(fn)`` runs each (the thread a grid fills its runs
