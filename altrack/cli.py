@@ -357,12 +357,14 @@ def _mlflow_error(exc: BaseException) -> bool:
 def _settle_imports() -> None:
     """Leave the objects of the modules imported so far (torch, MLflow, matplotlib: about 350,000)
     out of the garbage collector's passes from now on (``gc.freeze``). They live until the
-    process ends, yet every full collection walked them again (about 0.1 s each, eight in the
-    README's main job) and so did the collections at exit (about 2 s after the last line was
-    printed, on the 2-core Xeon). Whatever is made later is collected as before. A collection
-    first, so that no garbage is kept forever (tests call ``main`` many times in one process)."""
-    gc.collect()
-    gc.freeze()
+    process ends, yet every full collection walked them again (1.3 s over eight in the README's
+    main job) and so did the collections at exit (about 2 s after the last line was printed, on
+    the 2-core Xeon). Whatever is made later is collected as before. Once per process, after a
+    collection: a later freeze would also keep whatever a caller holds then (tests call ``main``
+    many times in one process), and cyclic garbage among it would never be freed."""
+    if gc.get_freeze_count() == 0:
+        gc.collect()
+        gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
