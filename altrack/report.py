@@ -17,9 +17,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
@@ -288,7 +288,9 @@ class _SelectionFigure:
         self._background(limits)
         for artist in self.own:
             self.fig.draw_artist(artist)
-        matplotlib.image.imsave(path, np.asarray(self.canvas.get_renderer().buffer_rgba()))
+        # RGB: the figure is opaque, and without the constant alpha channel PIL encodes it in two
+        # thirds of the time (21 against 34 ms), and the file is a tenth smaller
+        PIL.Image.fromarray(np.asarray(self.canvas.get_renderer().buffer_rgba())[..., :3]).save(path, format="png")
         return path
 
     def _background(self, limits: tuple[float, float, float, float]) -> None:

@@ -85,7 +85,7 @@ def test_a_selection_figure_redrawn_for_another_run_is_the_one_a_fresh_figure_dr
         drawn.append(mpimg.imread(tmp_path / "kept.png"))
         report._SelectionFigure(10).draw(*case, f"{name} run", tmp_path / "fresh.png")
         assert np.array_equal(drawn[-1], mpimg.imread(tmp_path / "fresh.png")), name
-    assert drawn[0].shape == (380, 1000, 4) and not np.array_equal(drawn[0], drawn[1])
+    assert drawn[0].shape == (380, 1000, 3) and not np.array_equal(drawn[0], drawn[1])
     assert {key[0] for key in kept.backgrounds} == {"left", "right"} and len(kept.backgrounds) == 5
     tallest_step = max(float(np.max(stairs.get_data().values)) for stairs in kept.stairs)
     tallest_bar = max(bar.get_height() for bars in kept.bars for bar in bars)
@@ -100,7 +100,7 @@ def test_a_selection_figure_redrawn_for_another_run_is_the_one_a_fresh_figure_dr
 def test_a_selection_figure_draws_a_seed_model_with_no_loss_at_all(tmp_path):
     losses, labels, pool, selected = _selection_case(2, 1.0, 100, 6000)  # every loss is zero
     report._SelectionFigure(10).draw(losses, labels, pool, selected, "perfect", tmp_path / "zero.png")
-    assert mpimg.imread(tmp_path / "zero.png").shape == (380, 1000, 4)
+    assert mpimg.imread(tmp_path / "zero.png").shape == (380, 1000, 3)  # opaque: RGB
 
 
 def test_nice_rounds_to_the_ladder():

@@ -15,6 +15,9 @@ ROUNDING_PER_DIM = 8 * torch.finfo(torch.float32).eps
 # 128 leave about 90 of the ~6,000 first-filter candidates per pick on MNIST (bench_selection)
 PROJECTION_DIMS = 16
 PROJECTION_SHRINK = np.float32(1.0 - 1e-4)  # float32 bases are orthonormal to ~1e-7, not exactly
+# the loop's gathers skip numpy's bounds check (its indices are rows and centres it made): the
+# default mode='raise' costs a 60k-point gather twice the time (0.2 against 0.1 ms, per pick)
+TAKE = "clip"
 
 
 def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[int]:
@@ -76,13 +79,14 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
             candidates = np.arange(n_points)
         else:
             cc = torch.addmv(centre_sq[:m], centre_rows[:m], p, alpha=-2.0).add_(x_sq[j]).numpy()
-            candidates = np.flatnonzero(cc.take(assign) < reach)
-            bound = proj_sq.take(candidates) - 2.0 * (proj.take(candidates, axis=0) @ proj[j]) + proj_sq[j]
-            candidates = candidates[bound * PROJECTION_SHRINK < min_d.take(candidates) + tau2]
+            candidates = np.flatnonzero(cc.take(assign, mode=TAKE) < reach)
+            bound = (proj_sq.take(candidates, mode=TAKE) - 2.0 * (proj.take(candidates, axis=0, mode=TAKE) @ proj[j])
+                     + proj_sq[j])  # fmt: skip
+            candidates = candidates[bound * PROJECTION_SHRINK < min_d.take(candidates, mode=TAKE) + tau2]
         rows = torch.from_numpy(candidates)
         dot = points.index_select(0, rows) @ p
         d = (x_sq.index_select(0, rows) - 2.0 * dot + x_sq[j]).clamp_(min=0.0).numpy()
-        nearer = d < min_d.take(candidates)
+        nearer = d < min_d.take(candidates, mode=TAKE)
         moved, d_moved = candidates[nearer], d[nearer]
         min_d[moved] = d_moved
         assign[moved] = m

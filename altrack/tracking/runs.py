@@ -365,8 +365,9 @@ def write_run_artifacts(result: RunResult, folder: Path) -> None:
     )
 
 
-def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> str:
-    """The model, then its own metrics attached to it (MLflow 3 ``model_id``); returns its id.
+def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> list[Metric]:
+    """Log the model; returns its own metrics as attached to it (MLflow 3 ``model_id``), for the
+    run's one closing ``log_batch`` (a batch per model cost a store transaction each).
 
     MLflow links a run's metrics logged *before* a model to that model, so models are logged
     before the run's result metrics: the seed model then carries its own accuracy, not the final
@@ -378,10 +379,8 @@ def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> 
         serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
-    finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-    if finite:
-        mlflow.log_metrics(finite, model_id=info.model_id)
-    return info.model_id
+    now = now_ms()
+    return [Metric(k, float(v), now, 0, model_id=info.model_id) for k, v in metrics.items() if np.isfinite(v)]
 
 
 CLAIM_POLL_S = 0.2  # how often a claim waiting on a rival's ticket looks again
@@ -574,20 +573,18 @@ def log_run(
             with temp_dir("run") as tmp:
                 write_run_artifacts(result, Path(tmp))
                 mlflow.log_artifacts(tmp)
-            on_model: set[str] = set()  # metrics already logged, attached to their model
+            on_model: list[Metric] = []  # metrics attached to their model
             if log_models:
                 assert result.stage is not None and result.final_model is not None
                 if seed_model_run is None:
                     seed_metrics = {SEED_TEST_ACCURACY_METRIC: result.stage.test_accuracy}
-                    _log_model(result.stage.model, "seed_model", seed_metrics)
-                    on_model.add(SEED_TEST_ACCURACY_METRIC)
+                    on_model += _log_model(result.stage.model, "seed_model", seed_metrics)
                 else:  # one seed model per (dataset, k, seed): the first method's run holds it
                     client.set_tag(run_id, SEED_MODEL_RUN_TAG, seed_model_run)
                 final = {TEST_ACCURACY_METRIC: result.test_accuracy, TEST_LOSS_METRIC: result.test_loss}
-                _log_model(result.final_model, "final_model", final)
-                on_model |= set(final)
-            metrics = [m for m in _run_metrics(result, live) if m.key not in on_model]
-            client.log_batch(run_id, metrics=metrics)
+                on_model += _log_model(result.final_model, "final_model", final)
+            keys = {m.key for m in on_model}
+            client.log_batch(run_id, metrics=on_model + [m for m in _run_metrics(result, live) if m.key not in keys])
         except Exception as exc:
             client.set_tag(run_id, ERROR_TAG, f"artifacts not stored: {first_line(exc, 500)}")
             raise AltrackError(
