@@ -492,42 +492,48 @@ def rerun_command(result: RunResult) -> str:
             + (f" --stack {result.identity[STACK_WIDTH]}" if STACK_WIDTH in result.identity else ""))  # fmt: skip
 
 
-def _log_input(dataset: object, context: str, tags: dict[str, str]) -> None:
-    """``mlflow.log_input``, tried once more when another process registered the same dataset a
-    moment before: MLflow inserts a dataset new to the experiment without a lock, so runs of
-    parallel workers or Slurm tasks logging it at once collide on its unique key (a CI run saw
-    SQLite's ``UNIQUE constraint failed: datasets...``); the second try finds it and links it."""
+def _log_inputs(datasets: list, contexts: list[str], tags: list[dict[str, str]]) -> None:
+    """``mlflow.log_inputs`` (one store transaction for all), tried once more when another process
+    registered the same dataset a moment before: MLflow inserts a dataset new to the experiment
+    without a lock, so runs of parallel workers or Slurm tasks logging it at once collide on its
+    unique key (a CI run saw SQLite's ``UNIQUE constraint failed: datasets...``); the second try
+    finds it and links it."""
     try:
-        mlflow.log_input(dataset, context=context, tags=tags)
+        mlflow.log_inputs(datasets, contexts=contexts, tags_list=tags)
     except MlflowException as exc:
         if not any(text in str(exc) for text in ("UNIQUE constraint", "duplicate key")):
             raise
-        mlflow.log_input(dataset, context=context, tags=tags)
+        mlflow.log_inputs(datasets, contexts=contexts, tags_list=tags)
 
 
-def _log_lineage(client: MlflowClient, run_id: str, result: RunResult, kind: str) -> None:
-    """What produced the run and how to redo it: the commit, versions, the rerun command, and the
-    data as MLflow dataset inputs (the train split, and the labelled subset derived from it)."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource  # lazy: only real runs log inputs
-    from mlflow.data.meta_dataset import MetaDataset
-
+def _lineage_tags(result: RunResult, kind: str) -> list[RunTag]:
+    """What produced the run and how to redo it: the commit, versions, the rerun command."""
     ident = result.identity
     tags = {VERSION_TAG: ident.get("altrack", ""), "torch_version": ident["torch"]}
     if kind == KIND_PROTOCOL:  # a sweep's runs train without its validation split: no grid command redoes them
         tags[RERUN_TAG] = rerun_command(result)
     if ident.get("git_commit"):
         tags[MLFLOW_GIT_COMMIT] = ident["git_commit"]
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return [RunTag(k, v) for k, v in tags.items()]
+
+
+def _log_data_inputs(result: RunResult) -> None:
+    """The data as MLflow dataset inputs of the active run: the train split, and the labelled
+    subset derived from it."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource  # lazy: only real runs log inputs
+    from mlflow.data.meta_dataset import MetaDataset
+
     key = result.key
     source = HTTPDatasetSource(DATA_SOURCES.get(key.dataset, "https://example.invalid/"))
     spec = DATASETS[key.dataset]
-    train = MetaDataset(source, name=key.dataset, digest=ident.get("data", "")[:16] or None)
-    _log_input(train, "train", {"n_train": str(spec.n_train), "n_test": str(spec.n_test)})
+    datasets = [MetaDataset(source, name=key.dataset, digest=result.identity.get("data", "")[:16] or None)]
+    contexts, tags = ["train"], [{"n_train": str(spec.n_train), "n_test": str(spec.n_test)}]
     if result.stage is not None and result.selection is not None:
         picked = hashlib.sha256(result.selected_indices.tobytes()).hexdigest()[:16]
-        labelled = MetaDataset(source, name=f"{key.dataset}-labelled", digest=picked)
-        _log_input(labelled, "labelled", {"derived_from": key.dataset, "k": str(key.budget),
-                                          "artifact": "selected_indices.npy"})  # fmt: skip
+        datasets.append(MetaDataset(source, name=f"{key.dataset}-labelled", digest=picked))
+        contexts.append("labelled")
+        tags.append({"derived_from": key.dataset, "k": str(key.budget), "artifact": "selected_indices.npy"})
+    _log_inputs(datasets, contexts, tags)
 
 
 def log_run(
@@ -562,8 +568,9 @@ def log_run(
         client = MlflowClient()
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]
-        client.log_batch(run_id, params=params, tags=[RunTag(SETTING_TAG, result.settings.label)])
-        _log_lineage(client, run_id, result, kind)
+        client.log_batch(run_id, params=params, tags=[RunTag(SETTING_TAG, result.settings.label),
+                                                      *_lineage_tags(result, kind)])  # fmt: skip
+        _log_data_inputs(result)
         if result.status != FINISHED:
             client.log_batch(run_id, metrics=_run_metrics(result, live),
                              tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])  # fmt: skip
