@@ -232,7 +232,7 @@ class _SelectionFigure:
     KEPT_BACKGROUNDS = 64  # halves of 0.76 MB each
 
     def __init__(self, num_classes: int) -> None:
-        self.fig = Figure(figsize=(10, 3.8), dpi=100)
+        self.fig = Figure(figsize=(10, 3.8), dpi=100, facecolor="white")  # opaque whatever the rcParams: saved as RGB
         self.canvas = FigureCanvasAgg(self.fig)
         self.left, self.right = self.fig.subplots(1, 2)
         self.fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.80, wspace=0.25)

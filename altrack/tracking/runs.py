@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 
@@ -576,11 +576,11 @@ def log_run(
                              tags=[RunTag(ERROR_TAG, (result.error or "")[:4000])])  # fmt: skip
             mlflow.end_run(status=FAILED)
             return run_id
+        on_model: list[Metric] = []  # metrics attached to their model, logged with the run's others
         try:  # a run is FINISHED only with its artifacts; leaving this block by an error marks it FAILED
             with temp_dir("run") as tmp:
                 write_run_artifacts(result, Path(tmp))
                 mlflow.log_artifacts(tmp)
-            on_model: list[Metric] = []  # metrics attached to their model
             if log_models:
                 assert result.stage is not None and result.final_model is not None
                 if seed_model_run is None:
@@ -593,6 +593,9 @@ def log_run(
             keys = {m.key for m in on_model}
             client.log_batch(run_id, metrics=on_model + [m for m in _run_metrics(result, live) if m.key not in keys])
         except Exception as exc:
+            if on_model:  # a model already stored keeps its metrics; best effort, the store may be what failed
+                with suppress(Exception):
+                    client.log_batch(run_id, metrics=on_model)
             client.set_tag(run_id, ERROR_TAG, f"artifacts not stored: {first_line(exc, 500)}")
             raise AltrackError(
                 f"run {run_id}: cannot store its artifacts at {run.info.artifact_uri}: {first_line(exc)}"
