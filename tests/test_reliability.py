@@ -22,7 +22,14 @@ from altrack.errors import AltrackError
 from altrack.grid import run_grid
 from altrack.settings import Settings
 from altrack.tracking.query import rows_from_mlflow
-from altrack.tracking.tags import ERROR_TAG, SEED_TRAIN_LOSS_METRIC, TRAIN_LOSS_METRIC
+from altrack.tracking.tags import (
+    ERROR_TAG,
+    SEED_TEST_ACCURACY_METRIC,
+    SEED_TRAIN_LOSS_METRIC,
+    TEST_ACCURACY_METRIC,
+    TEST_LOSS_METRIC,
+    TRAIN_LOSS_METRIC,
+)
 
 GRID = ["run", "--datasets", "mnist", "--methods", "margin,random", "--budget", "100,200,300", "--runs", "3",
         "--epochs", "1", "--device", "cpu", "--no-log-models", "--quiet", "--experiment", "grid"]  # fmt: skip
@@ -138,6 +145,11 @@ def test_every_block_is_filled_in_before_the_grid_returns(data_dir, mlflow_store
         models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                              filter_string=f"source_run_id='{run.info.run_id}'")  # fmt: skip
         assert sorted(m.name for m in models) == ["final_model", "seed_model"]  # one method: its run holds M
+        # each model carries its own figures only, not the epoch losses the run had when it was logged
+        assert {m.name: {x.key for x in m.metrics} for m in models} == {
+            "seed_model": {SEED_TEST_ACCURACY_METRIC},
+            "final_model": {TEST_ACCURACY_METRIC, TEST_LOSS_METRIC},
+        }
         assert "test_accuracy" in run.data.metrics
         for name in (TRAIN_LOSS_METRIC, SEED_TRAIN_LOSS_METRIC):  # sent live, through the logging thread
             assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [0, 1]

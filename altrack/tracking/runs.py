@@ -365,17 +365,21 @@ def write_run_artifacts(result: RunResult, folder: Path) -> None:
     )
 
 
-def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float]) -> list[Metric]:
+def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float], epochs: int) -> list[Metric]:
     """Log the model; returns its own metrics as attached to it (MLflow 3 ``model_id``), for the
     run's one closing ``log_batch`` (a batch per model cost a store transaction each).
 
-    MLflow links a run's metrics logged *before* a model to that model, so models are logged
-    before the run's result metrics: the seed model then carries its own accuracy, not the final
-    model's. Pickle format: pt2 needs an input example and torch.export, and these are our own."""
+    MLflow copies the run's metrics already logged at the model's step onto the model, so a model
+    is logged at step ``epochs``, the step after its last epoch, where the run has none: at step 0
+    every model took both epoch-0 losses, the seed model the final model's and the final model
+    the seed model's, at the price of a store write each. Models are logged before the run's
+    result metrics for the same reason. Pickle format: pt2 needs an input example and
+    torch.export, and these are our own."""
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     info = mlflow.pytorch.log_model(
         model.cpu(),
         name=name,
+        step=epochs,
         serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
@@ -585,11 +589,11 @@ def log_run(
                 assert result.stage is not None and result.final_model is not None
                 if seed_model_run is None:
                     seed_metrics = {SEED_TEST_ACCURACY_METRIC: result.stage.test_accuracy}
-                    on_model += _log_model(result.stage.model, "seed_model", seed_metrics)
+                    on_model += _log_model(result.stage.model, "seed_model", seed_metrics, result.settings.epochs)
                 else:  # one seed model per (dataset, k, seed): the first method's run holds it
                     client.set_tag(run_id, SEED_MODEL_RUN_TAG, seed_model_run)
                 final = {TEST_ACCURACY_METRIC: result.test_accuracy, TEST_LOSS_METRIC: result.test_loss}
-                on_model += _log_model(result.final_model, "final_model", final)
+                on_model += _log_model(result.final_model, "final_model", final, result.settings.epochs)
             keys = {m.key for m in on_model}
             client.log_batch(run_id, metrics=on_model + [m for m in _run_metrics(result, live) if m.key not in keys])
         except Exception as exc:
