@@ -175,9 +175,19 @@ def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     settings = Settings(**{name: opts.pop(name) for name in SETTINGS_RULES})  # type: ignore[arg-type]
     slurm = _slurm_config(opts, str(opts["executor"]))
     cfg = GridConfig(datasets=_split(datasets), methods=_methods(methods), settings=settings, slurm=slurm, **opts)  # type: ignore[arg-type]
-    from altrack import report  # lazy: torch, matplotlib and MLflow load only for a real run
+    from altrack.data import load_in_background  # lazy: torch, matplotlib and MLflow load only for a real run
+
+    # the datasets load while MLflow imports; a process that hands blocks to workers does not keep them
+    loading = (
+        load_in_background(cfg.datasets, cfg.data_dir, cfg.device)
+        if cfg.workers <= 1 and cfg.executor == "local"
+        else None
+    )
+    from altrack import report  # lazy, as above: MLflow's import (3-4 s) while the datasets load
     from altrack.grid import run_grid
 
+    if loading is not None:
+        loading.join()
     _settle_imports()
     outcome = run_grid(cfg, progress=not quiet, say=click.echo)
     if cfg.detach:

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from conftest import _shared_data
 
-from altrack.data import _TORCHVISION_CLASS, MNIST_ARCHIVES, load_arrays
+from altrack.data import (
+    _TORCHVISION_CLASS,
+    MNIST_ARCHIVES,
+    _load_cached,
+    load_arrays,
+    load_dataset,
+    load_in_background,
+    read_idx_gz,
+    release_datasets,
+)
 from altrack.errors import DataError
 
 
@@ -38,6 +47,31 @@ def test_archives_on_disk_load_without_importing_torchvision(data_dir):
             f"load_arrays('mnist', {str(data_dir)!r}); print('torchvision' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_datasets_loaded_in_background_are_the_ones_load_dataset_returns(data_dir):
+    release_datasets()
+    load_in_background(["mnist"], data_dir, "auto").join()  # 'auto' on this machine: as load_dataset gets it
+    assert _load_cached.cache_info().currsize == 1
+    hits = _load_cached.cache_info().hits
+    data = load_dataset("mnist", data_dir, "cpu")
+    assert _load_cached.cache_info().hits == hits + 1 and data.x_train.shape == (60000, 1, 28, 28)
+    release_datasets()
+
+
+def test_a_background_load_leaves_bad_input_to_the_callers_own_checks(tmp_path):
+    """Nothing raised on the thread, nothing cached, nothing written: ``run_grid`` refuses it in order."""
+    release_datasets()
+    load_in_background(["mnist"], tmp_path / "missing", "cpu").join()
+    load_in_background(["no-such-dataset"], tmp_path, "cpu").join()
+    assert _load_cached.cache_info().currsize == 0 and not (tmp_path / "missing").exists()
+
+
+def test_a_corrupt_idx_archive_is_a_data_error(tmp_path):
+    archive = tmp_path / "train-images-idx3-ubyte.gz"
+    archive.write_bytes(b"\x1f\x8b\x08\x00" + bytes(40))  # a gzip header, then no deflate stream
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_idx_gz(archive)
 
 
 def test_cifar10_loads_from_the_offline_npz_format(data_dir):
