@@ -118,9 +118,10 @@ def _md5(path: Path) -> str:
 
 def read_idx_gz(path: Path) -> np.ndarray:
     """An IDX array from a gzipped file, read in place (so a read-only data folder works). One
-    ``gzip.decompress`` call: zlib inflates the whole member without the interpreter's lock,
-    where ``GzipFile.read`` loops in Python over small chunks and, beside a thread that imports
-    (``cli.run`` loads the datasets while MLflow is imported), waits for that lock at each one."""
+    ``gzip.decompress`` call: from Python 3.11 zlib inflates the whole member without the
+    interpreter's lock, where ``GzipFile.read`` loops in Python over small chunks and, beside a
+    thread that imports (``cli.run`` loads the datasets while MLflow is imported), waits for
+    that lock at each one."""
     try:
         raw = gzip.decompress(path.read_bytes())
         zero, dtype_code, ndim = raw[0:2], raw[2], raw[3]
@@ -132,14 +133,19 @@ def read_idx_gz(path: Path) -> np.ndarray:
         raise DataError(f"{path} is truncated or corrupt: {exc}") from exc
 
 
+def _mnist_archives(name: str, root: Path) -> list[tuple[Path, str]]:
+    """Where torchvision keeps ``name``'s four archives under ``root``, with their md5."""
+    raw = root / _TORCHVISION_CLASS[name] / "raw"
+    return [(raw / filename, md5) for filename, md5 in MNIST_ARCHIVES[name]]
+
+
 def _load_mnist_like(name: str, root: Path) -> tuple[np.ndarray, ...]:
     """The four official archives, md5-checked; torchvision downloads them when they are absent."""
-    raw = root / _TORCHVISION_CLASS[name] / "raw"
-    archives = [(raw / filename, md5) for filename, md5 in MNIST_ARCHIVES[name]]
+    archives = _mnist_archives(name, root)
     if not all(path.exists() for path, _ in archives):
         import torchvision  # lazy: only a download needs it, and it costs 1.5-2 s to import
 
-        where = f"{raw}/ ({', '.join(path.name for path, _ in archives)})"
+        where = f"{archives[0][0].parent}/ ({', '.join(path.name for path, _ in archives)})"
         try:
             getattr(torchvision.datasets, _TORCHVISION_CLASS[name])(str(root), train=True, download=True)
         except Exception as exc:  # torchvision raises many types; the user needs the location
@@ -255,18 +261,23 @@ def _load_cached(name: str, root: str, device: str) -> Dataset:
 
 
 def load_in_background(names: Sequence[str], data_dir: str | os.PathLike | None, device: str) -> threading.Thread:
-    """Start loading ``names`` into this process's cache on a thread, for a caller with other
-    work first: ``cli.run`` imports MLflow meanwhile, 3-4 s holding the interpreter's lock, while
-    loading is mostly zlib, sha256 and torch, which release it (about a second off the main
-    job's start on the 2-core Xeon). Join the thread before loading the same names (the cache
-    does not merge concurrent loads). ``device`` as the user gave it ('auto' too). Errors are
-    dropped here: the caller's own ``load_dataset`` raises them again, in their place among its
-    checks."""
+    """Start loading the MNIST-like datasets of ``names`` whose archives are on disk into this
+    process's cache on a thread, for a caller with other work first: ``cli.run`` imports MLflow
+    meanwhile, 3-4 s holding the interpreter's lock, while reading archives is mostly zlib,
+    sha256 and torch, which release it (from Python 3.11; ``read_idx_gz``): about a second off
+    the main job's start on the 2-core Xeon. Not a download (torchvision's, on the main thread
+    as before, once) nor CIFAR-10 (torchvision imported on a second thread; npz files gain
+    little). Join the thread before loading the same names (the cache does not merge concurrent
+    loads). ``device`` as the user gave it ('auto' too). Errors are dropped here: the caller's
+    own ``load_dataset`` raises them again, in their place among its checks."""
+    root = resolve_data_dir(data_dir)
+    on_disk = [name for name in names
+               if name in MNIST_ARCHIVES and all(path.exists() for path, _ in _mnist_archives(name, root))]  # fmt: skip
 
     def load() -> None:
         with suppress(Exception):
             resolved = str(resolve_device(device))
-            for name in names:
+            for name in on_disk:
                 load_dataset(name, data_dir, resolved)
 
     thread = threading.Thread(target=load, name="altrack-data", daemon=True)

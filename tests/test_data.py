@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from altrack.data import (
     load_in_background,
     read_idx_gz,
     release_datasets,
+    resolve_device,
 )
 from altrack.errors import DataError
 
@@ -51,20 +53,31 @@ def test_archives_on_disk_load_without_importing_torchvision(data_dir):
 
 def test_datasets_loaded_in_background_are_the_ones_load_dataset_returns(data_dir):
     release_datasets()
-    load_in_background(["mnist"], data_dir, "auto").join()  # 'auto' on this machine: as load_dataset gets it
+    load_in_background(["mnist"], data_dir, "auto").join()
     assert _load_cached.cache_info().currsize == 1
     hits = _load_cached.cache_info().hits
-    data = load_dataset("mnist", data_dir, "cpu")
+    data = load_dataset("mnist", data_dir, str(resolve_device("auto")))
     assert _load_cached.cache_info().hits == hits + 1 and data.x_train.shape == (60000, 1, 28, 28)
     release_datasets()
 
 
-def test_a_background_load_leaves_bad_input_to_the_callers_own_checks(tmp_path):
-    """Nothing raised on the thread, nothing cached, nothing written: ``run_grid`` refuses it in order."""
+def test_a_background_load_leaves_bad_input_and_downloads_to_the_callers_own_load(tmp_path, monkeypatch):
+    """Nothing raised on the thread, nothing cached, nothing written (torchvision's download would
+    make MNIST/raw/): ``run_grid`` refuses bad input in its order, and downloads once, itself."""
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
     release_datasets()
-    load_in_background(["mnist"], tmp_path / "missing", "cpu").join()
-    load_in_background(["no-such-dataset"], tmp_path, "cpu").join()
-    assert _load_cached.cache_info().currsize == 0 and not (tmp_path / "missing").exists()
+    cases = [(["mnist"], tmp_path, "cpu"), (["mnist"], tmp_path / "missing", "cpu"),
+             (["no-such-dataset"], tmp_path, "cpu"), (["mnist"], tmp_path, "no-such-device")]  # fmt: skip
+    for names, folder, device in cases:
+        load_in_background(names, folder, device).join()
+    assert raised == [] and _load_cached.cache_info().currsize == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_cifar10_is_left_to_the_callers_own_load(data_dir):
+    release_datasets()
+    load_in_background(["cifar10"], data_dir, "cpu").join()
+    assert _load_cached.cache_info().currsize == 0
 
 
 def test_a_corrupt_idx_archive_is_a_data_error(tmp_path):

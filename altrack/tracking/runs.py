@@ -372,9 +372,8 @@ def _log_model(model: torch.nn.Module, name: str, metrics: dict[str, float], epo
     MLflow copies the run's metrics already logged at the model's step onto the model, so a model
     is logged at step ``epochs``, the step after its last epoch, where the run has none: at step 0
     every model took both epoch-0 losses, the seed model the final model's and the final model
-    the seed model's, at the price of a store write each. Models are logged before the run's
-    result metrics for the same reason. Pickle format: pt2 needs an input example and
-    torch.export, and these are our own."""
+    the seed model's, at the price of a store write each. Pickle format: pt2 needs an input
+    example and torch.export, and these are our own."""
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     info = mlflow.pytorch.log_model(
         model.cpu(),
