@@ -178,11 +178,7 @@ def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
     from altrack.data import load_in_background  # lazy: torch, matplotlib and MLflow load only for a real run
 
     # the datasets load while MLflow imports; a process that hands blocks to workers does not keep them
-    loading = (
-        load_in_background(cfg.datasets, cfg.data_dir, cfg.device)
-        if cfg.workers <= 1 and cfg.executor == "local"
-        else None
-    )
+    loading = load_in_background(cfg.datasets, cfg.data_dir, cfg.device) if cfg.trains_here else None
     from altrack import report  # lazy, as above: MLflow's import (3-4 s) while the datasets load
     from altrack.grid import run_grid
 

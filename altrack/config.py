@@ -114,6 +114,12 @@ class GridConfig:
         return None if self.memory_cap is None else int(self.memory_cap * 2**30)
 
     @property
+    def trains_here(self) -> bool:
+        """Whether the invoking process trains the blocks itself (one worker, no Slurm), and so
+        keeps the datasets it loads; workers and Slurm tasks load their own copies."""
+        return self.workers <= 1 and self.executor == "local"
+
+    @property
     def seeds(self) -> tuple[int, ...]:
         return tuple(self.seed + r for r in range(self.runs))
 

@@ -125,7 +125,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         identities[dataset] = run_identity(dataset, data.digest, device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
         check_stacks(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size,
                      gpu_here=not slurm)  # fmt: skip
-    if cfg.workers > 1 or slurm:  # the workers load their own copies
+    if not cfg.trains_here:  # the workers load their own copies
         release_datasets()
     if slurm:  # the jobs log to a shared server, and Slurm must accept them
         require_shared_store(mlflow.get_tracking_uri())

@@ -71,3 +71,10 @@ def test_a_grid_that_will_take_long_says_so_first():
     [warning] = slow_warnings(GridConfig(datasets=("mnist",), methods=("coreset", "random"), budgets=(2000, 50000)))
     assert "k''=10000" in warning and "k=50000" in warning
     assert slow_warnings(GridConfig(datasets=("mnist",), methods=("random",), budgets=(50000,))) == []
+
+
+def test_only_a_single_local_process_trains_the_blocks_itself():
+    """It keeps the datasets it loads (and loads them while MLflow imports); workers and Slurm tasks load their own."""
+    assert GridConfig(out=None).trains_here
+    assert not GridConfig(out=None, workers=2).trains_here
+    assert not GridConfig(out=None, executor="slurm").trains_here
