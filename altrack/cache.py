@@ -16,13 +16,15 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from altrack.data import Dataset, user_folder
-from altrack.protocol import EpochHook, SeedStage, fresh_model, train_seed_stage
+from altrack.errors import TrainingDiverged
+from altrack.protocol import SeedStage, fresh_model, train_seed_stages
 from altrack.provenance import code_version
 from altrack.settings import Settings
 
@@ -176,16 +178,39 @@ class SeedStageCache:
         seed: int,
         settings: Settings,
         holdout: np.ndarray | None = None,
-        on_epoch: EpochHook | None = None,
     ) -> SeedStage:
-        key = stage_key(data, budget, seed, settings, holdout)
-        stage = self.load(key, data)
-        if stage is not None:
-            self.hits += 1
-            os.utime(self.path(key))  # used now: the last to be evicted
-            return stage
-        self.misses += 1
-        stage = train_seed_stage(data, budget, seed, settings, on_epoch=on_epoch, holdout=holdout)
-        atomic_torch_save(_to_payload(stage), self.path(key))
-        evict(self.folder, max_bytes(), keep=self.path(key))
-        return stage
+        """One seed's stage (``get_many``)."""
+        return self.get_many(data, budget, [seed], settings, holdout)[0]
+
+    def get_many(
+        self,
+        data: Dataset,
+        budget: int,
+        seeds: Sequence[int],
+        settings: Settings,
+        holdout: np.ndarray | None = None,
+    ) -> list[SeedStage]:
+        """The stages of ``seeds``, in order: each read from the cache, or trained and written.
+        The seeds it lacks are trained together (``train_seed_stages``: their Ms in one stack),
+        and a model's bits do not depend on its stack mates, so an entry is the one a lone seed
+        would have written. Raises ``TrainingDiverged`` for the first seed whose M diverged,
+        after the others' entries are written."""
+        keys = [stage_key(data, budget, seed, settings, holdout) for seed in seeds]
+        stages: list[SeedStage | str | None] = [self.load(key, data) for key in keys]
+        for key, stage in zip(keys, stages, strict=True):
+            if stage is not None:
+                self.hits += 1
+                os.utime(self.path(key))  # used now: the last to be evicted
+        missing = [i for i, stage in enumerate(stages) if stage is None]
+        if missing:
+            self.misses += len(missing)
+            trained = train_seed_stages(data, budget, [seeds[i] for i in missing], settings, holdout=holdout)
+            for i, stage in zip(missing, trained, strict=True):
+                stages[i] = stage
+                if isinstance(stage, SeedStage):
+                    atomic_torch_save(_to_payload(stage), self.path(keys[i]))
+                    evict(self.folder, max_bytes(), keep=self.path(keys[i]))
+        for stage in stages:
+            if isinstance(stage, str):
+                raise TrainingDiverged(stage)
+        return stages  # type: ignore[return-value]  # every entry is a SeedStage here

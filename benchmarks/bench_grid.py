@@ -25,31 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import data_dir
-
-
-def tree_rss_mb(root: int) -> float:
-    """Resident memory of ``root`` and all its descendants, from /proc."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat.rsplit(")", 1)[1].split()
-            parents[int(entry.name)] = int(fields[1])
-            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid and child not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(rss.get(pid, 0) for pid in tree) / 2**20
-
+from _common import data_dir, tree_rss_mb
 
 ENTRY = "import sys; sys.path.insert(0, sys.argv.pop(1)); from altrack.cli import main; sys.exit(main())"
 

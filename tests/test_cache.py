@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+import torch
+
 from altrack.cache import SeedStageCache, cache_info, entries, stage_key
 from altrack.cli import main
 from altrack.data import load_dataset
@@ -41,3 +44,26 @@ def test_the_cache_stays_under_its_cap_dropping_the_least_recently_used(data_dir
 
 def _key(cache, data, budget, seed, settings):
     return stage_key(data, budget, seed, settings, None)
+
+
+def test_get_many_trains_the_missing_seeds_together_and_writes_what_lone_seeds_would(data_dir, tmp_path):
+    """A sweep trial asks for all its seeds at once: the misses' Ms train in one stack, a hit is
+    read, and each entry holds the bits a lone ``get`` of that seed writes."""
+    data = load_dataset("mnist", str(data_dir))
+    settings = Settings(epochs=1)
+    alone = SeedStageCache(tmp_path / "alone")
+    lone = [alone.get(data, 100, seed, settings) for seed in (0, 1, 2)]
+    together = SeedStageCache(tmp_path / "together")
+    together.get(data, 100, 1, settings)  # seed 1 is a hit below, seeds 2 and 0 train together
+    stages = together.get_many(data, 100, [2, 1, 0], settings)
+    assert (together.hits, together.misses) == (1, 3)
+    assert [stage.seed for stage in stages] == [2, 1, 0]
+    for stage, reference in zip(stages, lone[::-1], strict=True):
+        assert np.array_equal(stage.embeddings, reference.embeddings)
+        assert np.array_equal(stage.ce_loss, reference.ce_loss)
+        for (name, value), (_, expected) in zip(stage.model.state_dict().items(),
+                                                reference.model.state_dict().items(), strict=True):  # fmt: skip
+            assert torch.equal(value, expected), name
+    assert {path.name for path in entries(tmp_path / "together")} == {path.name for path in entries(tmp_path / "alone")}
+    again = SeedStageCache(tmp_path / "together").get_many(data, 100, [0, 1, 2], settings)  # all hits now
+    assert all(np.array_equal(a.embeddings, b.embeddings) for a, b in zip(again, lone, strict=True))

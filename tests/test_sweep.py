@@ -6,6 +6,7 @@ import subprocess
 import textwrap
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -151,6 +152,31 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert study.metric_names == ["val_accuracy"]
     sweeps = client.search_runs([parent.info.experiment_id], "tags.`altrack.kind` = 'sweep'")
     assert [r.info.run_id for r in sweeps] == [outcome.parent_run_id] == [again.parent_run_id]  # resumed in place
+
+
+def test_a_trials_seeds_train_together_and_each_gives_the_run_it_gives_alone(data_dir, mlflow_store, tmp_path):
+    """A trial trains its seeds' models in one stack (seed models, then final models): seed 0's
+    run in a two-seed trial is the one a one-seed trial gives, selection and accuracy."""
+
+    def seed_zero(seeds_per_trial):
+        text = TINY_SPEC.replace("seeds_per_trial: 1", f"seeds_per_trial: {seeds_per_trial}")
+        spec = load_spec(_spec(tmp_path, text.replace("study_name: tiny", f"study_name: tiny{seeds_per_trial}"),
+                               name=f"spec{seeds_per_trial}.yaml"))  # fmt: skip
+        outcome = run_sweep(spec, n_trials=1, storage=str(tmp_path / f"study{seeds_per_trial}.journal"),
+                            data_dir=str(data_dir), cache_dir=str(tmp_path / f"cache{seeds_per_trial}"))  # fmt: skip
+        [trial] = _trial_runs(outcome.parent_run_id)
+        runs = {int(r.data.params["seed"]): r for r in _trial_runs(trial.info.run_id)}
+        assert sorted(runs) == list(range(seeds_per_trial))
+        run = runs[0]
+        folder = str(tmp_path / f"dl{seeds_per_trial}")
+        picked = np.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=folder,
+                                                             artifact_path="selected_indices.npy"))  # fmt: skip
+        history = MlflowClient().get_metric_history(trial.info.run_id, "per_seed/val_accuracy")
+        return picked, run.data.metrics["test_accuracy"], [m.value for m in history if m.step == 0]
+
+    alone, beside = seed_zero(1), seed_zero(2)
+    assert np.array_equal(alone[0], beside[0])
+    assert alone[1:] == beside[1:]
 
 
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlflow_store, tmp_path):

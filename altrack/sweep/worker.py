@@ -21,7 +21,7 @@ from altrack.cache import SeedStageCache
 from altrack.data import load_dataset, set_determinism
 from altrack.errors import AltrackError, TrainingDiverged
 from altrack.liveness import Heartbeat, grace_seconds, worker_id
-from altrack.protocol import run_method
+from altrack.protocol import run_methods
 from altrack.results import FINISHED
 from altrack.sweep.spec import SweepSpec
 from altrack.sweep.study import Recovery, make_sampler, open_storage, validation_indices
@@ -125,9 +125,11 @@ class Worker:
                 }
             )
             val, test = [], []
-            for seed in self.spec.seeds:
-                stage = self.cache.get(self.data, self.spec.budget, seed, settings, self.holdout)
-                result = run_method(self.data, stage, self.spec.method, settings, holdout=self.holdout)
+            # the trial's seeds as one stack: their seed models, then their final models (a
+            # model's bits do not depend on its stack mates, so each run is the one it is alone)
+            stages = self.cache.get_many(self.data, self.spec.budget, self.spec.seeds, settings, self.holdout)
+            results = run_methods(self.data, stages, [self.spec.method], settings, holdout=self.holdout)
+            for result in results:
                 name = f"trial{trial.number}-{result.key.name}"
                 log_run(result, self.spec.log_models, kind=KIND_SWEEP_PROTOCOL, name=name)
                 if result.status != FINISHED:
