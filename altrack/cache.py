@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -179,8 +180,11 @@ class SeedStageCache:
         settings: Settings,
         holdout: np.ndarray | None = None,
     ) -> SeedStage:
-        """One seed's stage (``get_many``)."""
-        return self.get_many(data, budget, [seed], settings, holdout)[0]
+        """One seed's stage (``get_many``); raises ``TrainingDiverged`` if its M diverged."""
+        [stage] = self.get_many(data, budget, [seed], settings, holdout)
+        if isinstance(stage, str):
+            raise TrainingDiverged(stage)
+        return stage
 
     def get_many(
         self,
@@ -189,18 +193,21 @@ class SeedStageCache:
         seeds: Sequence[int],
         settings: Settings,
         holdout: np.ndarray | None = None,
-    ) -> list[SeedStage]:
-        """The stages of ``seeds``, in order: each read from the cache, or trained and written.
-        The seeds it lacks are trained together (``train_seed_stages``: their Ms in one stack),
-        and a model's bits do not depend on its stack mates, so an entry is the one a lone seed
-        would have written. Raises ``TrainingDiverged`` for the first seed whose M diverged,
-        after the others' entries are written."""
+    ) -> list[SeedStage | str]:
+        """The stages of ``seeds``, in order: each read from the cache, or trained and written;
+        a seed whose M diverged gives its error message instead (and writes nothing). The seeds
+        it lacks are trained together (``train_seed_stages``: their Ms in one stack), and a
+        model's bits do not depend on its stack mates, so an entry is the one a lone seed would
+        have written."""
         keys = [stage_key(data, budget, seed, settings, holdout) for seed in seeds]
-        stages: list[SeedStage | str | None] = [self.load(key, data) for key in keys]
-        for key, stage in zip(keys, stages, strict=True):
+        stages: list[SeedStage | str | None] = []
+        for key in keys:
+            stage = self.load(key, data)
             if stage is not None:
                 self.hits += 1
-                os.utime(self.path(key))  # used now: the last to be evicted
+                with suppress(FileNotFoundError):  # another worker may evict it meanwhile: we hold it
+                    os.utime(self.path(key))  # used now: the last to be evicted
+            stages.append(stage)
         missing = [i for i, stage in enumerate(stages) if stage is None]
         if missing:
             self.misses += len(missing)
@@ -210,7 +217,4 @@ class SeedStageCache:
                 if isinstance(stage, SeedStage):
                     atomic_torch_save(_to_payload(stage), self.path(keys[i]))
                     evict(self.folder, max_bytes(), keep=self.path(keys[i]))
-        for stage in stages:
-            if isinstance(stage, str):
-                raise TrainingDiverged(stage)
-        return stages  # type: ignore[return-value]  # every entry is a SeedStage here
+        return stages  # type: ignore[return-value]  # no None is left

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,3 +63,29 @@ def tree_rss_mb(root: int) -> float:
         tree.update(children)
         frontier.extend(children)
     return sum(rss.get(pid, 0) for pid in tree) / 2**20
+
+
+ENTRY = "import sys; sys.path.insert(0, sys.argv.pop(1)); from altrack.cli import main; sys.exit(main())"
+
+
+def timed_cli(root: Path, arguments: list[str], work: Path, env: dict[str, str]) -> tuple[float, float, str, str]:
+    """(wall seconds, peak MB of the process tree, stdout, stderr) of ``altrack ARGUMENTS`` run
+    from ``root``'s altrack package in ``work``, with ``env`` added; exits with the tail of
+    stderr if it fails. Output goes to files in ``work``, so a chatty command never blocks."""
+    command = [sys.executable, "-c", ENTRY, str(root), *arguments]
+    out, err = work / "stdout.txt", work / "stderr.txt"
+    start = time.perf_counter()
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen(command, cwd=work, env={**os.environ, **env}, stdout=stdout, stderr=stderr)
+        peak = 0.0
+        try:
+            while proc.poll() is None:
+                peak = max(peak, tree_rss_mb(proc.pid))
+                time.sleep(0.5)
+        finally:  # Ctrl-C: the command goes too
+            if proc.poll() is None:
+                proc.kill()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"altrack {arguments[0]} failed ({root}): {err.read_text()[-2000:]}")
+    return wall, peak, out.read_text(), err.read_text()

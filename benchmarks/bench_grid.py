@@ -17,33 +17,18 @@ then the median and the range: a neighbour's load then hits both sides of a roun
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import data_dir, tree_rss_mb
-
-ENTRY = "import sys; sys.path.insert(0, sys.argv.pop(1)); from altrack.cli import main; sys.exit(main())"
+from _common import data_dir, timed_cli
 
 
 def run(root: Path, arguments: list[str]) -> tuple[float, float, str]:
     """(wall seconds, peak MB, report table) of ``altrack run ARGUMENTS`` from ``root``'s altrack."""
     work = Path(tempfile.mkdtemp(prefix="altrack-bench-grid-"))
-    env = {**os.environ, "ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    command = [sys.executable, "-c", ENTRY, str(root), "run", *arguments, "--quiet", "--out", str(work / "out")]
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
-        time.sleep(0.5)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"grid failed ({root}): {proc.stderr.read().decode()[-2000:]}")
+    env = {"ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    wall, peak, _, _ = timed_cli(root, ["run", *arguments, "--quiet", "--out", str(work / "out")], work, env)
     return wall, peak, (work / "out" / "active_learning_results.txt").read_text().split("paired comparisons")[0]
 
 

@@ -2,54 +2,47 @@
 seed-stage cache: the wall time and the peak resident memory of the process tree; with
 ``--reference REF`` the same command on another checkout's ``altrack`` (``git archive REV
 altrack | tar -x -C REF``), in interleaved rounds, and whether both gave every trial the same
-value (the trials' params come from the same sampler seed, so they must).
+value, read from its journal (the trials' params come from the same sampler seed, so they must).
 
     python benchmarks/bench_sweep.py --reference REF [--spec sweeps/coreset_mnist.yaml] [--trials 4] [--repeats 2]
 
 A trial of ``coreset_mnist.yaml`` is 3 seeds at k = 2000: its seed models, then its final models,
-train as one stack each (``SeedStageCache.get_many``, ``run_methods``), where a6cf675..fd69e07
-trained them one seed at a time.
+train as one stack each (``SeedStageCache.get_many``, ``run_methods``), where fd69e07 and
+earlier trained them one seed at a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import data_dir, tree_rss_mb
-
-ENTRY = "import sys; sys.path.insert(0, sys.argv.pop(1)); from altrack.cli import main; sys.exit(main())"
-TRIAL = re.compile(r"^trial (\d+): .* -> \w+ ([0-9.]+)", re.MULTILINE)
+import optuna
+from _common import data_dir, timed_cli
 
 
-def run(root: Path, spec: str, trials: int, seed: int) -> tuple[float, float, dict[int, str]]:
-    """(wall seconds, peak MB, {trial number: value as printed}) of one sweep from ``root``."""
-    work = Path(tempfile.mkdtemp(prefix="altrack-bench-sweep-"))
-    env = {**os.environ, "ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "ALTRACK_CACHE_DIR": str(work / "cache")}  # fmt: skip
-    text = Path(spec).read_text()
-    text = re.sub(r"(?m)^sampler_seed:.*\n?", "", text) + f"\nsampler_seed: {seed}\n"  # both sides: the same trials
-    (work / "spec.yaml").write_text(text)
-    command = [sys.executable, "-c", ENTRY, str(root), "sweep", str(work / "spec.yaml"), "--n-trials", str(trials),
-               "--storage", str(work / "study.journal")]  # fmt: skip
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
-        time.sleep(0.5)
-    wall = time.perf_counter() - start
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    if proc.returncode != 0:
-        sys.exit(f"sweep failed ({root}): {err[-2000:]}")
-    return wall, peak, {int(n): value for n, value in TRIAL.findall(out + err)}
+def run(root: Path, spec: str, trials: int, seed: int) -> tuple[float, float, dict[int, float]]:
+    """(wall seconds, peak MB, {trial number: value}) of one sweep from ``root``; the values
+    are read from the study's journal, at full precision, and the work folder is deleted."""
+    with tempfile.TemporaryDirectory(prefix="altrack-bench-sweep-") as tmp:
+        work = Path(tmp)
+        env = {"ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+               "ALTRACK_CACHE_DIR": str(work / "cache")}  # fmt: skip
+        text = re.sub(r"(?m)^sampler_seed:.*\n?", "", Path(spec).read_text())
+        (work / "spec.yaml").write_text(f"{text}\nsampler_seed: {seed}\n")  # both sides: the same trials
+        journal = work / "study.journal"
+        arguments = ["sweep", str(work / "spec.yaml"), "--n-trials", str(trials), "--storage", str(journal)]
+        wall, peak, _, _ = timed_cli(root, arguments, work, env)
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        [name] = optuna.get_all_study_names(storage)
+        values = {t.number: t.value for t in optuna.load_study(study_name=name, storage=storage).trials
+                  if t.state == optuna.trial.TrialState.COMPLETE}  # fmt: skip
+    if len(values) < trials:
+        sys.exit(f"the sweep from {root} completed {len(values)} of {trials} trials")
+    return wall, peak, values
 
 
 def main() -> None:
@@ -79,7 +72,7 @@ def main() -> None:
         ratios = " ".join(f"{r[i][1] / r[0][1]:.2f}" for r in rounds)
         print(f"{name:<12}{wall:>8.1f}s{wall / args.trials:>9.2f}{max(r[i][2] for r in rounds):>9.0f}"
               f"{wall / base:>8.2f}  {same:<11}  {ratios}")  # fmt: skip
-    print("trial values:", ", ".join(f"{n}: {v}" for n, v in sorted(rounds[0][0][3].items())))
+    print("trial values:", ", ".join(f"{n}: {v:.6f}" for n, v in sorted(rounds[0][0][3].items())))
 
 
 if __name__ == "__main__":

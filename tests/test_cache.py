@@ -7,11 +7,13 @@ import os
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from altrack.cache import SeedStageCache, cache_info, entries, stage_key
 from altrack.cli import main
 from altrack.data import load_dataset
+from altrack.errors import TrainingDiverged
 from altrack.settings import Settings
 
 
@@ -67,3 +69,14 @@ def test_get_many_trains_the_missing_seeds_together_and_writes_what_lone_seeds_w
     assert {path.name for path in entries(tmp_path / "together")} == {path.name for path in entries(tmp_path / "alone")}
     again = SeedStageCache(tmp_path / "together").get_many(data, 100, [0, 1, 2], settings)  # all hits now
     assert all(np.array_equal(a.embeddings, b.embeddings) for a, b in zip(again, lone, strict=True))
+
+
+def test_a_diverged_seed_model_is_its_message_and_writes_nothing(data_dir, tmp_path):
+    data = load_dataset("mnist", str(data_dir))
+    cache = SeedStageCache(tmp_path / "cache")
+    wild = Settings(epochs=3, lr=1e30)
+    stages = cache.get_many(data, 200, [0, 1], wild)
+    assert all(isinstance(stage, str) and "loss became" in stage for stage in stages)
+    assert cache_info(tmp_path / "cache") == (0, 0)
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        cache.get(data, 200, 0, wild)

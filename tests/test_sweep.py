@@ -4,6 +4,7 @@ import re
 import socket
 import subprocess
 import textwrap
+import time
 
 import mlflow
 import numpy as np
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from altrack.cli import main
-from altrack.errors import ConfigError
+from altrack.errors import AltrackError, ConfigError
 from altrack.paper import sweep_summary
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
 from altrack.tracking.tags import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR
@@ -177,6 +178,21 @@ def test_a_trials_seeds_train_together_and_each_gives_the_run_it_gives_alone(dat
     alone, beside = seed_zero(1), seed_zero(2)
     assert np.array_equal(alone[0], beside[0])
     assert alone[1:] == beside[1:]
+
+
+def test_a_trial_whose_models_diverge_fails_with_the_reason_and_logs_what_trained(data_dir, mlflow_store, tmp_path):
+    spec = load_spec(_spec(tmp_path, TINY_SPEC.replace("seeds_per_trial: 1", "seeds_per_trial: 2") + "lr: 1.0e+30\n"))
+    started = int(time.time() * 1000)  # the store is the session's: this test's runs started since
+    with pytest.raises(AltrackError, match="trials failed"):
+        run_sweep(spec, n_trials=1, storage=str(tmp_path / "study.journal"), data_dir=str(data_dir),
+                  cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(tmp_path / "study.journal")))
+    assert {t.state for t in study.trials} == {TrialState.FAIL}
+    # the seed models trained and each seed's final model failed: both seeds' runs are logged
+    mine = f"attributes.run_name LIKE 'trial0-%' AND attributes.start_time >= {started}"
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=mine)
+    assert sorted(r.info.run_name for r in runs) == ["trial0-mnist-coreset-k100-s0", "trial0-mnist-coreset-k100-s1"]
+    assert {r.info.status for r in runs} == {"FAILED"}
 
 
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlflow_store, tmp_path):

@@ -21,7 +21,7 @@ from altrack.cache import SeedStageCache
 from altrack.data import load_dataset, set_determinism
 from altrack.errors import AltrackError, TrainingDiverged
 from altrack.liveness import Heartbeat, grace_seconds, worker_id
-from altrack.protocol import run_methods
+from altrack.protocol import SeedStage, run_methods
 from altrack.results import FINISHED
 from altrack.sweep.spec import SweepSpec
 from altrack.sweep.study import Recovery, make_sampler, open_storage, validation_indices
@@ -126,14 +126,18 @@ class Worker:
             )
             val, test = [], []
             # the trial's seeds as one stack: their seed models, then their final models (a
-            # model's bits do not depend on its stack mates, so each run is the one it is alone)
+            # model's bits do not depend on its stack mates, so each run is the one it is alone);
+            # every seed that trained is logged, then the trial fails on the first that did not
             stages = self.cache.get_many(self.data, self.spec.budget, self.spec.seeds, settings, self.holdout)
-            results = run_methods(self.data, stages, [self.spec.method], settings, holdout=self.holdout)
+            good = [stage for stage in stages if isinstance(stage, SeedStage)]
+            results = run_methods(self.data, good, [self.spec.method], settings, holdout=self.holdout) if good else []
+            errors = [stage for stage in stages if isinstance(stage, str)]
             for result in results:
                 name = f"trial{trial.number}-{result.key.name}"
                 log_run(result, self.spec.log_models, kind=KIND_SWEEP_PROTOCOL, name=name)
                 if result.status != FINISHED:
-                    raise TrainingDiverged(result.error or "training failed")
+                    errors.append(result.error or "training failed")
+                    continue
                 val.append(result.val_accuracy)
                 test.append(result.test_accuracy)
                 # one metric per quantity, a step per seed: the UI then compares trials on objective,
@@ -141,7 +145,9 @@ class Worker:
                 per_seed = {"per_seed/val_accuracy": val[-1], "per_seed/test_accuracy": test[-1]}
                 if "lam" in result.selection.info:
                     per_seed["per_seed/lam_used"] = result.selection.info["lam"]
-                mlflow.log_metrics(per_seed, step=len(val) - 1)
+                mlflow.log_metrics(per_seed, step=result.key.seed - self.spec.seeds[0])
+            if errors:
+                raise TrainingDiverged(errors[0])
             value = float(np.mean(val))
             mlflow.log_metrics(
                 {
