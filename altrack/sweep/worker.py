@@ -145,7 +145,7 @@ class Worker:
                 per_seed = {"per_seed/val_accuracy": val[-1], "per_seed/test_accuracy": test[-1]}
                 if "lam" in result.selection.info:
                     per_seed["per_seed/lam_used"] = result.selection.info["lam"]
-                mlflow.log_metrics(per_seed, step=result.key.seed - self.spec.seeds[0])
+                mlflow.log_metrics(per_seed, step=self.spec.seeds.index(result.key.seed))
             if errors:
                 raise TrainingDiverged(errors[0])
             value = float(np.mean(val))
