@@ -6,8 +6,10 @@ written atomically (temp file, then rename) and read with ``torch.load(weights_o
 an unreadable entry is rebuilt, never trusted.
 
 The folder is capped (``ALTRACK_CACHE_MAX_GB``, default 4 GB; an MNIST stage is about 34 MB, a
-CIFAR-10 one about 30 MB): a hit marks its entry used, and after each write the least recently
-used entries go until the folder fits. ``altrack cache info`` and ``altrack cache clear``.
+CIFAR-10 one about 30 MB): a hit marks its entry used, and after each call that writes, the least
+recently used entries go until the folder fits, never one that call read or wrote: a sweep
+trial's seeds stay together even under a cap smaller than they are (the folder is then over it
+until the next write). ``altrack cache info`` and ``altrack cache clear``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -56,16 +58,16 @@ def entries(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.pt"), key=lambda path: path.stat().st_mtime)
 
 
-def evict(folder: Path, cap: int, keep: Path | None = None) -> int:
-    """Delete least recently used entries until the folder holds at most ``cap`` bytes (never
-    ``keep``, the entry just written). Returns how many went."""
+def evict(folder: Path, cap: int, keep: Collection[Path] = ()) -> int:
+    """Delete least recently used entries until the folder holds at most ``cap`` bytes, or until
+    only ``keep`` (the entries in use: just written or read) is left. Returns how many went."""
     found = entries(folder)
     total = sum(path.stat().st_size for path in found)
     removed = 0
     for path in found:
         if total <= cap:
             break
-        if path == keep:
+        if path in keep:
             continue
         total -= path.stat().st_size
         path.unlink(missing_ok=True)
@@ -216,5 +218,5 @@ class SeedStageCache:
                 stages[i] = stage
                 if isinstance(stage, SeedStage):
                     atomic_torch_save(_to_payload(stage), self.path(keys[i]))
-                    evict(self.folder, max_bytes(), keep=self.path(keys[i]))
+            evict(self.folder, max_bytes(), keep={self.path(key) for key in keys})  # one scan per call
         return stages  # type: ignore[return-value]  # no None is left

@@ -44,6 +44,27 @@ def test_the_cache_stays_under_its_cap_dropping_the_least_recently_used(data_dir
     assert os.path.isdir(tmp_path / "cache")
 
 
+def test_a_call_never_evicts_the_entries_it_wrote_or_read(data_dir, tmp_path, monkeypatch):
+    """Under a cap of one and a half entries, a trial's three seeds all stay (each write used to
+    evict the entry written before it, so the next trial trained two of them again); the next
+    call that writes brings the folder back under the cap, keeping its own entry."""
+    data = load_dataset("mnist", str(data_dir))
+    settings = Settings(epochs=1)
+    cache = SeedStageCache(tmp_path / "cache")
+    cache.get(data, 100, 9, settings)
+    one_entry = cache_info(tmp_path / "cache")[1]
+    for path in entries(tmp_path / "cache"):
+        path.unlink()
+    monkeypatch.setenv("ALTRACK_CACHE_MAX_GB", str(1.5 * one_entry / 1e9))
+    cache.get_many(data, 100, [0, 1, 2], settings)
+    assert cache_info(tmp_path / "cache")[0] == 3
+    fresh = SeedStageCache(tmp_path / "cache")
+    fresh.get_many(data, 100, [2, 0, 1], settings)
+    assert (fresh.hits, fresh.misses) == (3, 0)
+    fresh.get(data, 100, 3, settings)
+    assert {path.name for path in entries(tmp_path / "cache")} == {fresh.path(_key(fresh, data, 100, 3, settings)).name}
+
+
 def _key(cache, data, budget, seed, settings):
     return stage_key(data, budget, seed, settings, None)
 
