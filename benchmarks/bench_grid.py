@@ -26,10 +26,11 @@ from _common import data_dir, timed_cli
 
 def run(root: Path, arguments: list[str]) -> tuple[float, float, str]:
     """(wall seconds, peak MB, report table) of ``altrack run ARGUMENTS`` from ``root``'s altrack."""
-    work = Path(tempfile.mkdtemp(prefix="altrack-bench-grid-"))
-    env = {"ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    wall, peak, _, _ = timed_cli(root, ["run", *arguments, "--quiet", "--out", str(work / "out")], work, env)
-    return wall, peak, (work / "out" / "active_learning_results.txt").read_text().split("paired comparisons")[0]
+    with tempfile.TemporaryDirectory(prefix="altrack-bench-grid-") as tmp:  # store, journal, report: all go
+        work = Path(tmp)
+        env = {"ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        wall, peak, _, _ = timed_cli(root, ["run", *arguments, "--quiet", "--out", str(work / "out")], work, env)
+        return wall, peak, (work / "out" / "active_learning_results.txt").read_text().split("paired comparisons")[0]
 
 
 def main() -> None:
