@@ -9,6 +9,12 @@ interpreter takes it away (``sys.getswitchinterval``). So the logging costs the 
 what the logging itself takes, whichever thread it is on: the figures say how much, and how many
 runs the logger got through meanwhile. A shorter switch interval is measured too.
 
+Why not log in another process, then: the training beside a second process that keeps one core
+busy (pure Python, no lock shared) is measured last. OpenMP's idle threads spin before they
+sleep (libgomp: ``GOMP_SPINCOUNT``, ``OMP_WAIT_POLICY``), so torch's second thread, spinning
+and preempted, holds up every parallel region on a 2-core machine; run this with
+``GOMP_SPINCOUNT=0`` to see the other side of that trade.
+
     python benchmarks/bench_logging.py [--epochs 2] [--repeats 2]
 """
 
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -101,23 +109,48 @@ def main() -> None:
             raise failed[0]
         return seconds, done[0]
 
+    def beside_process() -> tuple[float, int]:
+        stop = multiprocessing.get_context("spawn").Event()
+        other = multiprocessing.get_context("spawn").Process(target=_busy, args=(stop,))
+        other.start()
+        time.sleep(0.5)  # its interpreter up and spinning
+        try:
+            return train(), 0
+        finally:
+            stop.set()
+            other.join()
+
     train()  # warm-up
     fill_run(next(steps))
     live_send(next(steps))
     default = sys.getswitchinterval()
     cases = [("alone", None, default), ("beside runs being filled in", fill_run, default),
              ("beside runs being filled in, switch 1e-5 s", fill_run, 1e-5),
-             ("beside live-loss sends (7 runs each)", live_send, default)]  # fmt: skip
-    print(f"7 stacked MNIST models, {args.epochs} epochs, {torch.get_num_threads()} torch threads; "
-          f"seconds per repeat (logger iterations meanwhile)")  # fmt: skip
+             ("beside live-loss sends (7 runs each)", live_send, default),
+             ("beside another process keeping a core busy", _busy, default)]  # fmt: skip
+    spin = os.environ.get("GOMP_SPINCOUNT", os.environ.get("OMP_WAIT_POLICY", "default"))
+    print(f"7 stacked MNIST models, {args.epochs} epochs, {torch.get_num_threads()} torch threads, "
+          f"OpenMP spin {spin}; seconds per repeat (logger iterations meanwhile)")  # fmt: skip
     alone = None
     for name, work, interval in cases:
-        results = [(train(), 0) if work is None else beside(work, interval) for _ in range(args.repeats)]
+        if work is _busy:
+            results = [beside_process() for _ in range(args.repeats)]
+        else:
+            results = [(train(), 0) if work is None else beside(work, interval) for _ in range(args.repeats)]
         best = min(seconds for seconds, _ in results)
         alone = best if alone is None else alone
-        shown = " / ".join(f"{seconds:.2f}" + (f" ({done})" if work else "") for seconds, done in results)
+        shown = " / ".join(f"{seconds:.2f}" + (f" ({done})" if work not in (None, _busy) else "")
+                           for seconds, done in results)  # fmt: skip
         print(f"  {name:44s} {shown:28s} {best / alone:5.1f}x alone")
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _busy(stop) -> None:  # noqa: ANN001 - a multiprocessing Event
+    """Another tenant of the cores: pure Python until told to stop."""
+    while not stop.is_set():
+        total = 0
+        for i in range(100_000):
+            total += i
 
 
 if __name__ == "__main__":
