@@ -13,18 +13,20 @@ Why not log in another process, then: the training beside a second process that 
 busy (pure Python, no lock shared) is measured last. OpenMP's idle threads spin before they
 sleep (libgomp: ``GOMP_SPINCOUNT``, ``OMP_WAIT_POLICY``), so torch's second thread, spinning
 and preempted, holds up every parallel region on a 2-core machine; run this with
-``GOMP_SPINCOUNT=0`` to see the other side of that trade.
+``GOMP_SPINCOUNT=0`` to see the other side of that trade, or with ``OMP_NUM_THREADS=1``.
 
     python benchmarks/bench_logging.py [--epochs 2] [--repeats 2]
+    GOMP_SPINCOUNT=0 python benchmarks/bench_logging.py   # OpenMP's idle threads sleep at once
+    OMP_NUM_THREADS=1 python benchmarks/bench_logging.py  # torch on one thread
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +44,9 @@ from altrack import report
 from altrack.data import load_dataset
 from altrack.models import build_model
 from altrack.stack import train_stacked
+
+# another tenant of the cores: pure Python until killed
+BUSY = "print('spinning', flush=True)\nwhile True:\n    pass"
 
 
 def main() -> None:
@@ -110,15 +115,15 @@ def main() -> None:
         return seconds, done[0]
 
     def beside_process() -> tuple[float, int]:
-        stop = multiprocessing.get_context("spawn").Event()
-        other = multiprocessing.get_context("spawn").Process(target=_busy, args=(stop,))
-        other.start()
-        time.sleep(0.5)  # its interpreter up and spinning
+        # a bare interpreter (no imports to wait for) that says so, then spins until killed
+        other = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
         try:
+            if other.stdout.readline().strip() != "spinning":
+                raise RuntimeError(f"the busy process did not start (exit {other.poll()})")
             return train(), 0
         finally:
-            stop.set()
-            other.join()
+            other.kill()
+            other.wait()
 
     train()  # warm-up
     fill_run(next(steps))
@@ -127,30 +132,23 @@ def main() -> None:
     cases = [("alone", None, default), ("beside runs being filled in", fill_run, default),
              ("beside runs being filled in, switch 1e-5 s", fill_run, 1e-5),
              ("beside live-loss sends (7 runs each)", live_send, default),
-             ("beside another process keeping a core busy", _busy, default)]  # fmt: skip
-    spin = os.environ.get("GOMP_SPINCOUNT", os.environ.get("OMP_WAIT_POLICY", "default"))
+             ("beside another process keeping a core busy", BUSY, default)]  # fmt: skip
+    spin = ", ".join(f"{name}={os.environ[name]}" for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+                     if name in os.environ) or "default"  # fmt: skip
     print(f"7 stacked MNIST models, {args.epochs} epochs, {torch.get_num_threads()} torch threads, "
           f"OpenMP spin {spin}; seconds per repeat (logger iterations meanwhile)")  # fmt: skip
     alone = None
     for name, work, interval in cases:
-        if work is _busy:
+        if work is BUSY:
             results = [beside_process() for _ in range(args.repeats)]
         else:
             results = [(train(), 0) if work is None else beside(work, interval) for _ in range(args.repeats)]
         best = min(seconds for seconds, _ in results)
         alone = best if alone is None else alone
-        shown = " / ".join(f"{seconds:.2f}" + (f" ({done})" if work not in (None, _busy) else "")
+        shown = " / ".join(f"{seconds:.2f}" + (f" ({done})" if work not in (None, BUSY) else "")
                            for seconds, done in results)  # fmt: skip
         print(f"  {name:44s} {shown:28s} {best / alone:5.1f}x alone")
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def _busy(stop) -> None:  # noqa: ANN001 - a multiprocessing Event
-    """Another tenant of the cores: pure Python until told to stop."""
-    while not stop.is_set():
-        total = 0
-        for i in range(100_000):
-            total += i
 
 
 if __name__ == "__main__":
