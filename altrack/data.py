@@ -139,15 +139,15 @@ def _mnist_archives(name: str, root: Path) -> list[tuple[Path, str]]:
     return [(raw / filename, md5) for filename, md5 in MNIST_ARCHIVES[name]]
 
 
-def _archives_on_disk(name: str, root: Path) -> bool:
-    """Whether all four of ``name``'s archives are under ``root`` (else torchvision downloads them)."""
-    return all(path.exists() for path, _ in _mnist_archives(name, root))
+def _on_disk(archives: list[tuple[Path, str]]) -> bool:
+    """Whether every archive of ``_mnist_archives`` is there (else torchvision downloads them)."""
+    return all(path.exists() for path, _ in archives)
 
 
 def _load_mnist_like(name: str, root: Path) -> tuple[np.ndarray, ...]:
     """The four official archives, md5-checked; torchvision downloads them when they are absent."""
     archives = _mnist_archives(name, root)
-    if not _archives_on_disk(name, root):
+    if not _on_disk(archives):
         import torchvision  # lazy: only a download needs it, and it costs 1.5-2 s to import
 
         where = f"{archives[0][0].parent}/ ({', '.join(path.name for path, _ in archives)})"
@@ -276,7 +276,7 @@ def load_in_background(names: Sequence[str], data_dir: str | os.PathLike | None,
     loads). ``device`` as the user gave it ('auto' too). Errors are dropped here: the caller's
     own ``load_dataset`` raises them again, in their place among its checks."""
     root = resolve_data_dir(data_dir)
-    on_disk = [name for name in names if name in MNIST_ARCHIVES and _archives_on_disk(name, root)]
+    on_disk = [name for name in names if name in MNIST_ARCHIVES and _on_disk(_mnist_archives(name, root))]
 
     def load() -> None:
         with suppress(Exception):
