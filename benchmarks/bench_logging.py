@@ -114,13 +114,13 @@ def main() -> None:
             raise failed[0]
         return seconds, done[0]
 
-    def beside_process() -> tuple[float, int]:
+    def beside_process() -> tuple[float, int | None]:
         # a bare interpreter (no imports to wait for) that says so, then spins until killed
         other = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
         try:
             if other.stdout.readline().strip() != "spinning":
                 raise RuntimeError(f"the busy process did not start (exit {other.poll()})")
-            return train(), 0
+            return train(), None
         finally:
             other.kill()
             other.wait()
@@ -129,24 +129,22 @@ def main() -> None:
     fill_run(next(steps))
     live_send(next(steps))
     default = sys.getswitchinterval()
-    cases = [("alone", None, default), ("beside runs being filled in", fill_run, default),
-             ("beside runs being filled in, switch 1e-5 s", fill_run, 1e-5),
-             ("beside live-loss sends (7 runs each)", live_send, default),
-             ("beside another process keeping a core busy", BUSY, default)]  # fmt: skip
+    # each case measures one repeat: (seconds, logger iterations meanwhile or None)
+    cases = [("alone", lambda: (train(), None)),
+             ("beside runs being filled in", lambda: beside(fill_run, default)),
+             ("beside runs being filled in, switch 1e-5 s", lambda: beside(fill_run, 1e-5)),
+             ("beside live-loss sends (7 runs each)", lambda: beside(live_send, default)),
+             ("beside another process keeping a core busy", beside_process)]  # fmt: skip
     spin = ", ".join(f"{name}={os.environ[name]}" for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
                      if name in os.environ) or "default"  # fmt: skip
     print(f"7 stacked MNIST models, {args.epochs} epochs, {torch.get_num_threads()} torch threads, "
           f"OpenMP spin {spin}; seconds per repeat (logger iterations meanwhile)")  # fmt: skip
     alone = None
-    for name, work, interval in cases:
-        if work is BUSY:
-            results = [beside_process() for _ in range(args.repeats)]
-        else:
-            results = [(train(), 0) if work is None else beside(work, interval) for _ in range(args.repeats)]
+    for name, measure in cases:
+        results = [measure() for _ in range(args.repeats)]
         best = min(seconds for seconds, _ in results)
         alone = best if alone is None else alone
-        shown = " / ".join(f"{seconds:.2f}" + (f" ({done})" if work not in (None, BUSY) else "")
-                           for seconds, done in results)  # fmt: skip
+        shown = " / ".join(f"{seconds:.2f}" + ("" if done is None else f" ({done})") for seconds, done in results)
         print(f"  {name:44s} {shown:28s} {best / alone:5.1f}x alone")
     shutil.rmtree(folder, ignore_errors=True)
 
