@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,7 +67,8 @@ def main() -> None:
                       generators=generators)  # fmt: skip
         return time.perf_counter() - started
 
-    folder = Path(tempfile.mkdtemp(prefix="altrack-bench-logging-"))
+    workdir = tempfile.TemporaryDirectory(prefix="altrack-bench-logging-")  # removed at exit, after an error too
+    folder = Path(workdir.name)
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
     client = MlflowClient()
     experiment = client.create_experiment("bench")
@@ -146,7 +146,7 @@ def main() -> None:
         alone = best if alone is None else alone
         shown = " / ".join(f"{seconds:.2f}" + ("" if done is None else f" ({done})") for seconds, done in results)
         print(f"  {name:44s} {shown:28s} {best / alone:5.1f}x alone")
-    shutil.rmtree(folder, ignore_errors=True)
+    workdir.cleanup()
 
 
 if __name__ == "__main__":

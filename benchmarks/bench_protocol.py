@@ -121,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="altrack-bench-"))
+    workdir = tempfile.TemporaryDirectory(prefix="altrack-bench-")  # removed at exit, after an error too
+    root = Path(workdir.name)
     shutil.copytree(Path(data_dir()) / "MNIST", root / "MNIST")
     load_dataset("mnist", data_dir())  # both sides start with the data on disk, parsed once for altrack
     torchvision.datasets.MNIST(str(root), train=True, download=True)
@@ -138,7 +139,7 @@ def main() -> None:
     ours_acc, ref_acc = np.mean([o[1] for o, _ in rows]), np.mean([r[1] for _, r in rows])
     print(f"mean: altrack {ours_t:.2f} s, reference {ref_t:.2f} s, speed-up {ref_t / ours_t:.1f}x (target >= 8x); ")
     print(f"accuracy altrack {ours_acc:.4f} vs reference {ref_acc:.4f}")
-    shutil.rmtree(root, ignore_errors=True)
+    workdir.cleanup()
 
 
 if __name__ == "__main__":

@@ -65,29 +65,32 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import mnist_stage
 
-    folder = Path(tempfile.mkdtemp(prefix="altrack-bench-selection-"))
-    for budget in BUDGETS:
-        _, stage = mnist_stage(budget, 0)
-        np.savez(folder / f"emb{budget}.npz", pool=stage.embeddings[stage.pool_indices],
-                 seed=stage.embeddings[stage.seed_indices])  # fmt: skip
-    sides = [("this tree", Path(__file__).resolve().parents[1])]
-    if args.reference:
-        sides.append(("reference", Path(args.reference).resolve()))
-    cores = os.cpu_count() or 1
-    print(f"MNIST seed-model pool embeddings (seed 0), best of {args.repeats}; k-center picks 0.8k, k-means k''=0.16k")
-    header = f"{'what':<16}{'threads':>8}" + "".join(f"{name:>12}" for name, _ in sides)
-    print(header + ("  speed-up" if args.reference else ""))
-    for threads in sorted({1, cores}):
-        timings = []
-        for _, root in sides:
-            command = [sys.executable, __file__, "--repeats", str(args.repeats),
-                       "--side", str(root), str(folder / "emb{budget}.npz"), str(threads)]  # fmt: skip
-            timings.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
-        for what in timings[0]:
-            row = f"{what:<16}{threads:>8}" + "".join(f"{t[what]:>11.2f}s" for t in timings)
-            if args.reference:
-                row += f"{timings[1][what] / timings[0][what]:>9.1f}x"
-            print(row)
+    with tempfile.TemporaryDirectory(prefix="altrack-bench-selection-") as tmp:  # the embeddings go with it
+        folder = Path(tmp)
+        for budget in BUDGETS:
+            _, stage = mnist_stage(budget, 0)
+            np.savez(folder / f"emb{budget}.npz", pool=stage.embeddings[stage.pool_indices],
+                     seed=stage.embeddings[stage.seed_indices])  # fmt: skip
+        sides = [("this tree", Path(__file__).resolve().parents[1])]
+        if args.reference:
+            sides.append(("reference", Path(args.reference).resolve()))
+        cores = os.cpu_count() or 1
+        print(
+            f"MNIST seed-model pool embeddings (seed 0), best of {args.repeats}; k-center picks 0.8k, k-means k''=0.16k"
+        )
+        header = f"{'what':<16}{'threads':>8}" + "".join(f"{name:>12}" for name, _ in sides)
+        print(header + ("  speed-up" if args.reference else ""))
+        for threads in sorted({1, cores}):
+            timings = []
+            for _, root in sides:
+                command = [sys.executable, __file__, "--repeats", str(args.repeats),
+                           "--side", str(root), str(folder / "emb{budget}.npz"), str(threads)]  # fmt: skip
+                timings.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+            for what in timings[0]:
+                row = f"{what:<16}{threads:>8}" + "".join(f"{t[what]:>11.2f}s" for t in timings)
+                if args.reference:
+                    row += f"{timings[1][what] / timings[0][what]:>9.1f}x"
+                print(row)
 
 
 if __name__ == "__main__":
