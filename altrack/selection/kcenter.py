@@ -30,15 +30,15 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     lies at distance r cannot have a new centre j nearer than c if ||j - c|| >= 2r (the triangle
     inequality); of the points left, one whose distance to j in the top principal directions
     (a projection, so never more than the true distance) is already >= r cannot either. Only the
-    few points left (about 90 of 59,600 per pick on MNIST) are measured, with the arithmetic of
-    the plain greedy, so the picks are the plain greedy's (tests/test_selection.py; identical on
-    the MNIST pools at k = 2000 and 5000) up to one caveat: MKL may round a row's dot product in a
-    short batch one ulp away from the same row in the full product, so distances that tie within
-    float32 rounding can break the other way: duplicated points, or points far from the origin,
-    whose squared norms dwarf their squared distances (seen with MKL on an Intel Xeon at 3e4
-    times, not on an AMD EPYC); the pick is then still a farthest point up to rounding
-    (tested). The filters run in numpy (a pass over 60k points costs a few
-    microseconds of overhead there, tens in torch); both bounds keep a rounding margin.
+    few points left (about 90 of 59,600 per pick on MNIST) are measured, each by ``row_dots``,
+    which rounds a row as it would alone, whatever the batch and the thread count: so the picks
+    are exactly those of the plain greedy measuring every point that way (tests/test_selection.py),
+    and a run's picks do not depend on ``--workers``. Real embeddings are full of near ties (on a
+    Fashion-MNIST pool, several exact ties between the two farthest points per run, and gaps of
+    one ulp), so another rounding of the same products, a GEMV's (a6cf675's greedy, and the GPU's
+    loop below), takes other points from the first such tie on, each a farthest point up to
+    rounding (tested). The filters run in numpy (a pass over 60k points costs a few microseconds
+    of overhead there, tens in torch); both bounds keep a rounding margin.
 
     Raises ``ValueError`` if n exceeds the number of points (a taken row cannot be taken again).
     """
@@ -84,7 +84,7 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
                      + proj_sq[j])  # fmt: skip
             candidates = candidates[bound * PROJECTION_SHRINK < min_d.take(candidates, mode=TAKE) + tau2]
         rows = torch.from_numpy(candidates)
-        dot = points.index_select(0, rows) @ p
+        dot = row_dots(points.index_select(0, rows), p)
         d = (x_sq.index_select(0, rows) - 2.0 * dot + x_sq[j]).clamp_(min=0.0).numpy()
         nearer = d < min_d.take(candidates, mode=TAKE)
         moved, d_moved = candidates[nearer], d[nearer]
@@ -94,6 +94,19 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
         min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0, so they never move again
         reach[j] = -1.0  # and are hardly ever measured again
     return chosen
+
+
+def row_dots(rows: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Each row's dot product with ``p``, (r, d) x (d,) -> (r,), rounded as that row alone would
+    be: an elementwise product summed along the row, one row's arithmetic whatever the batch
+    holds and however many threads run it. Not BLAS's GEMV: MKL picks its kernel by the row count
+    and the thread count, so on an Intel Xeon (AVX-512) a row of a 90-row batch rounded an ulp
+    away from the same row of the full product, and a 500-row batch differently at one thread
+    and at two. The pruned loop measures other batches at other thread counts (its bounds are
+    GEMVs too), so a near tie then went another way, and a run's k-center picks, and its
+    accuracy, depended on ``--workers`` (Fashion-MNIST, k = 3000, seed 0: 0.7993 with one
+    worker, 0.8029 with two)."""
+    return (rows * p).sum(1)
 
 
 def _principal_projection(points: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
