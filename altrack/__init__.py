@@ -13,5 +13,6 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA
 
 # part of a run's identity (resume keys, the stage cache): 0.2.0 changed CPU training bits (fused Adam) and
-# the coreset's clustering (one per stage, shared by its two variants)
-__version__ = "0.2.0"
+# the coreset's clustering (one per stage, shared by its two variants); 0.2.1 k-center's picks at near ties
+# (its candidates' distances by per-row sums, kcenter.row_dots)
+__version__ = "0.2.1"

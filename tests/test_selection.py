@@ -12,6 +12,7 @@ from sklearn.cluster import KMeans
 from altrack.data import load_dataset
 from altrack.protocol import train_seed_stage
 from altrack.selection import available_methods, get_selector
+from altrack.selection import kcenter as kcenter_module
 from altrack.selection import kmeans as kmeans_module
 from altrack.selection.coreset import estimate_lambda, sample_without_replacement
 from altrack.selection.geometry import StepLoop, nearest, nearest_distinct, padded_steps, row_argmin, row_min
@@ -279,6 +280,21 @@ def test_row_dots_round_each_row_as_it_would_alone():
             for size in (1, 5, 17, 90, 500, 3000):
                 rows = torch.from_numpy(np.sort(rng.choice(len(points), size, replace=False)))
                 assert torch.equal(row_dots(points.index_select(0, rows), p), whole[rows]), (threads, size)
+
+
+def test_the_pruned_kcenter_measures_every_pick_through_row_dots(monkeypatch):
+    """The guard that holds on any CPU: one where a GEMV happens to round rows alike would pass
+    the thread-count test below with a GEMV back in the loop."""
+    batches = []
+
+    def spy(rows, p):
+        batches.append(rows.shape[0])
+        return row_dots(rows, p)
+
+    monkeypatch.setattr(kcenter_module, "row_dots", spy)
+    points, centres = _kcenter_case("spread")
+    assert kcenter_greedy(points, centres, 50) == _plain_kcenter(points, centres, 50)
+    assert len(batches) == 50
 
 
 def test_kcenter_picks_on_a_real_pool_do_not_depend_on_the_thread_count(data_dir):

@@ -3,11 +3,14 @@ or its worker; selections and accuracies do not depend on how the grid groups wo
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from altrack import protocol
 from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import ConfigError
@@ -155,6 +158,28 @@ def test_the_default_cap_counts_the_page_cache_the_kernel_can_drop():
     after = _mem_available()
     slack = 256 << 20  # what other processes allocate or free between the reads
     assert min(before, after) - slack <= got <= max(before, after) + slack
+
+
+def test_free_memory_reads_memavailable_in_bytes_and_falls_back_without_it(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(protocol, "MEMINFO", meminfo)
+    cpu = torch.device("cpu")
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:            1000 kB\nMemAvailable:       5000 kB\n")
+    assert free_memory(cpu) == 5000 * 1024
+    try:
+        free_pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free_pages = None
+    for text in ("MemTotal: 24000000 kB\n", "MemAvailable: lots\n", None):  # no line, a bad one, no file
+        if text is None:
+            meminfo.unlink()
+        else:
+            meminfo.write_text(text)
+        got = free_memory(cpu)
+        if free_pages is None:
+            assert got == 8 << 30
+        else:
+            assert abs(got - free_pages) < 256 << 20  # free pages, read a moment apart
 
 
 def test_a_cuda_runs_padded_width_is_part_of_its_identity_params_and_rerun_command():
