@@ -101,13 +101,12 @@ def row_dots(rows: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     be: an elementwise product summed along the row, one row's arithmetic whatever the batch
     holds and however many threads run it (for rows narrower than torch's parallel grain, 32,768
     elements, past which a lone row's sum is split among threads; embeddings here are 128 or
-    256 wide). Not BLAS's GEMV: MKL picks its kernel by the row count
-    and the thread count, so on an Intel Xeon (AVX-512) a row of a 90-row batch rounded an ulp
-    away from the same row of the full product, and a 500-row batch differently at one thread
-    and at two. The pruned loop measures other batches at other thread counts (its bounds are
-    GEMVs too), so a near tie then went another way, and a run's k-center picks, and its
-    accuracy, depended on ``--workers`` (Fashion-MNIST, k = 3000, seed 0: 0.7993 with one
-    worker, 0.8029 with two)."""
+    256 wide). Not BLAS's GEMV: MKL picks its kernel by the row count and the thread count, so
+    on an Intel Xeon (AVX-512) a row of a 90-row batch rounded an ulp away from the same row of
+    the full product, and a 500-row batch differently at one thread and at two. The pruned loop
+    measures other batches at other thread counts (its bounds are GEMVs too), so a near tie then
+    went another way, and a run's k-center picks, and its accuracy, depended on ``--workers``
+    (Fashion-MNIST, k = 3000, seed 0: 0.7993 with one worker, 0.8029 with two)."""
     return (rows * p).sum(1)
 
 
