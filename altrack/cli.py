@@ -162,7 +162,8 @@ def cli() -> None:
                    "bits depend on: it is logged as stack_width and is part of the resume key.")  # fmt: skip
 @click.option("--memory-cap", type=float, default=None,
               help="GiB the stacked models may take; on CUDA it lowers the width, and so the bits [default: "
-                   "on a CPU a quarter of the available memory; on CUDA none, a card too small refused].")  # fmt: skip
+                   "on a CPU a quarter of the available memory, a Slurm job's or container's cgroup limit counted; "
+                   "on CUDA none, a card too small refused].")  # fmt: skip
 @click.option("--system-metrics", is_flag=True,
               help="MLflow samples CPU, memory (and GPU) use into the parent run (needs psutil).")  # fmt: skip
 @slurm_options

@@ -19,7 +19,6 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from altrack.config import GridConfig
 from altrack.data import DATASETS, Dataset, load_dataset, resolve_device, set_determinism
 from altrack.errors import ConfigError, TrainingDiverged
 from altrack.liveness import tethered
+from altrack.memory import free_memory
 from altrack.models import build_model
 from altrack.provenance import identity
 from altrack.results import FAILED, FINISHED, ResultRow
@@ -65,31 +65,6 @@ class Fit:
     weights: np.ndarray | None = None
 
 
-MEMINFO = Path("/proc/meminfo")
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes the device can still give: CUDA's free memory, else the host's available memory.
-
-    On Linux that is the kernel's ``MemAvailable``: free pages plus the page cache it can drop.
-    Not ``SC_AVPHYS_PAGES``, free pages alone: on a machine whose page cache had filled its RAM
-    (a CI run after installing torch, 24 GiB with 23 available) those were 419 MiB, and CIFAR-10
-    on a CPU (115 MiB a model, under a quarter of that) was refused. Elsewhere free pages, where
-    the platform says, else 8 GiB."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in MEMINFO.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 # models trained together by default, by (device, convolutional). An MLP's step on a GPU is launch-bound:
 # 64 cost what 16 do. CifarNet's is compute-bound (H100, per model-step: 0.46 ms at 16, 0.37 at 35,
 # 0.33 at 64), and every stack is padded to this width on CUDA, the seed models' too: 35 is the
@@ -113,7 +88,8 @@ def stack_limit(
     ``memory_cap`` bytes hold. On CUDA that is the width every stack is padded to
     (``stack_width``), which a run's bits depend on, so it follows from the config alone: the
     cap lowers it only when given, and ``check_stacks`` refuses a card too small for it. Elsewhere
-    the cap defaults to a quarter of the free memory; convolutions train one at a time on a CPU
+    the cap defaults to a quarter of ``free_memory`` (the host's, bounded by its memory cgroups:
+    a Slurm job's ``--mem``); convolutions train one at a time on a CPU
     (a grouped convolution is slower there than N plain ones, and its bits depend on N).
     Raises ``ConfigError`` when the cap cannot hold one model."""
     need = _model_need(dataset, batch_size)

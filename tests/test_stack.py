@@ -3,23 +3,18 @@ or its worker; selections and accuracies do not depend on how the grid groups wo
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from altrack import protocol
 from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import ConfigError
 from altrack.models import build_model
 from altrack.protocol import (
-    MEMINFO,
     RunResult,
     check_stacks,
-    free_memory,
     fresh_model,
     iterate_grid,
     outputs_of,
@@ -141,45 +136,6 @@ def test_stacks_stay_within_the_memory_cap():
     assert stack_limit("cifar10", cpu, requested=50, memory_cap=1 << 40) == 1  # convolutions: one at a time on CPU
     with pytest.raises(ConfigError, match="cannot hold one mnist model"):
         stack_limit("mnist", cpu, memory_cap=1 << 10)
-
-
-def _mem_available() -> int:
-    text = MEMINFO.read_text()
-    return int(next(line for line in text.splitlines() if line.startswith("MemAvailable:")).split()[1]) * 1024
-
-
-@pytest.mark.skipif(not MEMINFO.exists(), reason="no /proc/meminfo: not Linux")
-def test_the_default_cap_counts_the_page_cache_the_kernel_can_drop():
-    """The CPU's default cap is a quarter of MemAvailable, not of the free pages alone: once the
-    page cache fills the RAM (torch's libraries, the datasets, a store; a CI run after its
-    installs) free pages were 419 MiB of 24 GiB, and CIFAR-10 was refused on a CPU."""
-    before = _mem_available()
-    got = free_memory(torch.device("cpu"))
-    after = _mem_available()
-    slack = 256 << 20  # what other processes allocate or free between the reads
-    assert min(before, after) - slack <= got <= max(before, after) + slack
-
-
-def test_free_memory_reads_memavailable_in_bytes_and_falls_back_without_it(monkeypatch, tmp_path):
-    meminfo = tmp_path / "meminfo"
-    monkeypatch.setattr(protocol, "MEMINFO", meminfo)
-    cpu = torch.device("cpu")
-    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:            1000 kB\nMemAvailable:       5000 kB\n")
-    assert free_memory(cpu) == 5000 * 1024
-    try:
-        free_pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        free_pages = None
-    for text in ("MemTotal: 24000000 kB\n", "MemAvailable: lots\n", None):  # no line, a bad one, no file
-        if text is None:
-            meminfo.unlink()
-        else:
-            meminfo.write_text(text)
-        got = free_memory(cpu)
-        if free_pages is None:
-            assert got == 8 << 30
-        else:
-            assert abs(got - free_pages) < 256 << 20  # free pages, read a moment apart
 
 
 def test_a_cuda_runs_padded_width_is_part_of_its_identity_params_and_rerun_command():

@@ -1,0 +1,135 @@
+"""How much memory this process may still take: a device's free memory, the host's available
+memory, and the tightest memory cgroup around the process.
+
+A Slurm job (``--mem``), a container or a systemd slice runs inside a memory cgroup whose limit
+can be far below what the host has available; past it the kernel kills the job. So on a host
+the answer is the smaller of the kernel's ``MemAvailable`` and, for the process's cgroup and
+each of its ancestors, the limit less what the group holds that the kernel cannot drop (its
+usage less its inactive page cache, as ``docker stats`` counts it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MEMINFO = Path("/proc/meminfo")
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+FALLBACK = 8 << 30  # where the platform says nothing
+NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+@dataclass(frozen=True)
+class CgroupFiles:
+    """One cgroup version's file names: the limit, the usage, and the memory.stat key of the
+    page cache the kernel drops first."""
+
+    limit: str
+    usage: str
+    inactive_file: str
+
+
+V1 = CgroupFiles("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+V2 = CgroupFiles("memory.max", "memory.current", "inactive_file")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes ``device`` can still give: CUDA's free memory; on a host, ``host_available()``
+    bounded by ``cgroup_available()`` where a memory cgroup limits the process."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    host = host_available()
+    limited = cgroup_available()
+    return host if limited is None else min(host, limited)
+
+
+def host_available() -> int:
+    """The host's available bytes. On Linux the kernel's ``MemAvailable``: free pages plus the
+    page cache it can drop. Not ``SC_AVPHYS_PAGES``, free pages alone: on a machine whose page
+    cache had filled its RAM (a CI run after installing torch, 24 GiB with 23 available) those
+    were 419 MiB, and CIFAR-10 on a CPU (115 MiB a model, under a quarter of that) was refused.
+    Elsewhere free pages, where the platform says, else 8 GiB."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK
+
+
+def cgroup_available() -> int | None:
+    """Bytes the process's memory cgroups still allow, the least over its cgroup and every
+    ancestor up to the mount's root that sets a limit (Slurm limits the job's cgroup, and runs
+    a task in a step's cgroup below it); None where none does, or there is no cgroup to read.
+
+    cgroup v1's memory controller where it is mounted (``/sys/fs/cgroup/memory``, also on
+    hybrid hosts), else the v2 hierarchy (``/sys/fs/cgroup``, or ``/sys/fs/cgroup/unified``).
+    A path ``/proc/self/cgroup`` names that the mount lacks (a container that sees its own cgroup
+    as the root) is read at the mount's root."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    v1, v2 = None, None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            v1 = path
+        elif line.startswith("0::"):
+            v2 = path
+    if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
+        return _least_headroom(CGROUP_ROOT / "memory", v1, V1)
+    if v2 is not None:
+        mount = CGROUP_ROOT if (CGROUP_ROOT / "cgroup.controllers").exists() else CGROUP_ROOT / "unified"
+        return _least_headroom(mount, v2, V2)
+    return None
+
+
+def _least_headroom(mount: Path, path: str, files: CgroupFiles) -> int | None:
+    """The least of limit - (usage - inactive page cache) over ``path``'s folder in ``mount`` and
+    its ancestors up to ``mount``; None where no folder sets a limit. Never below 0."""
+    folder = mount / path.strip("/")
+    if not folder.is_dir():
+        folder = mount
+    least = None
+    while True:
+        headroom = _headroom(folder, files)
+        if headroom is not None:
+            least = headroom if least is None else min(least, headroom)
+        if folder == mount or mount not in folder.parents:
+            return least
+        folder = folder.parent
+
+
+def _headroom(folder: Path, files: CgroupFiles) -> int | None:
+    """One cgroup's limit less what it holds that the kernel cannot drop; None without a limit
+    (or where its files cannot be read)."""
+    try:
+        text = (folder / files.limit).read_text().strip()
+        if text == "max" or int(text) >= NO_LIMIT:
+            return None
+        limit, usage = int(text), int((folder / files.usage).read_text())
+    except (OSError, ValueError):
+        return None
+    return max(0, limit - max(0, usage - _stat(folder, files.inactive_file)))
+
+
+def _stat(folder: Path, key: str) -> int:
+    """``key``'s value in the cgroup's memory.stat, 0 where it is missing or unreadable (so the
+    headroom errs low)."""
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
