@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -28,9 +27,9 @@ from altrack.config import GridConfig
 from altrack.data import DATASETS, Dataset, load_dataset, resolve_device, set_determinism
 from altrack.errors import ConfigError, TrainingDiverged
 from altrack.liveness import tethered
-from altrack.memory import free_memory
 from altrack.models import build_model
 from altrack.provenance import identity
+from altrack.resources import free_memory, usable_cores
 from altrack.results import FAILED, FINISHED, ResultRow
 from altrack.selection import SelectionContext, SelectionResult, get_selector
 from altrack.settings import RunKey, Settings
@@ -81,6 +80,20 @@ def _model_need(dataset: str, batch_size: int) -> int:
     return model_bytes(build_model(dataset, "cpu"), batch_size, DATASETS[dataset].image_shape)
 
 
+DEFAULT_CAP_SHARE = 4  # off CUDA the default memory cap is this share of ``free_memory``
+
+
+def planning_cap(device: torch.device, memory_cap: int | None, slurm_mem_gb: float | None = None) -> int | None:
+    """The memory cap to plan and check stacks with, in bytes: an explicit ``memory_cap``; for CPU
+    runs that Slurm jobs of ``slurm_mem_gb`` (``--mem-gb``) will train, the default such a task
+    gets, a ``DEFAULT_CAP_SHARE``-th of its job's memory (which Slurm holds it to where it enforces
+    memory with cgroups), not of the launcher's, which says nothing of the nodes'; else None, the
+    default of the host that asks."""
+    if memory_cap is not None or slurm_mem_gb is None or device.type == "cuda":
+        return memory_cap
+    return int(slurm_mem_gb * 2**30) // DEFAULT_CAP_SHARE
+
+
 def stack_limit(
     dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
 ) -> int:
@@ -94,7 +107,7 @@ def stack_limit(
     Raises ``ConfigError`` when the cap cannot hold one model."""
     need = _model_need(dataset, batch_size)
     cuda = device.type == "cuda"
-    cap = memory_cap if memory_cap is not None or cuda else free_memory(device) // 4
+    cap = memory_cap if memory_cap is not None or cuda else free_memory(device) // DEFAULT_CAP_SHARE
     if cap is not None and cap < need:
         raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
                           f"(about {need / 2**20:.1f} MiB to train)")  # fmt: skip
@@ -570,8 +583,10 @@ def _block_worker(
 
 
 def threads_per_worker(workers: int) -> int:
-    """Each of ``workers`` processes gets its share of the cores, so they do not oversubscribe."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    """Each of ``workers`` processes gets its share of the cores this process may use (its CPU
+    affinity: a container's or a batch job's cores, not the machine's), so they do not
+    oversubscribe."""
+    return max(1, usable_cores() // workers)
 
 
 def init_worker(threads: int) -> None:
@@ -615,13 +630,15 @@ def blocks(
 
 
 def grid_blocks(
-    cfg: GridConfig, device: str, keys: Sequence[RunKey], workers: int = 1
+    cfg: GridConfig, device: str, keys: Sequence[RunKey], workers: int = 1, memory_cap: int | None = None
 ) -> list[tuple[str, int, tuple[int, ...], tuple[str, ...]]]:
     """``keys`` as blocks of seeds whose models fill a stack on ``device``, and at least
-    ``workers`` blocks when there are that many seeds, so that every worker has work."""
+    ``workers`` blocks when there are that many seeds, so that every worker has work. The stacks
+    are sized by ``memory_cap`` where given (``planning_cap``), else by ``cfg``'s cap."""
+    cap = memory_cap if memory_cap is not None else cfg.memory_cap_bytes
 
     def per_block(dataset: str, n_methods: int) -> int:
-        limit = stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
+        limit = stack_limit(dataset, torch.device(device), cfg.stack, cap, cfg.settings.batch_size)
         size = max(1, limit // n_methods)
         return min(size, max(1, math.ceil(cfg.runs / workers)))
 

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from altrack.errors import ConfigError, first_line
+from altrack.resources import usable_cores
 from altrack.settings import Rule, at_least
 
 EXECUTORS = ("local", "slurm")
@@ -193,8 +194,8 @@ def earlier_attempt(tags: Mapping[str, str]) -> bool:
 
 
 def task_threads() -> int:
-    """The cores Slurm gave this task (``--cpus-per-task``), else every core."""
-    return int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+    """The cores Slurm gave this task (``--cpus-per-task``), else those it may run on."""
+    return int(os.environ.get("SLURM_CPUS_PER_TASK") or usable_cores())
 
 
 def squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:

@@ -1,6 +1,7 @@
-"""How much memory a host gives: MemAvailable, bounded by the process's memory cgroups (a Slurm
-job's ``--mem``, a container's limit), read from real files: the live ones, a cgroup made for the
-test where the host lets root make one, and cgroup trees written under tmp_path."""
+"""What a process may use: its cores (CPU affinity), and the memory a host gives, MemAvailable
+bounded by the process's memory cgroups (a Slurm job's ``--mem``, a container's limit), read from
+real files: the live ones, a cgroup made for the test where the host lets root make one, and
+cgroup trees written under tmp_path."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from altrack import memory
+from altrack import resources
 from altrack.errors import ConfigError
-from altrack.memory import MEMINFO, cgroup_available, free_memory, host_available
-from altrack.protocol import stack_limit
+from altrack.protocol import check_stacks, planning_cap, stack_limit, threads_per_worker
+from altrack.resources import MEMINFO, cgroup_available, free_memory, host_available, usable_cores
 
 CPU = torch.device("cpu")
 GIB = 1 << 30
@@ -43,7 +44,7 @@ def test_the_host_counts_the_page_cache_the_kernel_can_drop():
 
 def test_host_available_reads_memavailable_in_bytes_and_falls_back_without_it(monkeypatch, tmp_path):
     meminfo = tmp_path / "meminfo"
-    monkeypatch.setattr(memory, "MEMINFO", meminfo)
+    monkeypatch.setattr(resources, "MEMINFO", meminfo)
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:            1000 kB\nMemAvailable:       5000 kB\n")
     assert host_available() == 5000 * 1024
     try:
@@ -67,7 +68,8 @@ def _cgroup(folder: Path, limit: str, usage: int, inactive_key: str, inactive: i
     v1 = inactive_key == "total_inactive_file"
     (folder / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(limit + "\n")
     (folder / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{usage}\n")
-    (folder / "memory.stat").write_text(f"cache 5\n{inactive_key} {inactive}\nmapped_file 3\n")
+    local = "inactive_file 123\n" if v1 else ""  # v1 has both; the hierarchical total is the one read
+    (folder / "memory.stat").write_text(f"cache 5\n{local}{inactive_key} {inactive}\nmapped_file 3\n")
     for name, text in files.items():
         (folder / name).write_text(text)
 
@@ -76,10 +78,10 @@ def _cgroup(folder: Path, limit: str, usage: int, inactive_key: str, inactive: i
 def fake_host(monkeypatch, tmp_path):
     """A host with 20 GiB available whose cgroup files live under tmp_path; returns (proc file,
     cgroup mount root)."""
-    monkeypatch.setattr(memory, "MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(resources, "MEMINFO", tmp_path / "meminfo")
     (tmp_path / "meminfo").write_text(f"MemAvailable: {20 * GIB // 1024} kB\n")
-    monkeypatch.setattr(memory, "PROC_CGROUP", tmp_path / "proc-self-cgroup")
-    monkeypatch.setattr(memory, "CGROUP_ROOT", tmp_path / "cgroup")
+    monkeypatch.setattr(resources, "PROC_CGROUP", tmp_path / "proc-self-cgroup")
+    monkeypatch.setattr(resources, "CGROUP_ROOT", tmp_path / "cgroup")
     return tmp_path / "proc-self-cgroup", tmp_path / "cgroup"
 
 
@@ -156,48 +158,95 @@ def test_the_default_cap_follows_the_cgroup_and_refuses_one_too_small(fake_host)
     assert stack_limit("mnist", CPU) >= 1
 
 
-def _own_memory_cgroup() -> tuple[Path, str, str] | None:
-    """(folder, limit file, procs file) of this process's memory cgroup where root can make one
-    below it, else None."""
+def _own_memory_cgroup() -> tuple[Path, str] | None:
+    """(folder to make a test cgroup in, its limit file) where root can limit memory there, else
+    None. v2's rule of no processes in an inner cgroup puts the test cgroup beside ours."""
     lines = Path("/proc/self/cgroup").read_text().splitlines() if Path("/proc/self/cgroup").exists() else []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):
-            folder = Path("/sys/fs/cgroup/memory") / path.strip("/")
-            return folder, "memory.limit_in_bytes", "cgroup.procs"
+            return Path("/sys/fs/cgroup/memory") / path.strip("/"), "memory.limit_in_bytes"
     for line in lines:
         if line.startswith("0::"):
-            folder = Path("/sys/fs/cgroup") / line[3:].strip("/")
-            controllers = folder / "cgroup.subtree_control"
+            parent = (Path("/sys/fs/cgroup") / line[3:].strip("/")).parent
+            controllers = parent / "cgroup.subtree_control"
             if controllers.exists() and "memory" in controllers.read_text().split():
-                return folder, "memory.max", "cgroup.procs"
+                return parent, "memory.max"
     return None
 
 
-def test_a_process_in_a_real_memory_cgroup_reads_its_limit_not_the_hosts(tmp_path):
-    """A child process placed in a cgroup made for the test, limited to 2 GiB, sees at most that
+def test_a_process_in_a_real_memory_cgroup_reads_its_limit_not_the_hosts():
+    """A child process that joins a cgroup made for the test, limited to 2 GiB, sees at most that
     (less what it holds after importing torch), though the host has more available."""
     own = _own_memory_cgroup()
     if own is None or os.geteuid() != 0 or not os.access(own[0], os.W_OK):
-        pytest.skip("no writable memory cgroup: needs root and a cgroup v1 memory controller, or v2 delegation")
-    parent, limit_file, procs = own
-    if host_available() < 4 * GIB:
-        pytest.skip("the host has under 4 GiB available: a 2 GiB limit would not be the tighter one")
-    folder = parent / f"altrack-test-{uuid.uuid4().hex[:8]}"
+        pytest.skip("no writable memory cgroup: needs root and a cgroup v1 memory controller, or v2's delegated")
+    if free_memory(CPU) < 4 * GIB:
+        pytest.skip("under 4 GiB available here: a 2 GiB limit would not be the tighter one")
+    folder = own[0] / f"altrack-test-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     try:
-        (folder / limit_file).write_text(str(2 * GIB))
-        code = textwrap.dedent("""
+        (folder / own[1]).write_text(str(2 * GIB))
+        code = textwrap.dedent(f"""
+            import os, pathlib
+            pathlib.Path({str(folder / "cgroup.procs")!r}).write_text(str(os.getpid()))  # join, then allocate
             import torch
-            from altrack.memory import cgroup_available, free_memory, host_available
+            from altrack.resources import cgroup_available, free_memory, host_available
             print(free_memory(torch.device("cpu")), cgroup_available(), host_available())
         """)
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
-            preexec_fn=lambda: (folder / procs).write_text(str(os.getpid())),
-        )  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     finally:
         folder.rmdir()
+    assert done.returncode == 0, done.stderr
     free, limited, host = (int(word) for word in done.stdout.split())
     assert free == limited <= 2 * GIB < host
     assert free > GIB // 2  # what importing torch holds is charged, not the host's usage
+
+
+def test_worker_threads_follow_the_cores_the_process_may_run_on():
+    """A container's cpuset or a batch job's allocation, not the machine's core count: a process
+    pinned to one core gives its one worker one thread."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from altrack.protocol import threads_per_worker; from altrack.resources import usable_cores; "
+            "print(usable_cores(), threads_per_worker(1), threads_per_worker(4))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "1"]
+    assert threads_per_worker(1) == usable_cores()
+
+
+def test_a_path_outside_the_namespace_or_an_unreadable_file_counts_as_no_limit(fake_host):
+    proc, root = fake_host
+    _cgroup(root / "memory", str(GIB), 0, "total_inactive_file", 0)  # the mount's root: not our ancestor
+    proc.write_text("4:memory:/../../elsewhere\n")
+    assert cgroup_available() is None
+    proc.write_bytes(b"4:memory:/\xff\xfe\n")  # undecodable
+    assert cgroup_available() is None and free_memory(CPU) == 20 * GIB
+    proc.write_text("4:memory:/ (deleted)\n")
+    assert cgroup_available() == GIB
+
+
+def test_v2_memory_high_binds_when_under_memory_max_and_held_never_goes_below_zero(fake_host):
+    proc, root = fake_host
+    proc.write_text("0::/user.slice\n")
+    (root / "user.slice").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("memory\n")
+    _cgroup(root / "user.slice", str(8 * GIB), GIB, "inactive_file", 2 * GIB, **{"memory.high": str(3 * GIB)})
+    assert cgroup_available() == 3 * GIB  # inactive cache above the usage: nothing held, not less
+    (root / "user.slice/memory.high").write_text("max\n")
+    assert cgroup_available() == 8 * GIB
+
+
+def test_a_slurm_launcher_plans_cpu_stacks_with_its_jobs_memory_not_its_own():
+    """The launcher's memory says nothing of the nodes': CPU runs on Slurm are checked against a
+    quarter of each job's --mem-gb, which a CifarNet (about 115 MiB) does not fit in 0.3 GiB."""
+    cpu, cuda = CPU, torch.device("cuda")
+    assert planning_cap(cpu, None, 0.3) == int(0.3 * GIB) // 4
+    assert planning_cap(cpu, 5 * GIB, 0.3) == 5 * GIB  # an explicit cap wins
+    assert planning_cap(cpu, None) is None and planning_cap(cuda, None, 8.0) is None
+    with pytest.raises(ConfigError, match=r"memory cap 76\.8 MiB cannot hold one cifar10 model"):
+        check_stacks("cifar10", cpu, memory_cap=planning_cap(cpu, None, 0.3), gpu_here=False)
+    check_stacks("cifar10", cpu, memory_cap=planning_cap(cpu, None, 8.0), gpu_here=False)

@@ -1,11 +1,12 @@
-"""How much memory this process may still take: a device's free memory, the host's available
-memory, and the tightest memory cgroup around the process.
+"""What this process may use: the cores it may run on, and the memory it may still take (a
+device's free memory, the host's available memory, the tightest memory cgroup around the process).
 
-A Slurm job (``--mem``), a container or a systemd slice runs inside a memory cgroup whose limit
-can be far below what the host has available; past it the kernel kills the job. So on a host
-the answer is the smaller of the kernel's ``MemAvailable`` and, for the process's cgroup and
-each of its ancestors, the limit less what the group holds that the kernel cannot drop (its
-usage less its inactive page cache, as ``docker stats`` counts it).
+A container, a systemd slice or a Slurm job (``--mem``, where Slurm enforces it with cgroups:
+``task/cgroup``) runs inside a memory cgroup whose limit can be far below what the host has
+available; past it the kernel kills the job. So on a host the answer is the smaller of the
+kernel's ``MemAvailable`` and, for the process's cgroup and each of its ancestors, the limit less
+what the group holds: its usage less its inactive page cache, the part the kernel drops first
+(as ``docker stats`` counts it). Active page cache counts as held, so the figure errs low.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MEMINFO = Path("/proc/meminfo")
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -28,19 +31,31 @@ class CgroupFiles:
     """One cgroup version's file names: the limit, the usage, and the memory.stat key of the
     page cache the kernel drops first."""
 
-    limit: str
+    limits: tuple[str, ...]
     usage: str
     inactive_file: str
 
 
-V1 = CgroupFiles("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-V2 = CgroupFiles("memory.max", "memory.current", "inactive_file")
+V1 = CgroupFiles(("memory.limit_in_bytes",), "memory.usage_in_bytes", "total_inactive_file")
+# memory.high: past it the kernel reclaims and throttles hard (systemd's MemoryHigh=)
+V2 = CgroupFiles(("memory.max", "memory.high"), "memory.current", "inactive_file")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, a Slurm
+    allocation, ``taskset``), not the machine's count, where the platform says."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def free_memory(device: torch.device) -> int:
     """Bytes ``device`` can still give: CUDA's free memory; on a host, ``host_available()``
     bounded by ``cgroup_available()`` where a memory cgroup limits the process."""
     if device.type == "cuda":
+        import torch  # lazy: loaded already by whoever holds a device; Slurm's checks import this module without it
+
         return int(torch.cuda.mem_get_info(device)[0])
     host = host_available()
     limited = cgroup_available()
@@ -73,11 +88,16 @@ def cgroup_available() -> int | None:
     cgroup v1's memory controller where it is mounted (``/sys/fs/cgroup/memory``, also on
     hybrid hosts), else the v2 hierarchy (``/sys/fs/cgroup``, or ``/sys/fs/cgroup/unified``).
     A path ``/proc/self/cgroup`` names that the mount lacks (a container that sees its own cgroup
-    as the root) is read at the mount's root."""
+    as the root) is read at the mount's root; one outside the process's cgroup namespace (``..``)
+    is not read at all. Never raises: what cannot be read counts as no limit."""
     try:
-        lines = PROC_CGROUP.read_text().splitlines()
-    except OSError:
+        return _cgroup_available(PROC_CGROUP.read_text().splitlines())
+    except (OSError, ValueError):  # a permission error on a stat, an undecodable file
         return None
+
+
+def _cgroup_available(lines: list[str]) -> int | None:
+    """``cgroup_available`` from the lines of ``/proc/self/cgroup``."""
     v1, v2 = None, None
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
@@ -96,7 +116,10 @@ def cgroup_available() -> int | None:
 def _least_headroom(mount: Path, path: str, files: CgroupFiles) -> int | None:
     """The least of limit - (usage - inactive page cache) over ``path``'s folder in ``mount`` and
     its ancestors up to ``mount``; None where no folder sets a limit. Never below 0."""
-    folder = mount / path.strip("/")
+    parts = path.removesuffix(" (deleted)").strip("/").split("/")
+    if ".." in parts:  # outside our cgroup namespace: no folder of the mount is an ancestor
+        return None
+    folder = mount.joinpath(*parts)
     if not folder.is_dir():
         folder = mount
     least = None
@@ -110,16 +133,25 @@ def _least_headroom(mount: Path, path: str, files: CgroupFiles) -> int | None:
 
 
 def _headroom(folder: Path, files: CgroupFiles) -> int | None:
-    """One cgroup's limit less what it holds that the kernel cannot drop; None without a limit
-    (or where its files cannot be read)."""
+    """One cgroup's tightest limit less what it holds (usage less inactive page cache); None
+    without a limit (or where its files cannot be read)."""
+    limits = [limit for name in files.limits if (limit := _limit(folder / name)) is not None]
+    if not limits:
+        return None
     try:
-        text = (folder / files.limit).read_text().strip()
-        if text == "max" or int(text) >= NO_LIMIT:
-            return None
-        limit, usage = int(text), int((folder / files.usage).read_text())
+        usage = int((folder / files.usage).read_text())
     except (OSError, ValueError):
         return None
-    return max(0, limit - max(0, usage - _stat(folder, files.inactive_file)))
+    return max(0, min(limits) - max(0, usage - _stat(folder, files.inactive_file)))
+
+
+def _limit(file: Path) -> int | None:
+    """A limit file's bytes; None for no limit ("max", v1's huge number) or no readable file."""
+    try:
+        text = file.read_text().strip()
+        return None if text == "max" or int(text) >= NO_LIMIT else int(text)
+    except (OSError, ValueError):
+        return None
 
 
 def _stat(folder: Path, key: str) -> int:
