@@ -23,7 +23,7 @@ from altrack.liveness import clean_stale_temp_dirs, temp_dir
 from altrack.protocol import (
     Progress,
     RunResult,
-    check_stacks,
+    check_planned_stacks,
     grid_blocks,
     map_in_workers,
     planning_cap,
@@ -124,8 +124,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     for dataset in cfg.datasets:
         data = load_dataset(dataset, cfg.data_dir, "cpu" if slurm else device)
         identities[dataset] = run_identity(dataset, data.digest, device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
-        check_stacks(dataset, torch.device(device), cfg.stack, _planning_cap(cfg, device), cfg.settings.batch_size,
-                     gpu_here=not slurm)  # fmt: skip
+        check_planned_stacks(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size,
+                             _jobs_memory(cfg))  # fmt: skip
     if not cfg.trains_here:  # the workers load their own copies
         release_datasets()
     if slurm:  # the jobs log to a shared server, and Slurm must accept them
@@ -241,17 +241,17 @@ def slurm_device(cfg: GridConfig) -> str:
 Submitted = tuple[list, list[str]]  # submitit jobs and their labels
 
 
-def _planning_cap(cfg: GridConfig, device: str) -> int | None:
-    """The cap this grid's stacks are checked and planned with (``planning_cap``): on Slurm, its
-    jobs' ``--mem-gb``, not this launcher's memory."""
-    mem_gb = cfg.slurm.mem_gb if cfg.executor == "slurm" else None
-    return planning_cap(torch.device(device), cfg.memory_cap_bytes, mem_gb)
+def _jobs_memory(cfg: GridConfig) -> float | None:
+    """GiB each Slurm job may take (``--mem-gb``), which its CPU stacks are checked and planned
+    with (``planning_cap``), not this launcher's memory; None off Slurm."""
+    return cfg.slurm.mem_gb if cfg.executor == "slurm" else None
 
 
 def _submit(cfg: GridConfig, device: str, skip: frozenset, parent_id: str) -> Submitted | None:
     """The remaining runs as one Slurm job array under the parent run; None when none remain."""
     keys = [key for key in cfg.run_keys() if key not in skip]
-    work = grid_blocks(cfg, device, keys, cfg.slurm.array_parallelism, _planning_cap(cfg, device))
+    cap = planning_cap(torch.device(device), cfg.memory_cap_bytes, _jobs_memory(cfg))
+    work = grid_blocks(cfg, device, keys, cfg.slurm.array_parallelism, cap)
     if not work:
         return None
     size = cfg.slurm.blocks_per_task

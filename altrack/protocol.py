@@ -148,6 +148,24 @@ def check_stacks(
                           "(runs' bits depend on it)")  # fmt: skip
 
 
+def check_planned_stacks(
+    dataset: str, device: torch.device, stack: int = 0, memory_cap: int | None = None, batch_size: int = 32,
+    slurm_mem_gb: float | None = None,
+) -> None:
+    """``check_stacks`` where the runs will train: here, or in Slurm jobs of ``slurm_mem_gb`` GiB
+    each (``planning_cap``; their cards are elsewhere). A refusal by the jobs' memory says so, as
+    the user gave no cap. A task checks again on its node, against a quarter of what its cgroup has
+    left after loading torch and the data: a little less. Raises ``ConfigError``."""
+    cap = planning_cap(device, memory_cap, slurm_mem_gb)
+    try:
+        check_stacks(dataset, device, stack, cap, batch_size, gpu_here=slurm_mem_gb is None)
+    except ConfigError as exc:
+        if memory_cap is None and cap is not None:
+            raise ConfigError(f"{exc}: a quarter of --mem-gb {slurm_mem_gb:g}, what a Slurm job's stacks may take; "
+                              "give the jobs more memory") from None  # fmt: skip
+        raise
+
+
 def padded_width(data: Dataset, settings: Settings, stack: int = 0, memory_cap: int | None = None,
                  share: int = 1) -> int | None:
     """The width of ``data``'s CUDA stacks for models that share a stack ``share`` ways

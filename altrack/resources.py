@@ -87,9 +87,10 @@ def cgroup_available() -> int | None:
 
     cgroup v1's memory controller where it is mounted (``/sys/fs/cgroup/memory``, also on
     hybrid hosts), else the v2 hierarchy (``/sys/fs/cgroup``, or ``/sys/fs/cgroup/unified``).
-    A path ``/proc/self/cgroup`` names that the mount lacks (a container that sees its own cgroup
-    as the root) is read at the mount's root; one outside the process's cgroup namespace (``..``)
-    is not read at all. Never raises: what cannot be read counts as no limit."""
+    A path ``/proc/self/cgroup`` names that the mount lacks is read from its deepest folder the
+    mount has (a container that sees its own cgroup as the root: the mount's root); one outside
+    the process's cgroup namespace (``..``) is not read at all. Never raises: what cannot be read
+    counts as no limit."""
     try:
         return _cgroup_available(PROC_CGROUP.read_text().splitlines())
     except (OSError, ValueError):  # a permission error on a stat, an undecodable file
@@ -120,8 +121,8 @@ def _least_headroom(mount: Path, path: str, files: CgroupFiles) -> int | None:
     if ".." in parts:  # outside our cgroup namespace: no folder of the mount is an ancestor
         return None
     folder = mount.joinpath(*parts)
-    if not folder.is_dir():
-        folder = mount
+    while folder != mount and not folder.is_dir():  # a folder the mount lacks: its nearest ancestor
+        folder = folder.parent
     least = None
     while True:
         headroom = _headroom(folder, files)

@@ -29,7 +29,7 @@ from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
 from altrack.liveness import clean_stale_temp_dirs, temp_dir, tethered  # noqa: E402
-from altrack.protocol import check_stacks, planning_cap, threads_per_worker  # noqa: E402
+from altrack.protocol import check_planned_stacks, threads_per_worker  # noqa: E402
 from altrack.redaction import redact  # noqa: E402
 from altrack.results import RUNNING  # noqa: E402
 from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
@@ -112,9 +112,9 @@ def run_sweep(
         slurm.check_partition()
     set_determinism(device)
     load_dataset(spec.dataset, data_dir, "cpu" if slurm else device)  # data errors before anything is written
-    dev = torch.device(device)
-    cap = planning_cap(dev, None, slurm.mem_gb if slurm else None)  # Slurm: the jobs' memory, not the launcher's
-    check_stacks(spec.dataset, dev, memory_cap=cap, batch_size=spec.settings.batch_size, gpu_here=slurm is None)
+    # on Slurm, by the jobs' memory, not the launcher's
+    check_planned_stacks(spec.dataset, torch.device(device), batch_size=spec.settings.batch_size,
+                         slurm_mem_gb=slurm.mem_gb if slurm else None)  # fmt: skip
     if cache_dir is not None and not writable_dir_target(Path(cache_dir)):
         raise ConfigError(f"--cache-dir {cache_dir!r} is not a writable directory")
     opened = open_storage(storage)  # an unreachable storage, then store, before either is written
