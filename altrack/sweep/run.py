@@ -109,12 +109,13 @@ def run_sweep(
         if local_file and not slurm.shared_filesystem:
             raise ConfigError(f"--executor slurm: the Optuna storage {storage or DEFAULT_STORAGE} is a local file; "
                               "give --storage postgresql://... or, if every node sees it, --shared-filesystem")
-        slurm.check_partition()
     set_determinism(device)
     load_dataset(spec.dataset, data_dir, "cpu" if slurm else device)  # data errors before anything is written
     # on Slurm, by the jobs' memory, not the launcher's
     check_planned_stacks(spec.dataset, torch.device(device), batch_size=spec.settings.batch_size,
                          slurm_mem_gb=slurm.mem_gb if slurm else None)  # fmt: skip
+    if slurm is not None:  # Slurm is asked last, as by a grid
+        slurm.check_partition()
     if cache_dir is not None and not writable_dir_target(Path(cache_dir)):
         raise ConfigError(f"--cache-dir {cache_dir!r} is not a writable directory")
     opened = open_storage(storage)  # an unreachable storage, then store, before either is written
