@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from altrack.selection import SelectionContext
 from altrack.settings import Settings
@@ -99,3 +102,14 @@ def make_context(
         rng=np.random.default_rng(seed + 1),
         shared_seed=seed + 2,
     )
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block, put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_context
+from conftest import make_context, torch_threads
 from sklearn.cluster import KMeans
 
 from altrack.data import load_dataset
@@ -211,16 +210,6 @@ def _plain_kcenter(points, centres, n, dots=row_dots):
     return chosen
 
 
-@contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _greedy_walk(points, centres, picks):
     """For each pick in turn: (the pick, every point's float64 squared distance to its nearest
     centre, the taken mask, the largest distance among untaken points), all as they stand before
@@ -255,7 +244,7 @@ def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case, threads)
     """Far from the origin too, where squared norms are 3e4 times the squared distances: the
     bounds' margins hold there, and the measured points round as they do in the full pass."""
     points, centres = _kcenter_case(case)
-    with _threads(threads):
+    with torch_threads(threads):
         assert kcenter_greedy(points, centres, 400) == _plain_kcenter(points, centres, 400)
 
 
@@ -276,7 +265,7 @@ def test_row_dots_round_each_row_as_it_would_alone():
     whole = row_dots(points, p)
     assert torch.equal(torch.stack([row_dots(points[i : i + 1], p)[0] for i in range(300)]), whole[:300])
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             for size in (1, 5, 17, 90, 500, 3000):
                 rows = torch.from_numpy(np.sort(rng.choice(len(points), size, replace=False)))
                 assert torch.equal(row_dots(points.index_select(0, rows), p), whole[rows]), (threads, size)
@@ -308,7 +297,7 @@ def test_kcenter_picks_on_a_real_pool_do_not_depend_on_the_thread_count(data_dir
     seeds = torch.from_numpy(np.ascontiguousarray(stage.embeddings[stage.seed_indices], dtype=np.float32))
     picks = {}
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             picks[threads] = kcenter_greedy(pool, seeds, 2600)
     assert picks[1] == picks[2]
 

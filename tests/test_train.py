@@ -3,6 +3,7 @@ memory layout, the fused one (a CPU's) the same bits for a model alone and stack
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from altrack.train import Adam
 
@@ -131,18 +132,14 @@ def test_a_stacked_parameter_gets_each_models_bits_alone(threads):
     updated whole gives some elements other bits than their model alone (with AVX-512, one of
     these sizes did: the control below); ``stacked=True`` hands it each model's slice as a tensor
     of its own, as a CPU's exact path hands it each model's leaves."""
-    previous = torch.get_num_threads()
     whole_differs = False
     for models, size in SIZES:
         g = torch.Generator().manual_seed(size)
         stack = torch.randn(models, size, generator=g)
         grads = [[torch.randn(models, size, generator=g) * 10.0**-e] for e in range(0, 9, 2)]
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             together = _fused_run([stack], grads, stacked=True)[0]
             whole = _fused_run([stack], grads)[0]
-        finally:
-            torch.set_num_threads(previous)
         for i in range(models):
             alone = _fused_run([stack[i]], [[step[0][i].contiguous()] for step in grads])[0]
             assert torch.equal(together[i], alone)
