@@ -602,8 +602,8 @@ def _block_worker(
 
 def threads_per_worker(workers: int) -> int:
     """Each of ``workers`` processes gets its share of the cores this process may use (its CPU
-    affinity: a container's or a batch job's cores, not the machine's), so they do not
-    oversubscribe."""
+    affinity, a container's or a batch job's cores, not the machine's; at most its cgroups' CPU
+    quota), so they do not oversubscribe."""
     return max(1, usable_cores() // workers)
 
 

@@ -1,5 +1,11 @@
-"""What this process may use: the cores it may run on, and the memory it may still take (a
-device's free memory, the host's available memory, the tightest memory cgroup around the process).
+"""What this process may use: the cores it may run on (its CPU affinity, bounded by the CPU
+quota of its cgroups), and the memory it may still take (a device's free memory, the host's
+available memory, the tightest memory cgroup around the process).
+
+A container started with ``docker run --cpus 2`` on a 64-core host may run on all 64 cores but
+only for two cores' worth of time: 64 torch threads there spend most of each period throttled.
+So the cores are the affinity's count, at most the quota (quota / period, rounded down, at least
+1), the least over the process's cgroup and its ancestors.
 
 A container, a systemd slice or a Slurm job (``--mem``, where Slurm enforces it with cgroups:
 ``task/cgroup``) runs inside a memory cgroup whose limit can be far below what the host has
@@ -11,10 +17,12 @@ what the group holds: its usage less its inactive page cache, the part the kerne
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +31,7 @@ MEMINFO = Path("/proc/meminfo")
 PROC_CGROUP = Path("/proc/self/cgroup")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FALLBACK = 8 << 30  # where the platform says nothing
+N = TypeVar("N", int, float)  # what a cgroup file reads as: bytes, cores
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
 
 
@@ -42,12 +51,25 @@ V2 = CgroupFiles(("memory.max", "memory.high"), "memory.current", "inactive_file
 
 
 def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity (a container's cpuset, a Slurm
-    allocation, ``taskset``), not the machine's count, where the platform says."""
+    """The cores this process may keep busy: its CPU affinity (a container's cpuset, a Slurm
+    allocation, ``taskset``), not the machine's count, where the platform says; at most its
+    cgroups' CPU quota in whole cores (``cpu_quota``), never below 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, cores if quota is None else min(cores, math.floor(quota)))
+
+
+def cpu_quota() -> float | None:
+    """Cores' worth of CPU time the process's cgroups allow per period, the least over its cgroup
+    and every ancestor that sets a quota (v2's ``cpu.max``, v1's ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``); None where none does or nothing can be read. Never raises."""
+    try:
+        return _least(PROC_CGROUP.read_text().splitlines(), "cpu", _quota)
+    except (OSError, ValueError):
+        return None
 
 
 def free_memory(device: torch.device) -> int:
@@ -92,31 +114,36 @@ def cgroup_available() -> int | None:
     the process's cgroup namespace (``..``) is not read at all. Never raises: what cannot be read
     counts as no limit."""
     try:
-        return _cgroup_available(PROC_CGROUP.read_text().splitlines())
+        return _least(PROC_CGROUP.read_text().splitlines(), "memory", _headroom)
     except (OSError, ValueError):  # a permission error on a stat, an undecodable file
         return None
 
 
-def _cgroup_available(lines: list[str]) -> int | None:
-    """``cgroup_available`` from the lines of ``/proc/self/cgroup``."""
+def _least(lines: list[str], controller: str, read: Callable[[Path, bool], N | None]) -> N | None:
+    """The least of ``read(folder, v1)`` over the process's cgroup folder for ``controller`` and
+    its ancestors up to the mount's root, from the lines of ``/proc/self/cgroup``; None where
+    every folder reads None. v1's controller where it is mounted (``/sys/fs/cgroup/memory``,
+    ``/sys/fs/cgroup/cpu,cpuacct``; also on hybrid hosts), else the v2 hierarchy."""
     v1, v2 = None, None
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if "memory" in controllers.split(","):
-            v1 = path
+        if controller in controllers.split(","):
+            mount = next((CGROUP_ROOT / name for name in (controllers, controller)
+                          if (CGROUP_ROOT / name).is_dir()), None)  # fmt: skip
+            v1 = None if mount is None else (mount, path)
         elif line.startswith("0::"):
             v2 = path
-    if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
-        return _least_headroom(CGROUP_ROOT / "memory", v1, V1)
+    if v1 is not None:
+        return _least_over(*v1, lambda folder: read(folder, True))
     if v2 is not None:
         mount = CGROUP_ROOT if (CGROUP_ROOT / "cgroup.controllers").exists() else CGROUP_ROOT / "unified"
-        return _least_headroom(mount, v2, V2)
+        return _least_over(mount, v2, lambda folder: read(folder, False))
     return None
 
 
-def _least_headroom(mount: Path, path: str, files: CgroupFiles) -> int | None:
-    """The least of limit - (usage - inactive page cache) over ``path``'s folder in ``mount`` and
-    its ancestors up to ``mount``; None where no folder sets a limit. Never below 0."""
+def _least_over(mount: Path, path: str, read: Callable[[Path], N | None]) -> N | None:
+    """The least of ``read(folder)`` over ``path``'s folder in ``mount`` and its ancestors up to
+    ``mount``; None where every folder reads None."""
     parts = path.removesuffix(" (deleted)").strip("/").split("/")
     if ".." in parts:  # outside our cgroup namespace: no folder of the mount is an ancestor
         return None
@@ -125,17 +152,34 @@ def _least_headroom(mount: Path, path: str, files: CgroupFiles) -> int | None:
         folder = folder.parent
     least = None
     while True:
-        headroom = _headroom(folder, files)
-        if headroom is not None:
-            least = headroom if least is None else min(least, headroom)
+        value = read(folder)
+        if value is not None:
+            least = value if least is None else min(least, value)
         if folder == mount or mount not in folder.parents:
             return least
         folder = folder.parent
 
 
-def _headroom(folder: Path, files: CgroupFiles) -> int | None:
-    """One cgroup's tightest limit less what it holds (usage less inactive page cache); None
-    without a limit (or where its files cannot be read)."""
+def _quota(folder: Path, v1: bool) -> float | None:
+    """One cgroup's CPU quota in cores; None without one ("max", v1's -1) or a readable file."""
+    try:
+        if v1:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        else:
+            text = (folder / "cpu.max").read_text().split()
+            if text[0] == "max":
+                return None
+            quota, period = int(text[0]), int(text[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _headroom(folder: Path, v1: bool) -> int | None:
+    """One cgroup's tightest memory limit less what it holds (usage less inactive page cache),
+    never below 0; None without a limit (or where its files cannot be read)."""
+    files = V1 if v1 else V2
     limits = [limit for name in files.limits if (limit := _limit(folder / name)) is not None]
     if not limits:
         return None

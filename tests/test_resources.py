@@ -1,7 +1,7 @@
-"""What a process may use: its cores (CPU affinity), and the memory a host gives, MemAvailable
-bounded by the process's memory cgroups (a Slurm job's ``--mem``, a container's limit), read from
-real files: the live ones, a cgroup made for the test where the host lets root make one, and
-cgroup trees written under tmp_path."""
+"""What a process may use: its cores (CPU affinity, bounded by its cgroups' CPU quota), and the
+memory a host gives, MemAvailable bounded by the process's memory cgroups (a Slurm job's
+``--mem``, a container's limit), read from real files: the live ones, cgroups made for the test
+where the host lets root make them, and cgroup trees written under tmp_path."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from altrack.protocol import (
     stack_limit,
     threads_per_worker,
 )
-from altrack.resources import MEMINFO, cgroup_available, free_memory, host_available, usable_cores
+from altrack.resources import MEMINFO, cgroup_available, cpu_quota, free_memory, host_available, usable_cores
 from altrack.settings import Settings
 
 CPU = torch.device("cpu")
@@ -228,6 +228,76 @@ def test_worker_threads_follow_the_cores_the_process_may_run_on():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "1", "1"]
     assert threads_per_worker(1) == usable_cores()
+
+
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def test_a_docker_cpus_quota_bounds_the_threads_and_the_tightest_ancestor_wins(fake_host):
+    """``docker run --cpus 1.5`` (v1: cfs quota over period, at the container's cgroup, which the
+    container sees as the mount's root): the affinity may name every core of the host, the quota
+    gives a core and a half's time, so one thread, not two. v2's ``cpu.max`` likewise, on an
+    ancestor of the process's cgroup; "max" and v1's -1 set none."""
+    proc, root = fake_host
+    proc.write_text("12:memory:/docker/0123abcd\n3:cpu,cpuacct:/docker/0123abcd\n0::/\n")
+    cpu = root / "cpu,cpuacct"
+    cpu.mkdir(parents=True)
+    (cpu / "cpu.cfs_period_us").write_text("100000\n")
+    (cpu / "cpu.cfs_quota_us").write_text("150000\n")
+    assert cpu_quota() == 1.5
+    assert usable_cores() == 1
+    (cpu / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota() is None and usable_cores() == _affinity()
+    proc.write_text("0::/system.slice/job_7/step_0\n")  # v2 only: a quota on the job, none below it
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    (root / "system.slice/job_7/step_0").mkdir(parents=True)
+    (root / "system.slice/job_7/cpu.max").write_text("50000 100000\n")
+    (root / "system.slice/job_7/step_0/cpu.max").write_text("max 100000\n")
+    assert cpu_quota() == 0.5 and usable_cores() == 1  # half a core still runs one thread
+    (root / "system.slice/cpu.max").write_text("6400000 100000\n")  # 64 cores: the job's half binds
+    assert cpu_quota() == 0.5
+    (root / "system.slice/job_7/cpu.max").write_text("garbage\n")
+    assert cpu_quota() == 64 and usable_cores() == _affinity()  # unreadable: no quota; 64 is above it
+
+
+def _own_cpu_cgroup() -> Path | None:
+    """A cgroup v1 cpu controller folder root may make a test cgroup in, else None."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines() if Path("/proc/self/cgroup").exists() else []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            for name in (controllers, "cpu"):
+                if (Path("/sys/fs/cgroup") / name).is_dir():
+                    return Path("/sys/fs/cgroup") / name / path.strip("/")
+    return None
+
+
+def test_a_process_in_a_real_cpu_cgroup_runs_as_many_threads_as_its_quota():
+    """A child that joins a cgroup made for the test, with one core's quota (v1's cfs quota),
+    gets one worker thread though its affinity names two cores or more."""
+    own = _own_cpu_cgroup()
+    if _affinity() < 2:
+        pytest.skip("one core here: a one-core quota would change nothing")
+    if own is None or os.geteuid() != 0 or not os.access(own, os.W_OK):
+        pytest.skip("no writable cgroup v1 cpu controller: needs root and v1's cpu controller")
+    folder = own / f"altrack-test-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    try:
+        (folder / "cpu.cfs_quota_us").write_text(str(int((folder / "cpu.cfs_period_us").read_text())))
+        code = textwrap.dedent(f"""
+            import os, pathlib
+            pathlib.Path({str(folder / "cgroup.procs")!r}).write_text(str(os.getpid()))
+            from altrack.protocol import threads_per_worker
+            from altrack.resources import cpu_quota, usable_cores
+            print(cpu_quota(), usable_cores(), threads_per_worker(1), len(os.sched_getaffinity(0)))
+        """)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        folder.rmdir()
+    assert done.returncode == 0, done.stderr
+    quota, cores, threads, affinity = done.stdout.split()
+    assert (float(quota), cores, threads) == (1.0, "1", "1") and int(affinity) >= 2
 
 
 def test_a_path_outside_the_namespace_or_an_unreadable_file_counts_as_no_limit(fake_host):
