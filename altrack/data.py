@@ -58,6 +58,11 @@ class Dataset:
     def spec(self) -> DatasetSpec:
         return DATASETS[self.name]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes its four tensors hold: what a process that loads it holds on top of its code."""
+        return sum(t.nbytes for t in (self.x_train, self.y_train, self.x_test, self.y_test))
+
 
 def user_folder(env_var: str, name: str) -> Path:
     """``$env_var`` if set, else ``$XDG_CACHE_HOME/altrack/name`` (``~/.cache/altrack/name``)."""

@@ -31,6 +31,7 @@ from altrack.protocol import (
     run_identity,
 )
 from altrack.redaction import redact
+from altrack.resources import resident
 from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
 from altrack.settings import RunKey
 from altrack.slurm import TaskOutcome, job_alive, require_shared_store, slurm_tags, task_threads, wait_for
@@ -121,11 +122,14 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     device = slurm_device(cfg) if slurm else str(resolve_device(cfg.device))
     set_determinism(device)
     identities = {}  # data errors surface before the store is touched (no mlflow.db)
+    code = resident()  # torch, MLflow and altrack, as a Slurm task holds them before its data
+    held = 0  # the most a task holds before training: the code and its largest dataset
     for dataset in cfg.datasets:
         data = load_dataset(dataset, cfg.data_dir, "cpu" if slurm else device)
         identities[dataset] = run_identity(dataset, data.digest, device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
+        held = max(held, code + data.nbytes)
         check_planned_stacks(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size,
-                             _jobs_memory(cfg))  # fmt: skip
+                             _jobs_memory(cfg), code + data.nbytes)  # fmt: skip
     if not cfg.trains_here:  # the workers load their own copies
         release_datasets()
     if slurm:  # the jobs log to a shared server, and Slurm must accept them
@@ -152,7 +156,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
             _log_resumed(rows)
         skip = frozenset(hashes[h] for h in done)
         if slurm:
-            submitted = _submit(cfg, device, skip, parent_id)
+            submitted = _submit(cfg, device, skip, parent_id, held)
             if submitted is None or cfg.detach:
                 if submitted is not None:
                     mlflow.end_run(RUNNING)  # stays RUNNING; 'altrack report --run-id' closes it
@@ -247,10 +251,11 @@ def _jobs_memory(cfg: GridConfig) -> float | None:
     return cfg.slurm.mem_gb if cfg.executor == "slurm" else None
 
 
-def _submit(cfg: GridConfig, device: str, skip: frozenset, parent_id: str) -> Submitted | None:
-    """The remaining runs as one Slurm job array under the parent run; None when none remain."""
+def _submit(cfg: GridConfig, device: str, skip: frozenset, parent_id: str, held: int) -> Submitted | None:
+    """The remaining runs as one Slurm job array under the parent run, its CPU stacks planned for
+    tasks that hold ``held`` bytes before training; None when none remain."""
     keys = [key for key in cfg.run_keys() if key not in skip]
-    cap = planning_cap(torch.device(device), cfg.memory_cap_bytes, _jobs_memory(cfg))
+    cap = planning_cap(torch.device(device), cfg.memory_cap_bytes, _jobs_memory(cfg), held)
     work = grid_blocks(cfg, device, keys, cfg.slurm.array_parallelism, cap)
     if not work:
         return None

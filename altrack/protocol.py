@@ -83,15 +83,18 @@ def _model_need(dataset: str, batch_size: int) -> int:
 DEFAULT_CAP_SHARE = 4  # off CUDA the default memory cap is this share of ``free_memory``
 
 
-def planning_cap(device: torch.device, memory_cap: int | None, slurm_mem_gb: float | None = None) -> int | None:
+def planning_cap(
+    device: torch.device, memory_cap: int | None, slurm_mem_gb: float | None = None, held: int = 0
+) -> int | None:
     """The memory cap to plan and check stacks with, in bytes: an explicit ``memory_cap``; for CPU
     runs that Slurm jobs of ``slurm_mem_gb`` (``--mem-gb``) will train, the default such a task
-    gets, a ``DEFAULT_CAP_SHARE``-th of its job's memory (which Slurm holds it to where it enforces
-    memory with cgroups), not of the launcher's, which says nothing of the nodes'; else None, the
-    default of the host that asks."""
+    gets, a ``DEFAULT_CAP_SHARE``-th of what its job's memory leaves once the task holds ``held``
+    bytes (torch, MLflow and the data: what the launcher holds after loading them, its resident
+    memory, is the estimate; a task checks its own), not of the launcher's free memory, which
+    says nothing of the nodes'; else None, the default of the host that asks."""
     if memory_cap is not None or slurm_mem_gb is None or device.type == "cuda":
         return memory_cap
-    return int(slurm_mem_gb * 2**30) // DEFAULT_CAP_SHARE
+    return max(0, int(slurm_mem_gb * 2**30) - held) // DEFAULT_CAP_SHARE
 
 
 def stack_limit(
@@ -101,8 +104,8 @@ def stack_limit(
     ``memory_cap`` bytes hold. On CUDA that is the width every stack is padded to
     (``stack_width``), which a run's bits depend on, so it follows from the config alone: the
     cap lowers it only when given, and ``check_stacks`` refuses a card too small for it. Elsewhere
-    the cap defaults to a quarter of ``free_memory`` (the host's, bounded by its memory cgroups:
-    a Slurm job's ``--mem``); convolutions train one at a time on a CPU
+    the cap defaults to a quarter of ``free_memory`` (the host's, bounded by its memory cgroups
+    and a Slurm job's ``--mem``); convolutions train one at a time on a CPU
     (a grouped convolution is slower there than N plain ones, and its bits depend on N).
     Raises ``ConfigError`` when the cap cannot hold one model."""
     need = _model_need(dataset, batch_size)
@@ -150,18 +153,21 @@ def check_stacks(
 
 def check_planned_stacks(
     dataset: str, device: torch.device, stack: int = 0, memory_cap: int | None = None, batch_size: int = 32,
-    slurm_mem_gb: float | None = None,
+    slurm_mem_gb: float | None = None, held: int = 0,
 ) -> None:
     """``check_stacks`` where the runs will train: here, or in Slurm jobs of ``slurm_mem_gb`` GiB
-    each (``planning_cap``; their cards are elsewhere). A refusal by the jobs' memory says so, as
-    the user gave no cap. A task checks again on its node, against a quarter of what its cgroup has
-    left after loading torch and the data: a little less. Raises ``ConfigError``."""
-    cap = planning_cap(device, memory_cap, slurm_mem_gb)
+    each whose tasks hold about ``held`` bytes before training (``planning_cap``; their cards are
+    elsewhere). A refusal by the jobs' memory says so, as the user gave no cap. A task checks
+    again on its node, against a quarter of what its cgroup or its job's ``--mem`` has left after
+    loading torch and the data. Raises ``ConfigError``."""
+    cap = planning_cap(device, memory_cap, slurm_mem_gb, held)
     try:
         check_stacks(dataset, device, stack, cap, batch_size, gpu_here=slurm_mem_gb is None)
     except ConfigError as exc:
         if memory_cap is None and cap is not None:
-            raise ConfigError(f"{exc}: a quarter of --mem-gb {slurm_mem_gb:g}, what a Slurm job's stacks may take; "
+            what = f"what --mem-gb {slurm_mem_gb:g} leaves" if held else f"--mem-gb {slurm_mem_gb:g}"
+            once = f" once a task holds torch and the data (about {held / 2**30:.1f} GiB)" if held else ""
+            raise ConfigError(f"{exc}: a quarter of {what}{once}, what a Slurm job's stacks may take; "
                               "give the jobs more memory") from None  # fmt: skip
         raise
 

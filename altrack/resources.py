@@ -13,6 +13,11 @@ available; past it the kernel kills the job. So on a host the answer is the smal
 kernel's ``MemAvailable`` and, for the process's cgroup and each of its ancestors, the limit less
 what the group holds: its usage less its inactive page cache, the part the kernel drops first
 (as ``docker stats`` counts it). Active page cache counts as held, so the figure errs low.
+
+Slurm may also hold a job to its ``--mem`` without cgroups (``task/none``, or a cluster that
+kills jobs over their memory from its accounting): inside a job the figure is also bounded by
+the job's memory (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` times the node's CPUs) less
+what this process holds. Other processes of the job are not seen there; cgroups see them.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ if TYPE_CHECKING:
     import torch
 
 MEMINFO = Path("/proc/meminfo")
+PROC_STATUS = Path("/proc/self/status")
+SLURM_MEM_PER_NODE = "SLURM_MEM_PER_NODE"  # MiB; Slurm sets these in a job that asked for memory
+SLURM_MEM_PER_CPU = "SLURM_MEM_PER_CPU"
+SLURM_CPUS_ON_NODE = "SLURM_CPUS_ON_NODE"
 PROC_CGROUP = Path("/proc/self/cgroup")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FALLBACK = 8 << 30  # where the platform says nothing
@@ -74,14 +83,46 @@ def cpu_quota() -> float | None:
 
 def free_memory(device: torch.device) -> int:
     """Bytes ``device`` can still give: CUDA's free memory; on a host, ``host_available()``
-    bounded by ``cgroup_available()`` where a memory cgroup limits the process."""
+    bounded by ``cgroup_available()`` where a memory cgroup limits the process and by
+    ``slurm_available()`` inside a Slurm job that asked for memory."""
     if device.type == "cuda":
         import torch  # lazy: loaded already by whoever holds a device; Slurm's checks import this module without it
 
         return int(torch.cuda.mem_get_info(device)[0])
-    host = host_available()
-    limited = cgroup_available()
-    return host if limited is None else min(host, limited)
+    return min(b for b in (host_available(), cgroup_available(), slurm_available()) if b is not None)
+
+
+def slurm_available() -> int | None:
+    """Bytes the Slurm job around this process still allows it: the job's memory on this node
+    (``SLURM_MEM_PER_NODE`` MiB, or ``SLURM_MEM_PER_CPU`` MiB times ``SLURM_CPUS_ON_NODE``) less
+    this process's resident memory, never below 0; None outside a job, or one that set no memory.
+    A job that Slurm holds to its ``--mem`` without cgroups is killed past it all the same. Slurm
+    sets these in batch jobs (``sbatch``, as submitit submits altrack's tasks), not in the tasks
+    of a bare ``srun``."""
+    try:
+        per_node = os.environ.get(SLURM_MEM_PER_NODE)
+        if per_node:
+            limit = int(per_node)
+        elif os.environ.get(SLURM_MEM_PER_CPU):
+            limit = int(os.environ[SLURM_MEM_PER_CPU]) * int(os.environ.get(SLURM_CPUS_ON_NODE) or 1)
+        else:
+            return None
+    except ValueError:  # not a number: as if unset
+        return None
+    if limit <= 0:  # --mem=0: all of the node's memory, which the host's figure already bounds
+        return None
+    return max(0, limit * 2**20 - resident())
+
+
+def resident() -> int:
+    """This process's resident bytes (``VmRSS``), 0 where the platform does not say."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def host_available() -> int:

@@ -27,7 +27,16 @@ from altrack.protocol import (
     stack_limit,
     threads_per_worker,
 )
-from altrack.resources import MEMINFO, cgroup_available, cpu_quota, free_memory, host_available, usable_cores
+from altrack.resources import (
+    MEMINFO,
+    cgroup_available,
+    cpu_quota,
+    free_memory,
+    host_available,
+    resident,
+    slurm_available,
+    usable_cores,
+)
 from altrack.settings import Settings
 
 CPU = torch.device("cpu")
@@ -322,6 +331,38 @@ def test_v2_memory_high_binds_when_under_memory_max_and_held_never_goes_below_ze
     assert cgroup_available() == 8 * GIB
 
 
+def test_a_slurm_jobs_memory_bounds_what_its_task_may_take_without_cgroups(fake_host, monkeypatch):
+    """A cluster may hold a job to its --mem without cgroups (``task/none``, or a kill from its
+    accounting): a task there sees no cgroup limit, and the host's 20 GiB would plan stacks the
+    job is killed for. Slurm's environment bounds it: the job's memory less what this process
+    holds, per node or per CPU; outside a job, or with --mem=0 or a garbled value, no bound."""
+    for name in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm_available() is None and free_memory(CPU) == 20 * GIB
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "4096")
+    held = resident()
+    assert 100 << 20 < held < 4 * GIB  # this process, torch loaded
+    slack = 64 << 20  # what the process allocates between the two reads
+    assert abs(slurm_available() - (4 * GIB - held)) < slack
+    assert abs(free_memory(CPU) - (4 * GIB - held)) < slack  # not the host's 20 GiB
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "64")  # less than it holds: nothing left, never negative
+    assert slurm_available() == 0 and free_memory(CPU) == 0
+    monkeypatch.delenv("SLURM_MEM_PER_NODE")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "1024")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "3")
+    assert abs(slurm_available() - (3 * GIB - resident())) < slack
+    for garbled in ("0", "lots"):
+        monkeypatch.setenv("SLURM_MEM_PER_CPU", garbled)
+        assert slurm_available() is None and free_memory(CPU) == 20 * GIB
+    proc, root = fake_host  # with a cgroup as well, the tighter of the two
+    proc.write_text("0::/job\n")
+    (root / "job").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("memory\n")
+    _cgroup(root / "job", str(2 * GIB), GIB, "inactive_file", 0)
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "8192")
+    assert free_memory(CPU) == GIB
+
+
 def test_a_slurm_launcher_plans_cpu_stacks_with_its_jobs_memory_not_its_own():
     """The launcher's memory says nothing of the nodes': CPU runs on Slurm are checked against a
     quarter of each job's --mem-gb, which a CifarNet (about 115 MiB) does not fit in 0.3 GiB."""
@@ -334,6 +375,15 @@ def test_a_slurm_launcher_plans_cpu_stacks_with_its_jobs_memory_not_its_own():
     check_planned_stacks("cifar10", cpu, slurm_mem_gb=8.0)
     with pytest.raises(ConfigError, match=r"cannot hold one cifar10 model \(about [\d.]+ MiB to train\)$"):
         check_planned_stacks("cifar10", cpu, memory_cap=1 << 20, slurm_mem_gb=8.0)  # the user's cap: no --mem-gb
+    # a task holds torch and its data before it trains (about 1.5 GiB for CIFAR-10): a 2 GiB job
+    # leaves it room for a CifarNet, a 1.5 GiB one does not, and the launcher says why
+    held = int(1.5 * GIB)
+    assert planning_cap(cpu, None, 2.0, held) == GIB // 8
+    assert planning_cap(cpu, None, 1.0, held) == 0  # never negative
+    check_planned_stacks("cifar10", cpu, slurm_mem_gb=2.0, held=held)
+    with pytest.raises(ConfigError, match=r"a quarter of what --mem-gb 1\.5 leaves once a task holds torch and "
+                                          r"the data \(about 1\.5 GiB\).*give the jobs more memory"):  # fmt: skip
+        check_planned_stacks("cifar10", cpu, slurm_mem_gb=1.5, held=held)
 
 
 def test_a_slurm_grids_blocks_are_planned_with_the_jobs_memory(tmp_path):

@@ -65,7 +65,7 @@ def protocol_runs(cluster, experiment):
 
 
 GRID = ["run", "--methods", "random", "--budget", "100", "--epochs", "1", "--no-log-models", "--quiet",
-        "--executor", "slurm", "--cpus-per-task", "1", "--mem-gb", "1"]  # fmt: skip
+        "--executor", "slurm", "--cpus-per-task", "1", "--mem-gb", "2"]  # fmt: skip
 
 
 def test_a_grid_runs_as_slurm_array_tasks_under_one_parent(cluster, tmp_path):
@@ -166,11 +166,27 @@ def test_a_sweep_runs_its_workers_as_slurm_jobs_on_postgres(cluster, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(textwrap.dedent(TINY_SPEC.replace("study_name: tiny", "study_name: on-slurm")))
     done = altrack(cluster, tmp_path, "sweep", str(spec), "--storage", storage, "--executor", "slurm",
-                   "--workers", "2", "--n-trials", "4", "--cpus-per-task", "1", "--mem-gb", "1",
+                   "--workers", "2", "--n-trials", "4", "--cpus-per-task", "1", "--mem-gb", "2",
                    "--experiment", "slurm-sweep")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="on-slurm", storage=storage)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_a_task_plans_with_its_jobs_memory_where_slurm_holds_it_without_cgroups(cluster, tmp_path):
+    """This cluster puts no job in a memory cgroup (``TaskPlugin=task/none``), so a task there
+    reads no cgroup limit: it must still plan its stacks within its job's --mem, not with the
+    host's memory, which a cluster that enforces --mem from its accounting would kill it for."""
+    script = tmp_path / "free.py"  # a batch job, as submitit submits altrack's tasks
+    script.write_text("import torch\nfrom altrack.resources import free_memory, host_available\n"
+                      "print(free_memory(torch.device('cpu')), host_available())\n")  # fmt: skip
+    out = tmp_path / "free.out"
+    done = subprocess.run(["sbatch", "--wait", "--mem=1024M", "--cpus-per-task=1", "--output", str(out),
+                           "--wrap", f"{sys.executable} {script}"], cwd=tmp_path, env=cluster["env"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + (out.read_text()[-3000:] if out.exists() else "")
+    free, host = (int(word) for word in out.read_text().split()[-2:])
+    assert free < 1 << 30 < host  # the job's GiB less what the task holds, not the host's
 
 
 def test_a_partition_slurm_does_not_know_is_refused_before_anything_is_written(cluster, tmp_path):
@@ -192,6 +208,8 @@ def test_a_partition_slurm_does_not_know_is_refused_before_anything_is_written(c
         ((), "colour: blue\n", "unknown Slurm setting 'colour'"),
         # a CPU job's stacks are checked against a quarter of its --mem-gb, not the launcher's memory
         (("--datasets", "cifar10", "--mem-gb", "0.3"), None, "cannot hold one cifar10 model (about"),
+        # less what a task holds before it trains: torch and CIFAR-10 take about 1.5 GiB of 1.5
+        (("--datasets", "cifar10", "--mem-gb", "1.5"), None, "leaves once a task holds torch and the data"),
     ],
 )
 def test_bad_slurm_input_is_refused_in_one_line(tmp_path, data_dir, extra, executor_file, message):
