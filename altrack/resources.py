@@ -116,13 +116,18 @@ def slurm_available() -> int | None:
 
 def resident() -> int:
     """This process's resident bytes (``VmRSS``), 0 where the platform does not say."""
+    return _proc_kib(PROC_STATUS, "VmRSS") or 0
+
+
+def _proc_kib(file: Path, key: str) -> int | None:
+    """Bytes of a ``key: N kB`` line of a /proc file; None where it cannot be read."""
     try:
-        for line in PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024  # kB
+        for line in file.read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
 
 
 def host_available() -> int:
@@ -131,12 +136,9 @@ def host_available() -> int:
     cache had filled its RAM (a CI run after installing torch, 24 GiB with 23 available) those
     were 419 MiB, and CIFAR-10 on a CPU (115 MiB a model, under a quarter of that) was refused.
     Elsewhere free pages, where the platform says, else 8 GiB."""
-    try:
-        for line in MEMINFO.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
+    available = _proc_kib(MEMINFO, "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
