@@ -29,7 +29,7 @@ from altrack.errors import ConfigError, TrainingDiverged
 from altrack.liveness import tethered
 from altrack.models import build_model
 from altrack.provenance import identity
-from altrack.resources import free_memory, usable_cores
+from altrack.resources import free_memory, resident, usable_cores
 from altrack.results import FAILED, FINISHED, ResultRow
 from altrack.selection import SelectionContext, SelectionResult, get_selector
 from altrack.settings import RunKey, Settings
@@ -89,16 +89,26 @@ def planning_cap(
     """The memory cap to plan and check stacks with, in bytes: an explicit ``memory_cap``; for CPU
     runs that Slurm jobs of ``slurm_mem_gb`` (``--mem-gb``) will train, the default such a task
     gets, a ``DEFAULT_CAP_SHARE``-th of what its job's memory leaves once the task holds ``held``
-    bytes (torch, MLflow and the data: what the launcher holds after loading them, its resident
-    memory, is the estimate; a task checks its own), not of the launcher's free memory, which
-    says nothing of the nodes'; else None, the default of the host that asks."""
+    bytes (torch, MLflow and the data: ``task_holds``; a task checks its own), not of the
+    launcher's free memory, which says nothing of the nodes'; else None, the default of the host
+    that asks."""
     if memory_cap is not None or slurm_mem_gb is None or device.type == "cuda":
         return memory_cap
     return max(0, int(slurm_mem_gb * 2**30) - held) // DEFAULT_CAP_SHARE
 
 
+def task_holds(code: int, before: int, data: Dataset) -> int:
+    """About what a Slurm task holds before it trains, as this launcher measures it: ``code``, its
+    resident bytes before it loaded any data (torch, MLflow, altrack, which a task imports too),
+    plus what loading ``data`` added (``resident()`` now less ``before``, read just before the
+    load: the tensors and what the loader left in the heap), at least the tensors' bytes (a
+    dataset this process had loaded already adds nothing now)."""
+    return code + max(resident() - before, data.nbytes)
+
+
 def stack_limit(
-    dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32
+    dataset: str, device: torch.device, requested: int = 0, memory_cap: int | None = None, batch_size: int = 32,
+    *, refuse: bool = True,
 ) -> int:
     """How many models train together: ``requested`` (0: ``DEFAULT_STACK``), at most what
     ``memory_cap`` bytes hold. On CUDA that is the width every stack is padded to
@@ -107,10 +117,14 @@ def stack_limit(
     the cap defaults to a quarter of ``free_memory`` (the host's, bounded by its memory cgroups
     and a Slurm job's ``--mem``); convolutions train one at a time on a CPU
     (a grouped convolution is slower there than N plain ones, and its bits depend on N).
-    Raises ``ConfigError`` when the cap cannot hold one model."""
+    Raises ``ConfigError`` when the cap cannot hold one model; with ``refuse`` False (training
+    under way, checked before it started) a default cap that memory has shrunk below one model
+    gives 1, as a claimed run failed for it would help nobody, and an explicit cap still raises."""
     need = _model_need(dataset, batch_size)
     cuda = device.type == "cuda"
     cap = memory_cap if memory_cap is not None or cuda else free_memory(device) // DEFAULT_CAP_SHARE
+    if cap is not None and cap < need and not refuse and memory_cap is None:
+        return 1
     if cap is not None and cap < need:
         raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
                           f"(about {need / 2**20:.1f} MiB to train)")  # fmt: skip
@@ -167,8 +181,9 @@ def check_planned_stacks(
         if memory_cap is None and cap is not None:
             what = f"what --mem-gb {slurm_mem_gb:g} leaves" if held else f"--mem-gb {slurm_mem_gb:g}"
             once = f" once a task holds torch and the data (about {held / 2**30:.1f} GiB)" if held else ""
+            least = (held + DEFAULT_CAP_SHARE * _model_need(dataset, batch_size)) / 2**30
             raise ConfigError(f"{exc}: a quarter of {what}{once}, what a Slurm job's stacks may take; "
-                              "give the jobs more memory") from None  # fmt: skip
+                              f"give the jobs --mem-gb {math.ceil(least * 10) / 10:g} or more") from None  # fmt: skip
         raise
 
 
@@ -245,7 +260,10 @@ def fit_many(
     Returns, per fit, (model or None, epoch losses, divergence message or None)."""
     device = data.x_train.device
     width = padded_width(data, settings, stack, memory_cap, share)
-    limit = width if width is not None else stack_limit(data.name, device, stack, memory_cap, settings.batch_size)
+    # refuse=False: the cap was checked before any run started (``check_stacks``, a task's
+    # ``stack_limit``); what a default cap has shrunk to since trains one model at a time
+    limit = width if width is not None else stack_limit(data.name, device, stack, memory_cap, settings.batch_size,
+                                                        refuse=False)  # fmt: skip
     out: list[tuple[torch.nn.Module | None, list[float], str | None]] = [(None, [], None)] * len(fits)
     by_size: dict[int, list[int]] = {}
     for i, f in enumerate(fits):
@@ -604,6 +622,14 @@ def _block_worker(
 ) -> list[RunResult]:
     set_determinism(device)  # a spawned process starts with torch's defaults
     return run_block(cfg, device, dataset, budget, seeds, methods)
+
+
+def fit_threads() -> None:
+    """Keep torch's threads (by default one per physical core the affinity allows) within the
+    cores this process may keep busy (``usable_cores``: its cgroups' CPU quota too): under
+    ``docker run --cpus 1.5`` on a 64-core host torch would start 64 threads, throttled most of
+    each period. For a process that trains itself; pool workers and Slurm tasks set theirs."""
+    torch.set_num_threads(min(torch.get_num_threads(), usable_cores()))
 
 
 def threads_per_worker(workers: int) -> int:

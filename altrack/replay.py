@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from altrack.data import load_dataset, resolve_device, set_determinism
 from altrack.errors import AltrackError
 from altrack.liveness import temp_dir
-from altrack.protocol import FINAL_INIT, FINAL_ORDER, evaluate_models, fit, padded_width
+from altrack.protocol import FINAL_INIT, FINAL_ORDER, evaluate_models, fit, fit_threads, padded_width
 from altrack.provenance import STACK_WIDTH
 from altrack.results import FINISHED
 from altrack.settings import Settings
@@ -72,6 +72,7 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
             f"run {run_id} trained on {wanted}, which this machine lacks; pass --device cpu (not bit-exact)"
         ) from None
     set_determinism(resolved)
+    fit_threads()
     with temp_dir("replay") as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selected_indices.npy", dst_path=tmp)
         selected = np.load(path, allow_pickle=False).astype(np.int64)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,18 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     import torch
 
+try:
+    import resource
+except ImportError:  # Windows: no peak to fall back on
+    resource = None  # type: ignore[assignment]
+
 MEMINFO = Path("/proc/meminfo")
 PROC_STATUS = Path("/proc/self/status")
 SLURM_MEM_PER_NODE = "SLURM_MEM_PER_NODE"  # MiB; Slurm sets these in a job that asked for memory
 SLURM_MEM_PER_CPU = "SLURM_MEM_PER_CPU"
 SLURM_CPUS_ON_NODE = "SLURM_CPUS_ON_NODE"
+SLURM_MEM_PER_GPU = "SLURM_MEM_PER_GPU"
+SLURM_GPUS_ON_NODE = "SLURM_GPUS_ON_NODE"
 PROC_CGROUP = Path("/proc/self/cgroup")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 FALLBACK = 8 << 30  # where the platform says nothing
@@ -94,8 +102,10 @@ def free_memory(device: torch.device) -> int:
 
 def slurm_available() -> int | None:
     """Bytes the Slurm job around this process still allows it: the job's memory on this node
-    (``SLURM_MEM_PER_NODE`` MiB, or ``SLURM_MEM_PER_CPU`` MiB times ``SLURM_CPUS_ON_NODE``) less
-    this process's resident memory, never below 0; None outside a job, or one that set no memory.
+    (``SLURM_MEM_PER_NODE`` MiB, or ``SLURM_MEM_PER_CPU`` MiB times ``SLURM_CPUS_ON_NODE``, or
+    ``SLURM_MEM_PER_GPU`` times ``SLURM_GPUS_ON_NODE``) less this process's resident memory,
+    never below 0; None outside a job, or one that set no memory. Per process: the other
+    processes of the job (``--workers N`` inside it) are not subtracted; cgroups count them.
     A job that Slurm holds to its ``--mem`` without cgroups is killed past it all the same. Slurm
     sets these in batch jobs (``sbatch``, as submitit submits altrack's tasks), not in the tasks
     of a bare ``srun``."""
@@ -105,6 +115,8 @@ def slurm_available() -> int | None:
             limit = int(per_node)
         elif os.environ.get(SLURM_MEM_PER_CPU):
             limit = int(os.environ[SLURM_MEM_PER_CPU]) * int(os.environ.get(SLURM_CPUS_ON_NODE) or 1)
+        elif os.environ.get(SLURM_MEM_PER_GPU):
+            limit = int(os.environ[SLURM_MEM_PER_GPU]) * int(os.environ.get(SLURM_GPUS_ON_NODE) or 1)
         else:
             return None
     except ValueError:  # not a number: as if unset
@@ -115,8 +127,13 @@ def slurm_available() -> int | None:
 
 
 def resident() -> int:
-    """This process's resident bytes (``VmRSS``), 0 where the platform does not say."""
-    return _proc_kib(PROC_STATUS, "VmRSS") or 0
+    """This process's resident bytes (Linux's ``VmRSS``); elsewhere its peak so far, which errs
+    high (``ru_maxrss``: bytes on macOS, KiB on the BSDs); 0 where neither exists."""
+    now = _proc_kib(PROC_STATUS, "VmRSS")
+    if now is not None or resource is None:
+        return now or 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _proc_kib(file: Path, key: str) -> int | None:

@@ -12,16 +12,22 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from conftest import torch_threads
+from mlflow.tracking import MlflowClient
 
 from altrack import resources
 from altrack.catalog import METHODS
 from altrack.config import GridConfig
+from altrack.data import load_dataset
 from altrack.errors import ConfigError
+from altrack.grid import grid_task
 from altrack.protocol import (
     _model_need,
     check_planned_stacks,
+    fit_threads,
     grid_blocks,
     planning_cap,
     stack_limit,
@@ -91,6 +97,17 @@ def _cgroup(folder: Path, limit: str, usage: int, inactive_key: str, inactive: i
     (folder / "memory.stat").write_text(f"cache 5\n{local}{inactive_key} {inactive}\nmapped_file 3\n")
     for name, text in files.items():
         (folder / name).write_text(text)
+
+
+SLURM_MEMORY = ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE", "SLURM_MEM_PER_GPU",
+                "SLURM_GPUS_ON_NODE")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def outside_a_slurm_job(monkeypatch):
+    """These tests' figures are a host's: run inside a Slurm job, its --mem would bound them."""
+    for name in SLURM_MEMORY:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -229,7 +246,8 @@ def test_worker_threads_follow_the_cores_the_process_may_run_on():
     pinned to one core gives its one worker one thread."""
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity on this platform")
-    assert usable_cores() == len(os.sched_getaffinity(0))
+    quota = cpu_quota()  # a CI runner's container may have one
+    assert usable_cores() == max(1, min(_affinity(), _affinity() if quota is None else int(quota)))
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "from altrack.protocol import threads_per_worker; from altrack.resources import usable_cores; "
             "print(usable_cores(), threads_per_worker(1), threads_per_worker(4))")  # fmt: skip
@@ -267,7 +285,7 @@ def test_a_docker_cpus_quota_bounds_the_threads_and_the_tightest_ancestor_wins(f
     (root / "system.slice/cpu.max").write_text("6400000 100000\n")  # 64 cores: the job's half binds
     assert cpu_quota() == 0.5
     (root / "system.slice/job_7/cpu.max").write_text("garbage\n")
-    assert cpu_quota() == 64 and usable_cores() == _affinity()  # unreadable: no quota; 64 is above it
+    assert cpu_quota() == 64 and usable_cores() == min(_affinity(), 64)  # unreadable: no quota there
 
 
 def _own_cpu_cgroup() -> Path | None:
@@ -336,21 +354,26 @@ def test_a_slurm_jobs_memory_bounds_what_its_task_may_take_without_cgroups(fake_
     accounting): a task there sees no cgroup limit, and the host's 20 GiB would plan stacks the
     job is killed for. Slurm's environment bounds it: the job's memory less what this process
     holds, per node or per CPU; outside a job, or with --mem=0 or a garbled value, no bound."""
-    for name in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE"):
-        monkeypatch.delenv(name, raising=False)
     assert slurm_available() is None and free_memory(CPU) == 20 * GIB
-    monkeypatch.setenv("SLURM_MEM_PER_NODE", "4096")
     held = resident()
-    assert 100 << 20 < held < 4 * GIB  # this process, torch loaded
+    assert held > 100 << 20  # this process, torch loaded
+    job = held + 4 * GIB  # a job with 4 GiB to spare
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", str(job >> 20))
     slack = 64 << 20  # what the process allocates between the two reads
-    assert abs(slurm_available() - (4 * GIB - held)) < slack
-    assert abs(free_memory(CPU) - (4 * GIB - held)) < slack  # not the host's 20 GiB
+    assert abs(slurm_available() - 4 * GIB) < slack
+    assert abs(free_memory(CPU) - 4 * GIB) < slack  # not the host's 20 GiB
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "64")  # less than it holds: nothing left, never negative
     assert slurm_available() == 0 and free_memory(CPU) == 0
     monkeypatch.delenv("SLURM_MEM_PER_NODE")
     monkeypatch.setenv("SLURM_MEM_PER_CPU", "1024")
     monkeypatch.setenv("SLURM_CPUS_ON_NODE", "3")
-    assert abs(slurm_available() - (3 * GIB - resident())) < slack
+    assert abs(slurm_available() - (3 * GIB - resident())) < slack or slurm_available() == 0
+    monkeypatch.delenv("SLURM_MEM_PER_CPU")
+    monkeypatch.setenv("SLURM_MEM_PER_GPU", str((held >> 20) + 2048))  # --mem-per-gpu, two GPUs
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    assert abs(slurm_available() - (2 * held + 4 * GIB - resident())) < slack
+    monkeypatch.delenv("SLURM_MEM_PER_GPU")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "1024")
     for garbled in ("0", "lots"):
         monkeypatch.setenv("SLURM_MEM_PER_CPU", garbled)
         assert slurm_available() is None and free_memory(CPU) == 20 * GIB
@@ -375,14 +398,14 @@ def test_a_slurm_launcher_plans_cpu_stacks_with_its_jobs_memory_not_its_own():
     check_planned_stacks("cifar10", cpu, slurm_mem_gb=8.0)
     with pytest.raises(ConfigError, match=r"cannot hold one cifar10 model \(about [\d.]+ MiB to train\)$"):
         check_planned_stacks("cifar10", cpu, memory_cap=1 << 20, slurm_mem_gb=8.0)  # the user's cap: no --mem-gb
-    # a task holds torch and its data before it trains (about 1.5 GiB for CIFAR-10): a 2 GiB job
-    # leaves it room for a CifarNet, a 1.5 GiB one does not, and the launcher says why
+    # a task holds torch and its data before it trains (1.5-1.7 GiB for CIFAR-10): a 2 GiB job
+    # leaves it room for a CifarNet, a 1.5 GiB one does not, and the launcher says how much would
     held = int(1.5 * GIB)
     assert planning_cap(cpu, None, 2.0, held) == GIB // 8
     assert planning_cap(cpu, None, 1.0, held) == 0  # never negative
     check_planned_stacks("cifar10", cpu, slurm_mem_gb=2.0, held=held)
-    with pytest.raises(ConfigError, match=r"a quarter of what --mem-gb 1\.5 leaves once a task holds torch and "
-                                          r"the data \(about 1\.5 GiB\).*give the jobs more memory"):  # fmt: skip
+    refusal = r"a quarter of what --mem-gb 1\.5 leaves once a task holds torch and the data \(about 1\.5 GiB\)"
+    with pytest.raises(ConfigError, match=refusal + r".*give the jobs --mem-gb 2 or more$"):
         check_planned_stacks("cifar10", cpu, slurm_mem_gb=1.5, held=held)
 
 
@@ -395,3 +418,46 @@ def test_a_slurm_grids_blocks_are_planned_with_the_jobs_memory(tmp_path):
     for cap, seeds_per_block in ((7 * _model_need("mnist", 32), 1), (1 << 40, 2)):
         blocks = grid_blocks(cfg, "cpu", cfg.run_keys(), memory_cap=cap)
         assert [len(seeds) for _, _, seeds, _ in blocks] == [seeds_per_block] * (4 // seeds_per_block)
+
+
+def test_a_default_cap_memory_shrank_below_one_model_mid_run_trains_one(monkeypatch):
+    """Checked before any run starts, a cap too small is refused; once training is under way
+    (``refuse=False``, as ``fit_many`` asks) memory that has shrunk since gives a stack of one
+    model instead of failing runs already claimed. A cap the user gave is refused either way."""
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", str((resident() >> 20) + 4))  # 4 MiB left: a quarter holds no MLP
+    with pytest.raises(ConfigError, match="cannot hold one mnist model"):
+        stack_limit("mnist", CPU)
+    assert stack_limit("mnist", CPU, refuse=False) == 1
+    with pytest.raises(ConfigError, match="cannot hold one mnist model"):
+        stack_limit("mnist", CPU, memory_cap=1 << 20, refuse=False)
+
+
+def test_a_slurm_task_too_small_for_one_model_fails_before_it_claims_a_run(monkeypatch, mlflow_store, data_dir):
+    """The task loads its data and checks what its job leaves first: a refusal then costs no run
+    (none is claimed RUNNING under the parent, none is failed for it)."""
+    client = MlflowClient()
+    parent = client.create_run(client.create_experiment(mlflow_store)).info
+    cfg = GridConfig(datasets=("mnist",), methods=("random",), budgets=(100,), runs=1, settings=Settings(epochs=1),
+                     out=None, data_dir=data_dir, device="cpu", log_models=False)  # fmt: skip
+    load_dataset("mnist", data_dir, "cpu")
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", str((resident() >> 20) + 4))
+    with pytest.raises(ConfigError, match="cannot hold one mnist model"):
+        grid_task(cfg, "cpu", [("mnist", 100, (0,), ("random",))], parent.run_id, mlflow.get_tracking_uri())
+    assert [run.info.run_id for run in client.search_runs([parent.experiment_id])] == [parent.run_id]
+
+
+def test_a_process_that_trains_itself_keeps_torchs_threads_within_its_cpu_quota(fake_host):
+    """``docker run --cpus 1`` on a host of several cores: torch starts a thread per core; a
+    grid, a sweep or a replay that trains in its own process lowers them to the quota."""
+    proc, root = fake_host
+    proc.write_text("1:cpu:/\n0::/\n")
+    (root / "cpu").mkdir(parents=True)
+    (root / "cpu/cpu.cfs_period_us").write_text("100000\n")
+    (root / "cpu/cpu.cfs_quota_us").write_text("100000\n")
+    with torch_threads(2):
+        fit_threads()
+        assert torch.get_num_threads() == 1
+    (root / "cpu/cpu.cfs_quota_us").write_text("-1\n")
+    with torch_threads(2):
+        fit_threads()
+        assert torch.get_num_threads() == min(2, usable_cores())  # no quota: as many as before, at most the cores

@@ -208,7 +208,7 @@ def test_a_partition_slurm_does_not_know_is_refused_before_anything_is_written(c
         ((), "colour: blue\n", "unknown Slurm setting 'colour'"),
         # a CPU job's stacks are checked against a quarter of its --mem-gb, not the launcher's memory
         (("--datasets", "cifar10", "--mem-gb", "0.3"), None, "cannot hold one cifar10 model (about"),
-        # less what a task holds before it trains: torch and CIFAR-10 take about 1.5 GiB of 1.5
+        # less what a task holds before it trains: torch and CIFAR-10, about 1.5 GiB of the 1.5
         (("--datasets", "cifar10", "--mem-gb", "1.5"), None, "leaves once a task holds torch and the data"),
     ],
 )

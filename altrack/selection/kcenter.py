@@ -52,7 +52,8 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     if n == 0:
         return []
     # the loop's bookkeeping is numpy (a few microseconds a call, against tens for torch's small
-    # ops); torch only for the products, on views of the same memory
+    # ops), the centres' products too (a GEMV: they only prune, within tau); torch only for the
+    # measured rows' ``row_dots``, whose rounding the picks depend on
     pts = points.contiguous().numpy()
     x_sq = (points * points).sum(1).numpy()
     centre_rows = np.empty((len(centres) + n, dim), dtype=pts.dtype)

@@ -29,7 +29,7 @@ from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
 from altrack.liveness import clean_stale_temp_dirs, temp_dir, tethered  # noqa: E402
-from altrack.protocol import check_planned_stacks, threads_per_worker  # noqa: E402
+from altrack.protocol import check_planned_stacks, fit_threads, task_holds, threads_per_worker  # noqa: E402
 from altrack.redaction import redact  # noqa: E402
 from altrack.resources import resident  # noqa: E402
 from altrack.results import RUNNING  # noqa: E402
@@ -111,11 +111,12 @@ def run_sweep(
             raise ConfigError(f"--executor slurm: the Optuna storage {storage or DEFAULT_STORAGE} is a local file; "
                               "give --storage postgresql://... or, if every node sees it, --shared-filesystem")
     set_determinism(device)
+    fit_threads()
     code = resident()  # torch, MLflow, Optuna and altrack, as a Slurm worker holds them before its data
     data = load_dataset(spec.dataset, data_dir, "cpu" if slurm else device)  # data errors before anything is written
     # on Slurm, by the jobs' memory less what a worker holds, not the launcher's free memory
     check_planned_stacks(spec.dataset, torch.device(device), batch_size=spec.settings.batch_size,
-                         slurm_mem_gb=slurm.mem_gb if slurm else None, held=code + data.nbytes)  # fmt: skip
+                         slurm_mem_gb=slurm.mem_gb if slurm else None, held=task_holds(code, code, data))  # fmt: skip
     if slurm is not None:  # Slurm is asked last, as by a grid
         slurm.check_partition()
     if cache_dir is not None and not writable_dir_target(Path(cache_dir)):

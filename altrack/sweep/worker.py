@@ -21,7 +21,7 @@ from altrack.cache import SeedStageCache
 from altrack.data import load_dataset, set_determinism
 from altrack.errors import AltrackError, TrainingDiverged
 from altrack.liveness import Heartbeat, grace_seconds, worker_id
-from altrack.protocol import SeedStage, run_methods
+from altrack.protocol import SeedStage, run_methods, stack_limit
 from altrack.results import FINISHED
 from altrack.sweep.spec import SweepSpec
 from altrack.sweep.study import Recovery, make_sampler, open_storage, validation_indices
@@ -68,6 +68,8 @@ class Worker:
         )
         recover = Recovery(study, isinstance(storage, optuna.storages.RDBStorage))
         self.data = load_dataset(self.spec.dataset, self.data_dir, self.device)
+        # the memory left once torch and the data are in (a Slurm job's --mem): refused before a trial
+        stack_limit(self.spec.dataset, self.data.x_train.device, batch_size=self.spec.settings.batch_size)
         self.holdout = validation_indices(self.spec)
         self.cache = SeedStageCache(self.cache_dir)
         max_failures = max(3, self.n_trials)
