@@ -24,13 +24,13 @@ from altrack.protocol import (
     Progress,
     RunResult,
     check_planned_stacks,
+    check_stacks,
     fit_threads,
     grid_blocks,
     map_in_workers,
     planning_cap,
     run_block,
     run_identity,
-    stack_limit,
     task_holds,
 )
 from altrack.redaction import redact
@@ -127,16 +127,18 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     fit_threads()
     identities = {}  # data errors surface before the store is touched (no mlflow.db)
     code = resident()  # torch, MLflow and altrack, as a Slurm task holds them before its data
-    held = 0  # what a Slurm task holds before training: the code and its largest dataset (a task
-    # whose blocks span datasets holds more, and checks that itself before it claims a run)
+    holds = {}  # what a Slurm task that loads each dataset holds before it trains
     for dataset in cfg.datasets:
         before = resident()
         data = load_dataset(dataset, cfg.data_dir, "cpu" if slurm else device)
         identities[dataset] = run_identity(dataset, data.digest, device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
-        holds = task_holds(code, before, data)
-        held = max(held, holds)
+        holds[dataset] = task_holds(code, before, data)
+    # a task of several blocks (--blocks-per-task) may hold several datasets: plan for all of them
+    mixed = slurm and cfg.slurm.blocks_per_task > 1 and len(holds) > 1
+    held = code + sum(h - code for h in holds.values()) if mixed else max(holds.values())
+    for dataset in cfg.datasets:
         check_planned_stacks(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size,
-                             _jobs_memory(cfg), holds)  # fmt: skip
+                             _jobs_memory(cfg), held if mixed else holds[dataset])  # fmt: skip
     if not cfg.trains_here:  # the workers load their own copies
         release_datasets()
     if slurm:  # the jobs log to a shared server, and Slurm must accept them
@@ -297,14 +299,17 @@ def _collect(submitted: Submitted, parent_id: str, progress: bool) -> int:
 
 def grid_task(cfg: GridConfig, device: str, work: list, parent_id: str, tracking_uri: str) -> int:
     """One Slurm array task: its blocks, each run claimed under the parent before its work starts.
-    Its datasets are loaded and the memory its job leaves checked first (``stack_limit``), so a
-    job too small for one model fails before it claims a run. Returns how many runs it logged.
-    Raises ``ConfigError`` for that."""
+    All its datasets are loaded first, then checked against what the job leaves (``check_stacks``:
+    one model within a quarter of the memory left, a CUDA stack within its card's free memory),
+    so a job too small fails before it claims a run. Returns how many runs it logged. Raises
+    ``ConfigError`` for a job too small."""
     torch.set_num_threads(task_threads())
     set_determinism(device)
-    for dataset in dict.fromkeys(block[0] for block in work):
+    datasets = list(dict.fromkeys(block[0] for block in work))
+    for dataset in datasets:
         load_dataset(dataset, cfg.data_dir, device)
-        stack_limit(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
+    for dataset in datasets:
+        check_stacks(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size)
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
     return sum(len(run_logged_block(cfg, device, block, parent_id, experiment_id, slurm_tags())) for block in work)

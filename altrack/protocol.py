@@ -81,6 +81,7 @@ def _model_need(dataset: str, batch_size: int) -> int:
 
 
 DEFAULT_CAP_SHARE = 4  # off CUDA the default memory cap is this share of ``free_memory``
+MEMORY_MARGIN = 1 << 28  # in the --mem-gb a refusal suggests: a task measures itself, a little more
 
 
 def planning_cap(
@@ -181,7 +182,7 @@ def check_planned_stacks(
         if memory_cap is None and cap is not None:
             what = f"what --mem-gb {slurm_mem_gb:g} leaves" if held else f"--mem-gb {slurm_mem_gb:g}"
             once = f" once a task holds torch and the data (about {held / 2**30:.1f} GiB)" if held else ""
-            least = (held + DEFAULT_CAP_SHARE * _model_need(dataset, batch_size)) / 2**30
+            least = (held + DEFAULT_CAP_SHARE * _model_need(dataset, batch_size) + MEMORY_MARGIN) / 2**30
             raise ConfigError(f"{exc}: a quarter of {what}{once}, what a Slurm job's stacks may take; "
                               f"give the jobs --mem-gb {math.ceil(least * 10) / 10:g} or more") from None  # fmt: skip
         raise
@@ -260,8 +261,9 @@ def fit_many(
     Returns, per fit, (model or None, epoch losses, divergence message or None)."""
     device = data.x_train.device
     width = padded_width(data, settings, stack, memory_cap, share)
-    # refuse=False: the cap was checked before any run started (``check_stacks``, a task's
-    # ``stack_limit``); what a default cap has shrunk to since trains one model at a time
+    # refuse=False: what starts training checks the cap first (a grid's ``check_planned_stacks``,
+    # a Slurm task's ``check_stacks``, a sweep worker, ``replay``); a default cap that memory has
+    # shrunk since trains one model at a time rather than failing claimed runs
     limit = width if width is not None else stack_limit(data.name, device, stack, memory_cap, settings.batch_size,
                                                         refuse=False)  # fmt: skip
     out: list[tuple[torch.nn.Module | None, list[float], str | None]] = [(None, [], None)] * len(fits)

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from altrack.data import load_dataset, resolve_device, set_determinism
 from altrack.errors import AltrackError
 from altrack.liveness import temp_dir
-from altrack.protocol import FINAL_INIT, FINAL_ORDER, evaluate_models, fit, fit_threads, padded_width
+from altrack.protocol import FINAL_INIT, FINAL_ORDER, evaluate_models, fit, fit_threads, padded_width, stack_limit
 from altrack.provenance import STACK_WIDTH
 from altrack.results import FINISHED
 from altrack.settings import Settings
@@ -79,6 +79,7 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
         weights = _replay_weights(run_id, tmp) if settings.weighted else None
     data = load_dataset(params["dataset"], data_dir, resolved)
     width = int(params.get(STACK_WIDTH, 0))  # a CUDA run's padded width: its bits depend on it
+    stack_limit(data.name, data.x_train.device, width, None, settings.batch_size)  # refused before it trains
     model, losses = fit(data, selected, settings, seed, FINAL_INIT, FINAL_ORDER, weights, stack=width)
     [(accuracy, loss)] = evaluate_models([model], data.x_test, data.y_test, padded_width(data, settings, width),
                                          settings.batch_size)  # as the run evaluated it

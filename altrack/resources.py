@@ -16,8 +16,8 @@ what the group holds: its usage less its inactive page cache, the part the kerne
 
 Slurm may also hold a job to its ``--mem`` without cgroups (``task/none``, or a cluster that
 kills jobs over their memory from its accounting): inside a job the figure is also bounded by
-the job's memory (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` times the node's CPUs) less
-what this process holds. Other processes of the job are not seen there; cgroups see them.
+the job's memory (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` or ``SLURM_MEM_PER_GPU`` times
+the node's CPUs or GPUs) less what this process holds. Other processes of the job are not seen there; cgroups see them.
 """
 
 from __future__ import annotations

@@ -208,8 +208,12 @@ def test_a_partition_slurm_does_not_know_is_refused_before_anything_is_written(c
         ((), "colour: blue\n", "unknown Slurm setting 'colour'"),
         # a CPU job's stacks are checked against a quarter of its --mem-gb, not the launcher's memory
         (("--datasets", "cifar10", "--mem-gb", "0.3"), None, "cannot hold one cifar10 model (about"),
-        # less what a task holds before it trains: torch and CIFAR-10, about 1.5 GiB of the 1.5
+        # less what a task holds before it trains: torch and CIFAR-10, about 1.7 GiB of the 1.5
         (("--datasets", "cifar10", "--mem-gb", "1.5"), None, "leaves once a task holds torch and the data"),
+        # a task of three blocks may hold all three datasets (about 2.1 GiB): 2.3 GiB leaves a CifarNet
+        # too little, though a task of CIFAR-10 alone (1.7 GiB) would fit
+        (("--datasets", "mnist,fashion_mnist,cifar10", "--mem-gb", "2.3", "--blocks-per-task", "3"), None,
+         "cannot hold one cifar10 model"),
     ],
 )
 def test_bad_slurm_input_is_refused_in_one_line(tmp_path, data_dir, extra, executor_file, message):

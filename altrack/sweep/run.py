@@ -112,11 +112,12 @@ def run_sweep(
                               "give --storage postgresql://... or, if every node sees it, --shared-filesystem")
     set_determinism(device)
     fit_threads()
-    code = resident()  # torch, MLflow, Optuna and altrack, as a Slurm worker holds them before its data
+    before = resident()  # torch, MLflow, Optuna and altrack, as a Slurm worker holds them before its data
     data = load_dataset(spec.dataset, data_dir, "cpu" if slurm else device)  # data errors before anything is written
     # on Slurm, by the jobs' memory less what a worker holds, not the launcher's free memory
+    held = task_holds(before, before, data)
     check_planned_stacks(spec.dataset, torch.device(device), batch_size=spec.settings.batch_size,
-                         slurm_mem_gb=slurm.mem_gb if slurm else None, held=task_holds(code, code, data))  # fmt: skip
+                         slurm_mem_gb=slurm.mem_gb if slurm else None, held=held)  # fmt: skip
     if slurm is not None:  # Slurm is asked last, as by a grid
         slurm.check_partition()
     if cache_dir is not None and not writable_dir_target(Path(cache_dir)):
