@@ -27,11 +27,11 @@ from altrack.protocol import (
     check_stacks,
     fit_threads,
     grid_blocks,
+    loaded_bytes,
     map_in_workers,
     planning_cap,
     run_block,
     run_identity,
-    task_holds,
 )
 from altrack.redaction import redact
 from altrack.resources import resident
@@ -127,18 +127,18 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     fit_threads()
     identities = {}  # data errors surface before the store is touched (no mlflow.db)
     code = resident()  # torch, MLflow and altrack, as a Slurm task holds them before its data
-    holds = {}  # what a Slurm task that loads each dataset holds before it trains
+    loaded = {}  # what each dataset adds to it
     for dataset in cfg.datasets:
         before = resident()
         data = load_dataset(dataset, cfg.data_dir, "cpu" if slurm else device)
         identities[dataset] = run_identity(dataset, data.digest, device, cfg.settings, cfg.stack, cfg.memory_cap_bytes)
-        holds[dataset] = task_holds(code, before, data)
+        loaded[dataset] = loaded_bytes(before, data)
     # a task of several blocks (--blocks-per-task) may hold several datasets: plan for all of them
-    mixed = slurm and cfg.slurm.blocks_per_task > 1 and len(holds) > 1
-    held = code + sum(h - code for h in holds.values()) if mixed else max(holds.values())
+    mixed = slurm and cfg.slurm.blocks_per_task > 1 and len(loaded) > 1
+    held = code + (sum(loaded.values()) if mixed else max(loaded.values()))  # what a task holds, at most
     for dataset in cfg.datasets:
         check_planned_stacks(dataset, torch.device(device), cfg.stack, cfg.memory_cap_bytes, cfg.settings.batch_size,
-                             _jobs_memory(cfg), held if mixed else holds[dataset])  # fmt: skip
+                             _jobs_memory(cfg), held if mixed else code + loaded[dataset])  # fmt: skip
     if not cfg.trains_here:  # the workers load their own copies
         release_datasets()
     if slurm:  # the jobs log to a shared server, and Slurm must accept them

@@ -90,7 +90,7 @@ def planning_cap(
     """The memory cap to plan and check stacks with, in bytes: an explicit ``memory_cap``; for CPU
     runs that Slurm jobs of ``slurm_mem_gb`` (``--mem-gb``) will train, the default such a task
     gets, a ``DEFAULT_CAP_SHARE``-th of what its job's memory leaves once the task holds ``held``
-    bytes (torch, MLflow and the data: ``task_holds``; a task checks its own), not of the
+    bytes (torch, MLflow and the data: ``loaded_bytes``; a task checks its own), not of the
     launcher's free memory, which says nothing of the nodes'; else None, the default of the host
     that asks."""
     if memory_cap is not None or slurm_mem_gb is None or device.type == "cuda":
@@ -98,13 +98,13 @@ def planning_cap(
     return max(0, int(slurm_mem_gb * 2**30) - held) // DEFAULT_CAP_SHARE
 
 
-def task_holds(code: int, before: int, data: Dataset) -> int:
-    """About what a Slurm task holds before it trains, as this launcher measures it: ``code``, its
-    resident bytes before it loaded any data (torch, MLflow, altrack, which a task imports too),
-    plus what loading ``data`` added (``resident()`` now less ``before``, read just before the
-    load: the tensors and what the loader left in the heap), at least the tensors' bytes (a
-    dataset this process had loaded already adds nothing now)."""
-    return code + max(resident() - before, data.nbytes)
+def loaded_bytes(before: int, data: Dataset) -> int:
+    """What loading ``data`` added to this process, as a Slurm task that loads it holds it on top
+    of its code (torch, MLflow, altrack: the launcher's ``resident()`` before any data):
+    ``resident()`` now less ``before``, read just before the load (the tensors and what the
+    loader left in the heap), at least the tensors' bytes (a dataset this process had loaded
+    already adds nothing now)."""
+    return max(resident() - before, data.nbytes)
 
 
 def stack_limit(
@@ -124,9 +124,9 @@ def stack_limit(
     need = _model_need(dataset, batch_size)
     cuda = device.type == "cuda"
     cap = memory_cap if memory_cap is not None or cuda else free_memory(device) // DEFAULT_CAP_SHARE
-    if cap is not None and cap < need and not refuse and memory_cap is None:
-        return 1
     if cap is not None and cap < need:
+        if not refuse and memory_cap is None:
+            return 1
         raise ConfigError(f"memory cap {cap / 2**20:.1f} MiB cannot hold one {dataset} model "
                           f"(about {need / 2**20:.1f} MiB to train)")  # fmt: skip
     conv = DATASETS[dataset].image_shape[0] > 1

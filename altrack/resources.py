@@ -83,10 +83,7 @@ def cpu_quota() -> float | None:
     """Cores' worth of CPU time the process's cgroups allow per period, the least over its cgroup
     and every ancestor that sets a quota (v2's ``cpu.max``, v1's ``cpu.cfs_quota_us`` over
     ``cpu.cfs_period_us``); None where none does or nothing can be read. Never raises."""
-    try:
-        return _least(PROC_CGROUP.read_text().splitlines(), "cpu", _quota)
-    except (OSError, ValueError):
-        return None
+    return _least("cpu", _quota)
 
 
 def free_memory(device: torch.device) -> int:
@@ -173,17 +170,23 @@ def cgroup_available() -> int | None:
     mount has (a container that sees its own cgroup as the root: the mount's root); one outside
     the process's cgroup namespace (``..``) is not read at all. Never raises: what cannot be read
     counts as no limit."""
+    return _least("memory", _headroom)
+
+
+def _least(controller: str, read: Callable[[Path, bool], N | None]) -> N | None:
+    """The least of ``read(folder, v1)`` over the process's cgroup folder for ``controller`` and
+    its ancestors up to the mount's root, as ``/proc/self/cgroup`` names it; None where every
+    folder reads None, or what it needs cannot be read (a permission error on a stat, an
+    undecodable file). v1's controller where it is mounted (``/sys/fs/cgroup/memory``,
+    ``/sys/fs/cgroup/cpu,cpuacct``; also on hybrid hosts), else the v2 hierarchy."""
     try:
-        return _least(PROC_CGROUP.read_text().splitlines(), "memory", _headroom)
-    except (OSError, ValueError):  # a permission error on a stat, an undecodable file
+        return _least_in(PROC_CGROUP.read_text().splitlines(), controller, read)
+    except (OSError, ValueError):
         return None
 
 
-def _least(lines: list[str], controller: str, read: Callable[[Path, bool], N | None]) -> N | None:
-    """The least of ``read(folder, v1)`` over the process's cgroup folder for ``controller`` and
-    its ancestors up to the mount's root, from the lines of ``/proc/self/cgroup``; None where
-    every folder reads None. v1's controller where it is mounted (``/sys/fs/cgroup/memory``,
-    ``/sys/fs/cgroup/cpu,cpuacct``; also on hybrid hosts), else the v2 hierarchy."""
+def _least_in(lines: list[str], controller: str, read: Callable[[Path, bool], N | None]) -> N | None:
+    """``_least`` from the lines of ``/proc/self/cgroup``."""
     v1, v2 = None, None
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]

@@ -60,7 +60,6 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     centre_sq = np.empty(len(centres) + n, dtype=pts.dtype)
     centre_rows[: len(centres)] = centres.numpy()
     centre_sq[: len(centres)] = (centres * centres).sum(1).numpy()
-    rows_t = torch.from_numpy(centre_rows)
     if len(centres):
         assign_t, min_d_t = nearest(points, centres)
         assign, min_d = assign_t.numpy(), min_d_t.numpy()
@@ -91,7 +90,7 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
             bound = (proj_sq.take(candidates, mode=TAKE) - two * (proj.take(candidates, axis=0, mode=TAKE) @ proj[j])
                      + proj_sq[j])  # fmt: skip
             candidates = candidates[bound * PROJECTION_SHRINK < min_d.take(candidates, mode=TAKE) + tau2]
-        dot = row_dots(torch.from_numpy(pts.take(candidates, axis=0, mode=TAKE)), rows_t[m]).numpy()
+        dot = row_dots(torch.from_numpy(pts.take(candidates, axis=0, mode=TAKE)), points[j]).numpy()
         # the plain greedy's float32 arithmetic, (||x||^2 - 2 x.p) + ||p||^2 clamped at 0, in numpy
         d = np.maximum(x_sq.take(candidates, mode=TAKE) - two * dot + x_j, 0.0, dtype=pts.dtype)
         nearer = d < min_d.take(candidates, mode=TAKE)

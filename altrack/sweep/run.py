@@ -29,7 +29,7 @@ from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
 from altrack.liveness import clean_stale_temp_dirs, temp_dir, tethered  # noqa: E402
-from altrack.protocol import check_planned_stacks, fit_threads, task_holds, threads_per_worker  # noqa: E402
+from altrack.protocol import check_planned_stacks, fit_threads, loaded_bytes, threads_per_worker  # noqa: E402
 from altrack.redaction import redact  # noqa: E402
 from altrack.resources import resident  # noqa: E402
 from altrack.results import RUNNING  # noqa: E402
@@ -115,7 +115,7 @@ def run_sweep(
     before = resident()  # torch, MLflow, Optuna and altrack, as a Slurm worker holds them before its data
     data = load_dataset(spec.dataset, data_dir, "cpu" if slurm else device)  # data errors before anything is written
     # on Slurm, by the jobs' memory less what a worker holds, not the launcher's free memory
-    held = task_holds(before, before, data)
+    held = before + loaded_bytes(before, data)
     check_planned_stacks(spec.dataset, torch.device(device), batch_size=spec.settings.batch_size,
                          slurm_mem_gb=slurm.mem_gb if slurm else None, held=held)  # fmt: skip
     if slurm is not None:  # Slurm is asked last, as by a grid
