@@ -7,6 +7,8 @@ a6cf675's: ``git archive a6cf675 altrack | tar -x -C REF``), side by side.
     python benchmarks/bench_grid.py --main-job --reference REF   # the README's main job
     python benchmarks/bench_grid.py --main-job --also "--workers 2"   # and beside it with extra options
     python benchmarks/bench_grid.py --main-job --reference REF --repeats 3   # interleaved rounds
+    python benchmarks/bench_grid.py --main-job --busy 1 --also "" --also-env GOMP_SPINCOUNT=300000
+        # beside one busy process, as shipped and with libgomp's default spin (altrack/__init__.py)
 
 On a shared 2-core machine one call's ratio moves by a tenth or more from call to call (the same
 code gave 2.0x to 2.6x against a6cf675 in one afternoon), so ``--repeats N`` runs the sides in N
@@ -18,17 +20,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from _common import data_dir, timed_cli
 
 
-def run(root: Path, arguments: list[str]) -> tuple[float, float, str]:
+def run(root: Path, arguments: list[str], extra_env: dict[str, str]) -> tuple[float, float, str]:
     """(wall seconds, peak MB, report table) of ``altrack run ARGUMENTS`` from ``root``'s altrack."""
     with tempfile.TemporaryDirectory(prefix="altrack-bench-grid-") as tmp:  # store, journal, report: all go
         work = Path(tmp)
-        env = {"ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        env = {"ALTRACK_DATA_DIR": data_dir(), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", **extra_env}
         wall, peak, _, _ = timed_cli(root, ["run", *arguments, "--quiet", "--out", str(work / "out")], work, env)
         return wall, peak, (work / "out" / "active_learning_results.txt").read_text().split("paired comparisons")[0]
 
@@ -45,6 +49,10 @@ def main() -> None:
                         help="folder holding another checkout's altrack package (repeatable)")
     parser.add_argument("--also", default=None, help="options for a second run of this tree beside the first")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of all sides (median, range)")
+    parser.add_argument("--also-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the --also run (repeatable)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="processes keeping a core busy (pure Python) beside every side, as on a shared machine")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -61,15 +69,24 @@ def main() -> None:
     sides = [("this tree", Path(__file__).resolve().parents[1])]
     sides += [(Path(ref).name if len(args.reference) > 1 else "reference", Path(ref).resolve())
               for ref in args.reference]  # fmt: skip
-    runs = [(name, root, arguments) for name, root in sides]
-    if args.also:
-        runs.insert(1, (args.also, sides[0][1], [*arguments, *args.also.split()]))
+    runs = [(name, root, arguments, {}) for name, root in sides]
+    if args.also is not None:
+        also_env = dict(item.split("=", 1) for item in args.also_env)
+        label = " ".join([*args.also_env, args.also]).strip()
+        runs.insert(1, (label, sides[0][1], [*arguments, *args.also.split()], also_env))
+    if args.busy:
+        print(f"beside {args.busy} busy process(es)")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     rounds = []
-    for round_ in range(args.repeats):
-        rounds.append([(name, *run(root, options)) for name, root, options in runs])
-        if args.repeats > 1:
-            walls = "  ".join(f"{name} {wall / 60:.2f}m" for name, wall, *_ in rounds[-1])
-            print(f"round {round_ + 1}: {walls}", flush=True)
+    try:
+        for round_ in range(args.repeats):
+            rounds.append([(name, *run(root, options, env)) for name, root, options, env in runs])
+            if args.repeats > 1:
+                walls = "  ".join(f"{name} {wall / 60:.2f}m" for name, wall, *_ in rounds[-1])
+                print(f"round {round_ + 1}: {walls}", flush=True)
+    finally:
+        for proc in busy:
+            proc.kill()
     results = [(name, statistics.median(r[i][1] for r in rounds), max(r[i][2] for r in rounds), rounds[0][i][3])
                for i, (name, *_) in enumerate(runs)]  # fmt: skip
     base = results[0][1]

@@ -257,6 +257,22 @@ def test_worker_threads_follow_the_cores_the_process_may_run_on():
     assert threads_per_worker(1) == usable_cores()
 
 
+@pytest.mark.parametrize(
+    ("given", "spin"),
+    [({}, "1000"), ({"GOMP_SPINCOUNT": "50000"}, "50000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)],
+)
+def test_openmp_idle_threads_spin_briefly_unless_the_user_says_otherwise(given, spin):
+    """libgomp's default spin (300,000 rounds) makes torch's threads hold each other up beside any
+    other busy process (the main job: 143 s against 30 s, docs/speed.md): importing altrack
+    shortens it before torch loads, and leaves a user's own setting alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, altrack, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, **given})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(spin)
+
+
 def _affinity() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
