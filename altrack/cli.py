@@ -238,6 +238,9 @@ def report_cmd(
             raise AltrackError(f"{option} {folder!r} is not a writable directory")
     if (setting_ids or sweep_ids or ablation_ids) and not paper:
         raise click.UsageError("--setting-run-id, --sweep-run-id and --ablation-run-id need --paper")
+    from altrack.tracking.runs import check_tracking_store  # lazy: MLflow
+
+    check_tracking_store()  # in seconds, where MLflow would retry a server for minutes
     if paper:
         from altrack.paper import paper_page  # lazy: MLflow
 

@@ -161,7 +161,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         mlflow.set_tag(RESUMED_TAG, len(done))
         if done:
             experiment = mlflow.get_experiment(parent.info.experiment_id).name
-            say(f"reusing {len(done)} finished runs from {experiment}; --no-resume to rerun")
+            say(f"reusing {report.counted(len(done), 'finished run')} from {experiment}; --no-resume to rerun")
             _log_resumed(rows)
         skip = frozenset(hashes[h] for h in done)
         if slurm:

@@ -22,6 +22,7 @@ from altrack.tracking.runs import check_tracking_store, now_ms, under_project_ru
 from altrack.tracking.tags import (
     KIND_PROTOCOL,
     KIND_REPLAY,
+    KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     REPLAY_OF_TAG,
     TEST_ACCURACY_METRIC,
@@ -53,24 +54,32 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     """Retrain a run's final model from its logged config and ``selected_indices.npy`` alone (no
     seed model, no selection) and log it as a new run tagged with the original's id.
 
-    ``device`` defaults to the run's own. Raises ``AltrackError`` for an unknown or unfinished
-    run, or a CUDA run replayed where there is no CUDA.
+    A grid's protocol run or a sweep trial's: a final model is trained on its selected indices
+    alone either way (a sweep's validation split only shaped the selection). ``device`` defaults
+    to the run's own. Raises ``AltrackError`` for an unknown or unfinished run, or a device this
+    machine lacks.
     """
     check_tracking_store()
     client = MlflowClient()
     original = get_run(run_id, client)
     params = original.data.params
-    if original.data.tags.get(KIND_TAG) != KIND_PROTOCOL or original.info.status != FINISHED:
-        raise AltrackError(f"run {run_id} is not a finished altrack protocol run")
+    kind = original.data.tags.get(KIND_TAG)
+    if kind not in (KIND_PROTOCOL, KIND_SWEEP_PROTOCOL):
+        raise AltrackError(f"run {run_id} is not an altrack protocol run (a grid's or a sweep trial's): "
+                           f"{'its kind is ' + repr(kind) if kind else 'it has no altrack.kind tag'}")  # fmt: skip
+    if original.info.status != FINISHED:
+        raise AltrackError(f"run {run_id} is {original.info.status}: only a FINISHED run has a final model to replay")
     settings = Settings.from_params(params)
     seed = int(params["seed"])
     wanted = device or params["device"].split(":")[0]
     try:
         resolved = str(resolve_device(wanted))
-    except AltrackError:
+    except AltrackError as exc:
+        if device is not None:  # the user's ask, not the run's
+            raise
         raise AltrackError(
             f"run {run_id} trained on {wanted}, which this machine lacks; pass --device cpu (not bit-exact)"
-        ) from None
+        ) from exc
     set_determinism(resolved)
     fit_threads()
     with temp_dir("replay") as tmp:

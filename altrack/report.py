@@ -46,6 +46,11 @@ _PALETTE = {
 }
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 run``, ``3 runs``: what the CLI says of its counts."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def method_order(methods: Iterable[str]) -> list[str]:
     known = list(available_methods())
     return sorted(set(methods), key=lambda m: (known.index(m) if m in known else len(known), m))
@@ -69,16 +74,21 @@ def _std_text(values: np.ndarray) -> str:
 
 
 def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
-    """The grid's accuracy table; ``resumed`` counts the rows reused from earlier invocations."""
+    """The grid's accuracy table; ``resumed`` counts the rows reused from earlier invocations.
+    "vs random" is the mean paired difference over the seeds both finished, the paired tests'
+    figure: over an experiment whose methods ran on different seeds, a difference of means would
+    compare other seed sets."""
     stats = summarise(rows)
+    by_seed = accuracy_by_seed(rows, "dataset", "budget", "method")
     lines = ["altrack: test accuracy, mean ± std over seeds (n = finished runs)", ""]
     for dataset, budget in sorted({(d, k) for d, k, _ in stats}):
         lines.append(f"{dataset}  k={budget}")
         lines.append(f"  {'method':<18}{'mean':>8}{'std':>8}{'n':>4}{'vs random':>11}")
-        base = stats.get((dataset, budget, BASELINE))
+        base = by_seed.get((dataset, budget, BASELINE))
         for method in method_order(m for d, k, m in stats if (d, k) == (dataset, budget)):
             acc = stats[(dataset, budget, method)]
-            delta = f"{acc.mean() - base.mean():+.4f}" if base is not None and method != BASELINE else ""
+            diff = paired_diffs(by_seed[(dataset, budget, method)], base) if base and method != BASELINE else None
+            delta = f"{diff.mean():+.4f}" if diff is not None and len(diff) else ""
             lines.append(f"  {method:<18}{acc.mean():>8.4f}{_std_text(acc):>8}{len(acc):>4}{delta:>11}")
         lines.append("")
     failed = [r for r in rows if not r.finished]
@@ -87,8 +97,8 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
         for r in failed:
             lines.append(f"  {r.dataset} {r.method} k={r.budget} seed={r.seed}: {r.error or r.status}")
     if resumed:
-        lines.append(f"{resumed} of the {len(rows)} runs were reused from earlier invocations "
-                     "(--no-resume reruns them).")  # fmt: skip
+        lines.append(f"{resumed} of the {counted(len(rows), 'run')} {'was' if resumed == 1 else 'were'} reused from "
+                     "earlier invocations (--no-resume reruns them).")  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -401,14 +411,19 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return adjusted
 
 
+def paired_diffs(ours: dict[int, float], base: dict[int, float]) -> np.ndarray:
+    """ours - base for each seed both have, in seed order: (n,)."""
+    return np.array([ours[s] - base[s] for s in sorted(set(ours) & set(base))], dtype=np.float64)
+
+
 def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict | None:
     """ours - base over the seeds both have: mean, t 95% CI, paired t-test and Wilcoxon p."""
-    seeds = sorted(set(ours) & set(base))
-    if len(seeds) < 2:
+    diff = paired_diffs(ours, base)
+    if len(diff) < 2:
         return None
     from scipy import stats as st  # lazy, as in ci95
 
-    diff = np.array([ours[s] - base[s] for s in seeds])
+    seeds = sorted(set(ours) & set(base))
     mean = float(diff.mean())
     sem = float(diff.std(ddof=1) / np.sqrt(len(diff)))
     half = float(st.t.ppf(0.975, len(diff) - 1) * sem) if sem > 0 else 0.0

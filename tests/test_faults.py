@@ -98,6 +98,33 @@ def test_bad_sweep_stores_are_refused_in_one_line_before_anything_is_written(arg
 
 
 @pytest.mark.slow
+def test_a_sweep_whose_tracking_store_is_unreachable_writes_no_journal(data_dir, tmp_path):
+    done = _altrack("sweep", str(_spec(tmp_path)), env=_env(data_dir, tmp_path, MLFLOW_TRACKING_URI="http://127.0.0.1:9"),
+                    cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "http://127.0.0.1:9 is unreachable" in done.stderr, done.stderr
+    assert not (tmp_path / "altrack-optuna.journal").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [("http://127.0.0.1:9", "http://127.0.0.1:9 is unreachable"),
+     ("sqlite:////nonexistent/x.db", "the folder /nonexistent does not exist")],
+)  # fmt: skip
+@pytest.mark.parametrize("args", [["--run-id", "abc"], ["--experiment", "altrack"]])
+def test_a_report_from_an_unreachable_store_fails_fast_in_one_line(uri, message, args, data_dir, tmp_path):
+    """MLflow retries an HTTP server for minutes and creates a SQLite file's folders: a report
+    checks the store first, as run, sweep and replay do."""
+    start = time.monotonic()
+    done = _altrack("report", *args, env=_env(data_dir, tmp_path, MLFLOW_TRACKING_URI=uri), cwd=tmp_path)
+    assert time.monotonic() - start < 30
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not Path("/nonexistent").exists()
+
+
+@pytest.mark.slow
 def test_a_study_refuses_another_spec_under_its_name_unless_asked(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)
     journal = tmp_path / "study.journal"

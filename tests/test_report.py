@@ -54,6 +54,20 @@ def test_failed_runs_are_listed_and_left_out_of_the_means(tmp_path):
     assert "1 run(s) failed and are left out of the means" in text and "seed=99" in text
 
 
+def test_vs_random_pairs_the_seeds_both_methods_finished():
+    """Over an experiment, methods may have run on different seeds: "vs random" is the paired
+    tests' mean difference over the shared seeds, not a difference of means over other seed sets."""
+    rows = [r for r in _rows(budgets=(1000,)) if not (r.method == "random" and r.seed >= 3)]
+    rows += [ResultRow(dataset="mnist", method="random", budget=1000, seed=seed, status="FINISHED",
+                       test_accuracy=0.5, run_id=f"extra{seed}", error="") for seed in (10, 11)]  # fmt: skip
+    line = next(line for line in report.format_table(rows).splitlines() if line.strip().startswith("coreset"))
+    acc = {(r.method, r.seed): r.test_accuracy for r in rows}
+    paired = np.mean([acc[("coreset", s)] - acc[("random", s)] for s in range(3)])
+    assert line.split()[-1] == f"{paired:+.4f}"
+    [test] = [t for t in report.paired_tests(rows) if (t["method"], t["vs"]) == ("coreset", "random")]
+    assert f"{test['mean_diff']:+.4f}" == line.split()[-1]
+
+
 def test_report_files_include_learning_curves_for_several_budgets(tmp_path):
     paths = report.write_report(_rows(), tmp_path)
     names = {p.name for p in paths}
