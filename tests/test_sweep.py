@@ -16,7 +16,9 @@ from optuna.trial import TrialState
 from altrack.cli import main
 from altrack.errors import AltrackError, ConfigError
 from altrack.paper import sweep_summary
+from altrack.replay import replay
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
+from altrack.sweep.study import make_sampler
 from altrack.tracking.tags import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR
 
 TINY_SPEC = """\
@@ -61,6 +63,8 @@ def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
         (TINY_SPEC + "1: 2\n", "every key must be a string"),
         (TINY_SPEC + "budget: 200\n", "key 'budget' is given twice"),
         (TINY_SPEC + "weighted: true\n", ""),
+        (TINY_SPEC.replace("method: coreset", "method: random"),
+         "method random does not read cluster_ratio; search it with coreset or coreset-grad"),
     ],
     ids=lambda value: value if len(value) < 40 else None,
 )  # fmt: skip
@@ -109,7 +113,7 @@ def _trial_runs(parent_id):
     return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, tmp_path):
+def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, tmp_path, monkeypatch):
     spec = load_spec(_spec(tmp_path))
     storage = str(tmp_path / "study.journal")
     common = dict(storage=storage, data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"))
@@ -136,7 +140,13 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
         assert steps == list(range(len(spec.seeds)))
         assert len(_trial_runs(run.info.run_id)) == 1  # the protocol run nests under its trial
 
-    again = run_sweep(spec, n_trials=4, workers=1, **common)  # resume: one more, not four more
+    # resume in what a new process would be (no experiment set, none in the environment): the
+    # trials still go to the parent's experiment, nested under it
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    again = run_sweep(spec, n_trials=4, workers=1, experiment=mlflow_store, **common)  # one more, not four more
+    assert len([r for r in _trial_runs(again.parent_run_id) if r.info.status == "FINISHED"]) == 4
     assert again.n_complete == 4
     study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
@@ -147,7 +157,7 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert summary.paper_value == values[0]
     assert summary.paper_rank == 1 + sum(v > values[0] for v in values.values())
 
-    finished = run_sweep(spec, n_trials=4, workers=1, **common)  # nothing left: says so, opens no run
+    finished = run_sweep(spec, n_trials=4, workers=1, experiment=mlflow_store, **common)  # says so, opens no run
     assert finished.nothing_to_do and finished.parent_run_id == "" and "nothing to do: 4/4" in describe(finished)
     assert "best val_accuracy" in describe(finished)
     assert study.metric_names == ["val_accuracy"]
@@ -155,9 +165,37 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert [r.info.run_id for r in sweeps] == [outcome.parent_run_id] == [again.parent_run_id]  # resumed in place
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_second_process_on_a_study_never_proposes_what_the_first_did(tmp_path, sampler):
+    """Each invocation (a resume, a worker, another machine) makes its own sampler from the spec.
+    Seeded once per process, the second proposed the first's params again, trial for trial; seeded
+    per trial, every proposal is new, and a trial's proposal is the same however the trials were
+    split between processes."""
+    spec = load_spec(_spec(tmp_path, TINY_SPEC.replace("sampler: random", f"sampler: {sampler}")))
+
+    def propose(storage: str, splits: list[int]) -> list[dict]:
+        params = []
+        for n in splits:  # one process per split, each with a sampler of its own
+            study = optuna.load_study(study_name="s", storage=open_storage(storage), sampler=make_sampler(spec))
+            for _ in range(n):
+                trial = study.ask()
+                params.append({name: p.suggest(trial) for name, p in spec.space().items()})
+                study.tell(trial, float(len(params)))
+        return params
+
+    stories = []
+    for name, splits in (("a", [2, 2]), ("b", [1, 1, 1, 1]), ("c", [4])):
+        storage = str(tmp_path / f"{name}.journal")
+        optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
+        stories.append(propose(storage, splits))
+    assert len({tuple(p.values()) for p in stories[0]}) == 4
+    assert stories[0] == stories[1] == stories[2]  # (TPE draws at random for its first 10 trials)
+
+
 def test_a_trials_seeds_train_together_and_each_gives_the_run_it_gives_alone(data_dir, mlflow_store, tmp_path):
     """A trial trains its seeds' models in one stack (seed models, then final models): seed 0's
-    run in a two-seed trial is the one a one-seed trial gives, selection and accuracy."""
+    run in a two-seed trial is the one a one-seed trial gives, selection and accuracy, and
+    ``altrack replay`` retrains it to the same accuracy."""
 
     def seed_zero(seeds_per_trial):
         text = TINY_SPEC.replace("seeds_per_trial: 1", f"seeds_per_trial: {seeds_per_trial}")
@@ -173,11 +211,13 @@ def test_a_trials_seeds_train_together_and_each_gives_the_run_it_gives_alone(dat
         picked = np.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=folder,
                                                              artifact_path="selected_indices.npy"))  # fmt: skip
         history = MlflowClient().get_metric_history(trial.info.run_id, "per_seed/val_accuracy")
-        return picked, run.data.metrics["test_accuracy"], [m.value for m in history if m.step == 0]
+        return picked, run.data.metrics["test_accuracy"], [m.value for m in history if m.step == 0], run.info.run_id
 
     alone, beside = seed_zero(1), seed_zero(2)
     assert np.array_equal(alone[0], beside[0])
-    assert alone[1:] == beside[1:]
+    assert alone[1:3] == beside[1:3]
+    replayed = replay(beside[3], data_dir=str(data_dir))  # a trial's run replays as a grid's does
+    assert replayed.equal and replayed.replayed_accuracy == beside[1]
 
 
 def test_a_trial_whose_models_diverge_fails_with_the_reason_and_logs_what_trained(data_dir, mlflow_store, tmp_path):

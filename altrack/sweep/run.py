@@ -20,6 +20,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import torch  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
@@ -35,11 +36,18 @@ from altrack.resources import resident  # noqa: E402
 from altrack.results import RUNNING  # noqa: E402
 from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
 from altrack.sweep.spec import SweepSpec  # noqa: E402
-from altrack.sweep.study import DEFAULT_STORAGE, open_storage, paper_baseline, validation_indices  # noqa: E402
+from altrack.sweep.study import (  # noqa: E402
+    DEFAULT_STORAGE,
+    check_storage,
+    open_storage,
+    paper_baseline,
+    validation_indices,
+)
 from altrack.sweep.worker import Worker, run_worker  # noqa: E402
 from altrack.tracking.runs import (  # noqa: E402
     check_tracking_store,
     close_dead_runs,
+    experiment_name,
     heartbeat,
     log_new_params,
     owner_tags,
@@ -122,15 +130,18 @@ def run_sweep(
         slurm.check_partition()
     if cache_dir is not None and not writable_dir_target(Path(cache_dir)):
         raise ConfigError(f"--cache-dir {cache_dir!r} is not a writable directory")
-    opened = open_storage(storage)  # an unreachable storage, then store, before either is written
+    check_storage(storage)  # an unreachable storage, then store, before either is written
     check_tracking_store()
+    opened = open_storage(storage)
     clean_stale_temp_dirs()  # what SIGKILLed invocations left in /tmp
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = _study_for(spec, opened, study_name, new_study)
     study = optuna.create_study(study_name=study_name, storage=opened, direction=spec.direction, load_if_exists=True)
     if not study.get_trials(deepcopy=False):
         study.set_user_attr(SPEC_ATTR, spec.fingerprint())
-        study.set_metric_names([spec.objective])  # optuna-dashboard then says val_accuracy, not Objective 0
+        with warnings.catch_warnings():  # experimental in Optuna, and nothing a user can act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.objective])  # optuna-dashboard then says val_accuracy, not Objective 0
         study.enqueue_trial(paper_baseline(spec), user_attrs={BASELINE_ATTR: True})
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) >= n_trials:  # a finished study: say so, and open no parent run
@@ -144,12 +155,12 @@ def run_sweep(
         STORAGE_TAG: redact(storage_label),
         **owner_tags(),
     }
-    earlier = _earlier_parent(study)
-    opened = (
-        mlflow.start_run(run_id=earlier, tags=tags)
-        if earlier
-        else start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags)
-    )
+    earlier = _earlier_parent(study, experiment_name(experiment or spec.experiment))
+    if earlier is not None:  # its trials go where it is, in this process and in the workers it starts
+        mlflow.set_experiment(experiment_id=earlier.info.experiment_id)
+        opened = mlflow.start_run(run_id=earlier.info.run_id, tags=tags)
+    else:
+        opened = start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags)
     with opened as parent, heartbeat(parent.info.run_id):
         parent_id = parent.info.run_id
         study.set_user_attr(PARENT_ATTR, parent_id)  # a resumed invocation goes on in this run
@@ -171,10 +182,8 @@ def run_sweep(
             np.save(Path(tmp) / "validation_indices.npy", validation_indices(spec))
             Path(tmp, "spec.yaml").write_text(Path(spec.source).read_text() if Path(spec.source).exists() else "")
             mlflow.log_artifacts(tmp)
-        jobs = [
-            Worker(spec, study_name, storage, n_trials, parent_id, device, i, cache_dir, data_dir)
-            for i in range(workers)
-        ]
+        jobs = [Worker(spec, study_name, storage, n_trials, parent_id, device, cache_dir, data_dir)
+                for _ in range(workers)]  # fmt: skip
         if slurm is not None:
             _run_slurm_jobs(jobs, slurm)
         elif workers == 1:
@@ -205,19 +214,22 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
         raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")
 
 
-def _earlier_parent(study: optuna.Study) -> str | None:
-    """The MLflow parent run of the study's earlier invocations, when it still exists and no live
-    process holds it: a resumed sweep goes on in it instead of opening a second parent."""
+def _earlier_parent(study: optuna.Study, experiment: str) -> Run | None:
+    """The MLflow parent run of the study's earlier invocations, when it still exists in
+    ``experiment`` and no live process holds it: a resumed sweep goes on in it instead of opening
+    a second parent. A sweep given another experiment opens a parent there."""
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not run_id:
         return None
+    client = MlflowClient()
     try:
-        run = MlflowClient().get_run(run_id)
+        run = client.get_run(run_id)
+        home = client.get_experiment(run.info.experiment_id).name
     except Exception:  # deleted, or another tracking store
         return None
     if run.info.lifecycle_stage != "active" or (run.info.status == RUNNING and not run_is_dead(run)):
         return None
-    return run_id
+    return run if home == experiment else None
 
 
 def _study_for(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str, new_study: bool) -> str:
@@ -287,13 +299,17 @@ def plot_study(study: optuna.Study, folder: Path) -> list[Path]:
     if len(ratios) == 2:
         plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ratios)
     written = []
+    verbosity = optuna.logging.get_verbosity()
     for name, draw in plots.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # a skipped plot is no news (one trial, one value)
             try:
                 axes = draw()
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue
+            finally:
+                optuna.logging.set_verbosity(verbosity)
         figure = (axes.flat[0] if isinstance(axes, np.ndarray) else axes).figure
         panels = axes.size if isinstance(axes, np.ndarray) else 1
         figure.set_size_inches(max(6.5, 4.8 * panels + 1.5), 4.8)
@@ -319,4 +335,5 @@ def describe(outcome: SweepOutcome) -> str:
     n = outcome.n_complete
     if outcome.nothing_to_do:
         return f"study {outcome.study_name}: nothing to do: {n}/{n} trials COMPLETE; {best}"
-    return f"study {outcome.study_name}: {n} complete trials; {best}\nMLflow parent run: {outcome.parent_run_id}"
+    return (f"study {outcome.study_name}: {report.counted(n, 'complete trial')}; {best}\n"
+            f"MLflow parent run: {outcome.parent_run_id}")  # fmt: skip

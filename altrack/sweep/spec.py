@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from altrack.catalog import DATASETS
+from altrack.catalog import DATASETS, applies
 from altrack.config import RULES
 from altrack.errors import ConfigError
 from altrack.settings import AUTO, SETTINGS_RULES, Rule, Settings, at_least
@@ -176,6 +176,9 @@ _SPEC_KEYS = ({f.name for f in fields(SweepSpec)} - {"source", "settings", "sear
 def _validate(spec: SweepSpec, where: str) -> None:
     """What needs several fields at once: the grid sampler, the ratios' reach, the budget."""
     _check(len(spec.search_space) > 0, where, "search_space is empty")
+    for param in spec.search_space:  # a study over a knob its method never reads would rank noise
+        _check(applies(param.name, spec.method), where,
+               f"method {spec.method} does not read {param.name}; search it with coreset or coreset-grad")  # fmt: skip
     if spec.sampler == "grid":
         _check(
             all(p.choices is not None for p in spec.search_space),

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import optuna
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from altrack.catalog import DATASETS
 from altrack.errors import ConfigError
@@ -31,35 +32,83 @@ DEFAULT_STORAGE = "altrack-optuna.journal"
 VALIDATION_STREAM = 100  # a stream_seed use of its own, apart from the protocol's
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """A journal file by default (multi-process safe on one machine), else an Optuna RDB URL.
-
-    Raises ``ConfigError`` in one line for an RDB that cannot answer or a journal whose folder
-    does not exist, before Optuna writes anything."""
+def check_storage(url: str | None) -> str:
+    """The storage URL (the journal file by default), checked without writing anything: an RDB
+    that cannot answer, or a journal whose folder does not exist, raises ``ConfigError`` in one
+    line. A sweep checks its storage and its tracking store before it creates either."""
     url = url or DEFAULT_STORAGE
     if "://" in url:
         probe(url, "Optuna storage")
+        return url
+    path = Path(url).expanduser()
+    if path.is_dir() or not path.parent.resolve().is_dir():
+        raise ConfigError(f"Optuna storage {url}: not a file in an existing folder")
+    return url
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+    """A journal file by default (multi-process safe on one machine), else an Optuna RDB URL;
+    ``check_storage`` first."""
+    url = check_storage(url)
+    if "://" in url:
         return optuna.storages.RDBStorage(
             url,
             heartbeat_interval=max(1, int(grace_seconds() / 3)),
             grace_period=max(1, int(grace_seconds())),
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
-    path = Path(url).expanduser()
-    if path.is_dir() or not path.parent.resolve().is_dir():
-        raise ConfigError(f"Optuna storage {url}: not a file in an existing folder")
     # Optuna's default symlink lock, the same one optuna-dashboard takes on this file.
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return optuna.storages.JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
 
 
-def make_sampler(spec: SweepSpec, worker: int) -> optuna.samplers.BaseSampler:
-    seed = spec.sampler_seed + worker
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.sampler == "grid":
-        grid = {p.name: list(p.choices or ()) for p in spec.search_space}
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded per trial (``TrialSeeded``): a study's proposals then never
+    repeat because a worker or an invocation started from the same seed as another."""
+    grid = {p.name: list(p.choices or ()) for p in spec.search_space}
+    kinds = {
+        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+        "grid": lambda seed: optuna.samplers.GridSampler(grid, seed=seed),
+        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
+    }
+    return TrialSeeded(kinds[spec.sampler], spec.sampler_seed)
+
+
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """An Optuna sampler made afresh for every trial, seeded by (``seed``, the trial's number).
+
+    A sampler seeded once per process draws the same sequence in every process: the second
+    invocation of a study (a resume, ``--workers N`` on another machine, the next Slurm array)
+    proposed what the first had already tried, trial for trial. The trial's number is unique in
+    the study (the storage hands it out), so its draws are too, and they are the same whichever
+    worker runs it. TPE and the grid keep no state between trials apart from their random
+    generator: they read the study's trials each time, so a fresh one per trial proposes what
+    the long-lived one would have, with other random draws."""
+
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._build, self._seed = build, seed
+        self._sampler = build(seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        state = np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]
+        self._sampler = self._build(int(state))
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> object:  # fmt: skip
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:  # fmt: skip
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
 
 
 def paper_baseline(spec: SweepSpec) -> dict[str, float]:

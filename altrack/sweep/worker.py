@@ -55,7 +55,6 @@ class Worker:
     n_trials: int
     parent_run_id: str
     device: str
-    worker: int = 0
     cache_dir: str | None = None
     data_dir: str | None = None
 
@@ -64,7 +63,7 @@ class Worker:
         than ``max(3, n_trials)`` have failed."""
         storage = open_storage(self.storage_url)
         study = optuna.load_study(
-            study_name=self.study_name, storage=storage, sampler=make_sampler(self.spec, self.worker)
+            study_name=self.study_name, storage=storage, sampler=make_sampler(self.spec)
         )
         recover = Recovery(study, isinstance(storage, optuna.storages.RDBStorage))
         self.data = load_dataset(self.spec.dataset, self.data_dir, self.device)
