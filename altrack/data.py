@@ -8,6 +8,7 @@ complete, else the lossless ``cifar10/cifar10_{train,test}.npz`` arrays (``x`` u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -156,11 +157,16 @@ def _load_mnist_like(name: str, root: Path) -> tuple[np.ndarray, ...]:
         import torchvision  # lazy: only a download needs it, and it costs 1.5-2 s to import
 
         where = f"{archives[0][0].parent}/ ({', '.join(path.name for path, _ in archives)})"
+        made = [folder for folder in (archives[0][0].parent, *archives[0][0].parent.parents) if not folder.exists()]
         try:
             getattr(torchvision.datasets, _TORCHVISION_CLASS[name])(str(root), train=True, download=True)
         except Exception as exc:  # torchvision raises many types; the user needs the location
+            for folder in made:  # the empty folders torchvision made before it failed
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise DataError(
-                f"cannot load {name} from {root}: {first_line(exc)} Offline, put the files in {where}"
+                f"cannot load {name} from {root}: {first_line(exc)} Offline, put the files in {where}, "
+                "or give --data-dir (or ALTRACK_DATA_DIR) a folder that has them"
             ) from exc
     for path, md5 in archives:
         actual = _md5(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -553,17 +554,24 @@ def run_method(
 
 
 class Progress:
-    """Runs bar plus a transient epochs bar; silent when disabled."""
+    """Runs bar plus a transient epochs bar; silent when disabled. Written to a log rather than a
+    terminal (``nohup``, a batch job), the runs bar updates every ``LOG_INTERVAL`` seconds and
+    the epochs bar is left out: its cursor moves read as ``[A`` escapes there, hundreds of lines
+    for the README's main job."""
+
+    LOG_INTERVAL = 30.0
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.enabled = enabled
-        self.runs = tqdm(total=total, desc="runs", unit="run", disable=not enabled, dynamic_ncols=True)
+        self.terminal = enabled and sys.stderr.isatty()
+        self.runs = tqdm(total=total, desc="runs", unit="run", disable=not enabled, dynamic_ncols=True,
+                         mininterval=0.1 if self.terminal else self.LOG_INTERVAL)  # fmt: skip
         self.epochs: tqdm | None = None
 
     def start_training(self, label: str, epochs: int) -> EpochHook:
         if self.epochs is not None:
             self.epochs.close()
-        self.epochs = tqdm(total=epochs, desc=label, unit="ep", leave=False, disable=not self.enabled)
+        self.epochs = tqdm(total=epochs, desc=label, unit="ep", leave=False, disable=not self.terminal)
 
         def hook(epoch: int, loss: float) -> None:
             assert self.epochs is not None
@@ -575,7 +583,7 @@ class Progress:
     def finished(self, result: RunResult) -> None:
         self.runs.update(1)
         if result.status == FINISHED:
-            self.runs.set_postfix(last=f"{result.key.method} {result.test_accuracy:.4f}")
+            self.runs.set_postfix(last=f"{result.key.method} {result.test_accuracy:.4f}", refresh=self.terminal)
 
     def close(self) -> None:
         if self.epochs is not None:

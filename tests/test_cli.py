@@ -89,6 +89,16 @@ def test_unwritable_out_is_refused(capsys, tmp_path, monkeypatch):
     _assert_refused(code, err, "is not a writable directory", work)
 
 
+def test_progress_written_to_a_log_is_a_few_lines_without_cursor_moves(data_dir, mlflow_store, capsys):
+    """A run written to a file (``nohup``, a batch job) keeps its runs bar, updated now and then,
+    and leaves out the nested epochs bar, whose cursor moves read as ``[A`` escapes there."""
+    args = [a for a in TINY if a != "--quiet"]
+    code, _, err = _run_cli(["run", "--data-dir", str(data_dir), "--methods", "random,kcenter", "--runs", "2", *args],
+                            capsys)  # fmt: skip
+    assert code == 0, err
+    assert "runs: 100%" in err and "\x1b[A" not in err and " ep" not in err
+
+
 def test_missing_data_offline_says_where_the_files_go(capsys, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
@@ -96,8 +106,9 @@ def test_missing_data_offline_says_where_the_files_go(capsys, tmp_path, monkeypa
     (tmp_path / "nodata").mkdir()  # an empty folder; one that does not exist is refused (BAD_INPUT)
     code, _, err = _run_cli(["run", "--data-dir", str(tmp_path / "nodata"), *TINY], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "MNIST/raw/" in err and "train-images-idx3-ubyte.gz" in err
+    assert "MNIST/raw/" in err and "train-images-idx3-ubyte.gz" in err and "--data-dir" in err
     assert not any(work.iterdir())
+    assert not any((tmp_path / "nodata").iterdir())  # no empty MNIST/raw left behind by the failed download
 
 
 def test_corrupt_archive_names_the_file_and_its_md5(data_dir, capsys, tmp_path, monkeypatch):
