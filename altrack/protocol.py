@@ -564,8 +564,9 @@ class Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.enabled = enabled
         self.terminal = enabled and sys.stderr.isatty()
-        self.runs = tqdm(total=total, desc="runs", unit="run", disable=not enabled, dynamic_ncols=True,
-                         mininterval=0.1 if self.terminal else self.LOG_INTERVAL)  # fmt: skip
+        every = {} if self.terminal else {"mininterval": self.LOG_INTERVAL, "maxinterval": self.LOG_INTERVAL,
+                                          "miniters": 1}  # fmt: skip
+        self.runs = tqdm(total=total, desc="runs", unit="run", disable=not enabled, dynamic_ncols=True, **every)
         self.epochs: tqdm | None = None
 
     def start_training(self, label: str, epochs: int) -> EpochHook:
@@ -581,9 +582,9 @@ class Progress:
         return hook
 
     def finished(self, result: RunResult) -> None:
+        if result.status == FINISHED:  # before the update, which may print it
+            self.runs.set_postfix(last=f"{result.key.method} {result.test_accuracy:.4f}", refresh=False)
         self.runs.update(1)
-        if result.status == FINISHED:
-            self.runs.set_postfix(last=f"{result.key.method} {result.test_accuracy:.4f}", refresh=self.terminal)
 
     def close(self) -> None:
         if self.epochs is not None:

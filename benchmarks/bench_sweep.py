@@ -2,7 +2,9 @@
 seed-stage cache: the wall time and the peak resident memory of the process tree; with
 ``--reference REF`` the same command on another checkout's ``altrack`` (``git archive REV
 altrack | tar -x -C REF``), in interleaved rounds, and whether both gave every trial the same
-value, read from its journal (the trials' params come from the same sampler seed, so they must).
+value, read from its journal (the trials' params come from the same sampler seed, so they must;
+against a reference before fb79337, which seeded the sampler per process rather than per trial,
+the proposals differ and the values with them).
 
     python benchmarks/bench_sweep.py --reference REF [--spec sweeps/coreset_mnist.yaml] [--trials 4] [--repeats 2]
 

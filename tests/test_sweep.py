@@ -145,7 +145,7 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    again = run_sweep(spec, n_trials=4, workers=1, experiment=mlflow_store, **common)  # one more, not four more
+    again = run_sweep(spec, n_trials=4, workers=1, **common)  # one more, not four more
     assert len([r for r in _trial_runs(again.parent_run_id) if r.info.status == "FINISHED"]) == 4
     assert again.n_complete == 4
     study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
@@ -157,7 +157,7 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert summary.paper_value == values[0]
     assert summary.paper_rank == 1 + sum(v > values[0] for v in values.values())
 
-    finished = run_sweep(spec, n_trials=4, workers=1, experiment=mlflow_store, **common)  # says so, opens no run
+    finished = run_sweep(spec, n_trials=4, workers=1, **common)  # nothing left: says so, opens no run
     assert finished.nothing_to_do and finished.parent_run_id == "" and "nothing to do: 4/4" in describe(finished)
     assert "best val_accuracy" in describe(finished)
     assert study.metric_names == ["val_accuracy"]
@@ -190,6 +190,27 @@ def test_a_second_process_on_a_study_never_proposes_what_the_first_did(tmp_path,
         stories.append(propose(storage, splits))
     assert len({tuple(p.values()) for p in stories[0]}) == 4
     assert stories[0] == stories[1] == stories[2]  # (TPE draws at random for its first 10 trials)
+
+
+def test_a_grid_study_split_between_processes_covers_its_grid(tmp_path):
+    """The grid is seeded alike in every process: its trials' grid ids index one shuffled order,
+    so three processes taking two trials each try all six points once."""
+    text = TINY_SPEC.replace("sampler: random", "sampler: grid").replace(
+        "cluster_ratio: {low: 0.1, high: 0.3}", "cluster_ratio: {choices: [0.1, 0.2, 0.3]}"
+    ).replace("seed_ratio: {low: 0.1, high: 0.3}", "seed_ratio: {choices: [0.1, 0.2]}")
+    spec = load_spec(_spec(tmp_path, text))
+    storage = str(tmp_path / "grid.journal")
+    optuna.create_study(study_name="g", storage=open_storage(storage), direction="maximize")
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        seen.append(tuple(p.suggest(trial) for p in spec.space().values()))
+        return 0.0
+
+    for _ in range(3):  # (the grid stops the study once it is covered: only inside optimize)
+        study = optuna.load_study(study_name="g", storage=open_storage(storage), sampler=make_sampler(spec))
+        study.optimize(objective, n_trials=2)
+    assert sorted(seen) == [(c, s) for c in (0.1, 0.2, 0.3) for s in (0.1, 0.2)]
 
 
 def test_a_trials_seeds_train_together_and_each_gives_the_run_it_gives_alone(data_dir, mlflow_store, tmp_path):

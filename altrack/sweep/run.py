@@ -7,6 +7,7 @@ validation split carved from the train split; the test split is logged for infor
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -47,12 +48,12 @@ from altrack.sweep.worker import Worker, run_worker  # noqa: E402
 from altrack.tracking.runs import (  # noqa: E402
     check_tracking_store,
     close_dead_runs,
-    experiment_name,
     heartbeat,
     log_new_params,
     owner_tags,
     run_is_dead,
     start_parent,
+    under_project_run,
 )
 from altrack.tracking.tags import (  # noqa: E402
     BASELINE_ATTR,
@@ -155,7 +156,8 @@ def run_sweep(
         STORAGE_TAG: redact(storage_label),
         **owner_tags(),
     }
-    earlier = _earlier_parent(study, experiment_name(experiment or spec.experiment))
+    # under `mlflow run` the launcher's run is the parent; elsewhere a study goes on in its own
+    earlier = None if under_project_run() else _earlier_parent(study, experiment or spec.experiment)
     if earlier is not None:  # its trials go where it is, in this process and in the workers it starts
         mlflow.set_experiment(experiment_id=earlier.info.experiment_id)
         opened = mlflow.start_run(run_id=earlier.info.run_id, tags=tags)
@@ -214,10 +216,11 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
         raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")
 
 
-def _earlier_parent(study: optuna.Study, experiment: str) -> Run | None:
-    """The MLflow parent run of the study's earlier invocations, when it still exists in
-    ``experiment`` and no live process holds it: a resumed sweep goes on in it instead of opening
-    a second parent. A sweep given another experiment opens a parent there."""
+def _earlier_parent(study: optuna.Study, experiment: str | None) -> Run | None:
+    """The MLflow parent run of the study's earlier invocations, when it still exists and no live
+    process holds it: a resumed sweep goes on in it, in its experiment, instead of opening a
+    second parent. A sweep given an experiment (``--experiment``, the spec's,
+    ``MLFLOW_EXPERIMENT_NAME``) other than that run's opens a parent there."""
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not run_id:
         return None
@@ -229,7 +232,8 @@ def _earlier_parent(study: optuna.Study, experiment: str) -> Run | None:
         return None
     if run.info.lifecycle_stage != "active" or (run.info.status == RUNNING and not run_is_dead(run)):
         return None
-    return run if home == experiment else None
+    wanted = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    return run if wanted is None or home == wanted else None
 
 
 def _study_for(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str, new_study: bool) -> str:

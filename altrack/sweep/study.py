@@ -62,15 +62,17 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded per trial (``TrialSeeded``): a study's proposals then never
-    repeat because a worker or an invocation started from the same seed as another."""
-    grid = {p.name: list(p.choices or ()) for p in spec.search_space}
-    kinds = {
-        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-        "grid": lambda seed: optuna.samplers.GridSampler(grid, seed=seed),
-        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
-    }
-    return TrialSeeded(kinds[spec.sampler], spec.sampler_seed)
+    """The spec's sampler. TPE and random are seeded per trial (``TrialSeeded``): a study's
+    proposals then never repeat because a worker or an invocation started from the same seed as
+    another. The grid is seeded alike in every process, as Optuna asks: the order it shuffles its
+    points into is what its trials' grid ids index, and the storage keeps any process from taking
+    a point another took."""
+    if spec.sampler == "grid":
+        grid = {p.name: list(p.choices or ()) for p in spec.search_space}
+        return optuna.samplers.GridSampler(grid, seed=spec.sampler_seed)
+    if spec.sampler == "random":
+        return TrialSeeded(lambda seed: optuna.samplers.RandomSampler(seed=seed), spec.sampler_seed)
+    return TrialSeeded(lambda seed: optuna.samplers.TPESampler(seed=seed, constant_liar=True), spec.sampler_seed)
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -80,9 +82,10 @@ class TrialSeeded(optuna.samplers.BaseSampler):
     invocation of a study (a resume, ``--workers N`` on another machine, the next Slurm array)
     proposed what the first had already tried, trial for trial. The trial's number is unique in
     the study (the storage hands it out), so its draws are too, and they are the same whichever
-    worker runs it. TPE and the grid keep no state between trials apart from their random
-    generator: they read the study's trials each time, so a fresh one per trial proposes what
-    the long-lived one would have, with other random draws."""
+    worker runs it. TPE and the random sampler keep no state between trials apart from their
+    random generator (TPE reads the study's trials each time, its constant liar included), so a
+    fresh one per trial proposes what the long-lived one would have, with other random draws.
+    Not for the grid, whose shuffled order is such state (``make_sampler``)."""
 
     def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
         self._build, self._seed = build, seed

@@ -203,14 +203,8 @@ def start_parent(
         run = mlflow.start_run(**logged)
         mlflow.set_tags({MLFLOW_RUN_NAME: run_name, **(tags or {})})
         return run
-    mlflow.set_experiment(experiment_name(experiment))
+    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     return mlflow.start_run(run_name=run_name, tags=tags, **logged)
-
-
-def experiment_name(experiment: str | None) -> str:
-    """The experiment an invocation logs to: the one it was given, else MLflow's
-    ``MLFLOW_EXPERIMENT_NAME``, else altrack's."""
-    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def check_system_metrics() -> None:
