@@ -117,7 +117,9 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     spec = load_spec(_spec(tmp_path))
     storage = str(tmp_path / "study.journal")
     common = dict(storage=storage, data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"))
-    outcome = run_sweep(spec, n_trials=3, workers=2, **common)
+    # an experiment given beside another in MLFLOW_EXPERIMENT_NAME (the fixture's): the spawned
+    # workers log to the given one, under the parent
+    outcome = run_sweep(spec, n_trials=3, workers=2, experiment=f"{mlflow_store}-given", **common)
 
     study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
     complete = study.get_trials(states=(TrialState.COMPLETE,))

@@ -54,6 +54,7 @@ from altrack.tracking.runs import (  # noqa: E402
     run_is_dead,
     start_parent,
     under_project_run,
+    use_experiment,
 )
 from altrack.tracking.tags import (  # noqa: E402
     BASELINE_ATTR,
@@ -159,7 +160,7 @@ def run_sweep(
     # under `mlflow run` the launcher's run is the parent; elsewhere a study goes on in its own
     earlier = None if under_project_run() else _earlier_parent(study, experiment or spec.experiment)
     if earlier is not None:  # its trials go where it is, in this process and in the workers it starts
-        mlflow.set_experiment(experiment_id=earlier.info.experiment_id)
+        use_experiment(experiment_id=earlier.info.experiment_id)
         opened = mlflow.start_run(run_id=earlier.info.run_id, tags=tags)
     else:
         opened = start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags)

@@ -203,8 +203,18 @@ def start_parent(
         run = mlflow.start_run(**logged)
         mlflow.set_tags({MLFLOW_RUN_NAME: run_name, **(tags or {})})
         return run
-    mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    use_experiment(name=experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     return mlflow.start_run(run_name=run_name, tags=tags, **logged)
+
+
+def use_experiment(name: str | None = None, experiment_id: str | None = None) -> None:
+    """Log to this experiment, here and in the processes this one starts (pool workers, sweep
+    workers, Slurm tasks inherit the environment). MLflow's ``set_experiment`` exports only
+    ``MLFLOW_EXPERIMENT_ID``: beside a user's ``MLFLOW_EXPERIMENT_NAME`` naming another, a
+    worker's run failed on the mismatch, or went to that other experiment when it did not exist
+    yet. Both variables now name this one."""
+    experiment = mlflow.set_experiment(experiment_name=name, experiment_id=experiment_id)
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment.name
 
 
 def check_system_metrics() -> None:
