@@ -18,7 +18,7 @@ from altrack.provenance import STACK_WIDTH
 from altrack.results import FINISHED
 from altrack.settings import Settings
 from altrack.tracking.query import get_run
-from altrack.tracking.runs import check_tracking_store, now_ms, under_project_run
+from altrack.tracking.runs import check_tracking_store, now_ms, under_project_run, use_experiment
 from altrack.tracking.tags import (
     KIND_PROTOCOL,
     KIND_REPLAY,
@@ -95,7 +95,7 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     logged = float(original.data.metrics[TEST_ACCURACY_METRIC])
     tags = {KIND_TAG: KIND_REPLAY, REPLAY_OF_TAG: run_id}
     if mlflow.active_run() is None and not under_project_run():
-        mlflow.set_experiment(experiment_id=original.info.experiment_id)
+        use_experiment(experiment_id=original.info.experiment_id)
     name = f"replay-{original.info.run_name}"
     with mlflow.start_run(run_name=name, tags=tags, nested=mlflow.active_run() is not None) as run:
         now = now_ms()

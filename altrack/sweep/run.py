@@ -7,7 +7,6 @@ validation split carved from the train split; the test split is logged for infor
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from altrack.sweep.worker import Worker, run_worker  # noqa: E402
 from altrack.tracking.runs import (  # noqa: E402
     check_tracking_store,
     close_dead_runs,
+    given_experiment,
     heartbeat,
     log_new_params,
     owner_tags,
@@ -233,7 +233,7 @@ def _earlier_parent(study: optuna.Study, experiment: str | None) -> Run | None:
         return None
     if run.info.lifecycle_stage != "active" or (run.info.status == RUNNING and not run_is_dead(run)):
         return None
-    wanted = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    wanted = given_experiment(experiment)
     return run if wanted is None or home == wanted else None
 
 

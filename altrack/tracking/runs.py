@@ -203,8 +203,14 @@ def start_parent(
         run = mlflow.start_run(**logged)
         mlflow.set_tags({MLFLOW_RUN_NAME: run_name, **(tags or {})})
         return run
-    use_experiment(name=experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    use_experiment(name=given_experiment(experiment) or DEFAULT_EXPERIMENT)
     return mlflow.start_run(run_name=run_name, tags=tags, **logged)
+
+
+def given_experiment(experiment: str | None) -> str | None:
+    """The experiment an invocation was given: its option (or spec), else MLflow's
+    ``MLFLOW_EXPERIMENT_NAME``; None when neither names one."""
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
 
 
 def use_experiment(name: str | None = None, experiment_id: str | None = None) -> None:
