@@ -29,7 +29,12 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 def _methods(value: str) -> tuple[str, ...]:
-    return METHODS if value == ALL else _split(value)
+    """The methods of ``--methods``: ``all`` stands for every method, alone or in a list
+    (``all,random`` is every method once); other names are checked by ``GridConfig``."""
+    parts = _split(value)
+    if ALL not in parts:
+        return parts
+    return (*METHODS, *(part for part in parts if part != ALL and part not in METHODS))
 
 
 def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -69,33 +74,39 @@ SLURM_FLAGS = ("partition", "time_limit", "cpus_per_task", "gpus_per_task", "mem
                "blocks_per_task", "slurm_log_dir", "sbatch", "shared_filesystem")  # fmt: skip
 
 
-def slurm_options(f: Callable) -> Callable:
-    """``--executor`` and the Slurm knobs, shared by ``run`` and ``sweep`` (altrack.slurm)."""
-    options = [
-        click.option("--executor", type=click.Choice(("local", "slurm")), default="local", show_default=True,
-                     help="local: processes on this machine; slurm: Slurm jobs through submitit."),
-        click.option("--executor-config", type=click.Path(dir_okay=False), default=None,
-                     help="YAML file of Slurm settings: partition, time_limit, cpus_per_task, gpus_per_task, "
-                          "mem_gb, array_parallelism, blocks_per_task, log_dir, sbatch, shared_filesystem; "
-                          "flags override it."),
-        click.option("--partition", default=None, help="Slurm partition [default: the cluster's]."),
-        click.option("--time-limit", type=int, default=None, help="Minutes per Slurm job [default: 60]."),
-        click.option("--cpus-per-task", type=int, default=None, help="Cores per Slurm job [default: 2]."),
-        click.option("--gpus-per-task", type=int, default=None, help="GPUs per Slurm job [default: 0]."),
-        click.option("--mem-gb", type=float, default=None, help="Memory per Slurm job [default: 8]."),
-        click.option("--array-parallelism", type=int, default=None,
-                     help="Slurm array tasks running at once [default: 32]."),
-        click.option("--blocks-per-task", type=int, default=None,
-                     help="run: (dataset, k, seeds) blocks per Slurm array task [default: 1]."),
-        click.option("--slurm-log-dir", default=None,
-                     help="Job scripts and logs, on a shared disk [default: slurm-logs]."),
-        click.option("--sbatch", multiple=True, metavar="NAME=VALUE", help="Extra sbatch option (repeatable)."),
-        click.option("--shared-filesystem", is_flag=True, default=None,
-                     help="sweep: the storage file is on a disk every node sees (journal or SQLite on Slurm)."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        f = option(f)
-    return f
+def slurm_options(command: str) -> Callable[[Callable], Callable]:
+    """``--executor`` and the Slurm knobs of ``command`` (``run`` or ``sweep``; altrack.slurm):
+    ``--blocks-per-task`` is ``run``'s alone, ``--shared-filesystem`` ``sweep``'s alone."""
+    only = {"--blocks-per-task": "run", "--shared-filesystem": "sweep"}
+    options = {  # flag: click.option's arguments
+        "--executor": dict(type=click.Choice(("local", "slurm")), default="local", show_default=True,
+             help="local: processes on this machine; slurm: Slurm jobs through submitit."),
+        "--executor-config": dict(type=click.Path(dir_okay=False), default=None,
+             help="YAML file of the Slurm settings below, named as the flags (time_limit for "
+                  "--time-limit; log_dir for --slurm-log-dir); flags override it."),
+        "--partition": dict(default=None, help="Slurm partition [default: the cluster's]."),
+        "--time-limit": dict(type=int, default=None, help="Minutes per Slurm job [default: 60]."),
+        "--cpus-per-task": dict(type=int, default=None, help="Cores per Slurm job [default: 2]."),
+        "--gpus-per-task": dict(type=int, default=None, help="GPUs per Slurm job [default: 0]."),
+        "--mem-gb": dict(type=float, default=None, help="Memory per Slurm job [default: 8]."),
+        "--array-parallelism": dict(type=int, default=None,
+             help="Slurm array tasks running at once [default: 32]."),
+        "--blocks-per-task": dict(type=int, default=None,
+             help="(dataset, k, seeds) blocks per Slurm array task [default: 1]."),
+        "--slurm-log-dir": dict(default=None,
+             help="Job scripts and logs, on a shared disk [default: slurm-logs]."),
+        "--sbatch": dict(multiple=True, metavar="NAME=VALUE", help="Extra sbatch option (repeatable)."),
+        "--shared-filesystem": dict(is_flag=True, default=None,
+             help="The storage file is on a disk every node sees (journal or SQLite on Slurm)."),
+    }  # fmt: skip
+
+    def decorate(f: Callable) -> Callable:
+        for flag, arguments in reversed(options.items()):
+            if only.get(flag, command) == command:
+                f = click.option(flag, **arguments)(f)
+        return f
+
+    return decorate
 
 
 def _slurm_config(opts: dict, executor: str) -> object:
@@ -104,7 +115,7 @@ def _slurm_config(opts: dict, executor: str) -> object:
     from altrack.slurm import load_slurm_config  # lazy: keeps --help quick
 
     path = opts.pop("executor_config")
-    values = {name: opts.pop(name) for name in SLURM_FLAGS}
+    values = {name: opts.pop(name, None) for name in SLURM_FLAGS}  # a flag the command lacks: unset
     values["log_dir"] = values.pop("slurm_log_dir")
     given = [name for name, value in values.items() if value not in (None, ())]
     if executor != "slurm" and (given or path):
@@ -166,7 +177,7 @@ def cli() -> None:
                    "on CUDA none, a card too small refused].")  # fmt: skip
 @click.option("--system-metrics", is_flag=True,
               help="MLflow samples CPU, memory (and GPU) use into the parent run (needs psutil).")  # fmt: skip
-@slurm_options
+@slurm_options("run")
 @click.option("--detach", is_flag=True, help="slurm: submit, print the parent run id and return.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(datasets: str, methods: str, quiet: bool, **opts: object) -> None:
@@ -233,6 +244,8 @@ def report_cmd(
     run_ids = tuple(r for r in run_ids if r)
     if not run_ids and not experiment:
         raise click.UsageError("give --run-id or --experiment")
+    if run_ids and experiment:  # a run's own experiment is known; another would be ignored
+        raise click.UsageError("give --run-id or --experiment, not both")
     for folder, option in ((out, "--out"), (docs, "--docs")):
         if not writable_dir_target(Path(folder)):
             raise AltrackError(f"{option} {folder!r} is not a writable directory")
@@ -272,7 +285,7 @@ def report_cmd(
 @click.option("--cache-dir", default=None, callback=_blank_is_none,
               help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages].")  # fmt: skip
 @click.option("--new-study", is_flag=True, help="The study name exists with another spec: start NAME-2 (-3, ...).")
-@slurm_options
+@slurm_options("sweep")
 def sweep(
     spec_path: str,
     n_trials: int | None,
@@ -336,13 +349,26 @@ CACHE_DIR_OPTION = click.option("--cache-dir", default=None, callback=_blank_is_
                                 help="[default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages]")  # fmt: skip
 
 
+def _cache_folder(cache_dir: str | None) -> Path:
+    """The cache folder of ``--cache-dir``, else ``$ALTRACK_CACHE_DIR`` or the default; a file
+    there is refused (``ConfigError``) rather than reported as an empty cache."""
+    from altrack.cache import default_cache_dir  # lazy: torch
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        env = "$ALTRACK_CACHE_DIR" if os.environ.get("ALTRACK_CACHE_DIR") else "the cache"
+        source = "--cache-dir" if cache_dir else env
+        raise ConfigError(f"{source} {str(folder)!r} is a file, not a folder")
+    return folder
+
+
 @cache.command("info")
 @CACHE_DIR_OPTION
 def cache_info_cmd(cache_dir: str | None) -> None:
     """Where the cache is, how many seed stages it holds, their size and the cap."""
-    from altrack.cache import cache_info, default_cache_dir, max_bytes  # lazy: torch
+    from altrack.cache import cache_info, max_bytes  # lazy: torch
 
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = _cache_folder(cache_dir)
     n, size = cache_info(folder)
     click.echo(f"{folder}: {n} seed stages, {size / 1e9:.2f} GB of {max_bytes() / 1e9:.2f} GB "
                "(ALTRACK_CACHE_MAX_GB; least recently used go first)")  # fmt: skip
@@ -352,9 +378,9 @@ def cache_info_cmd(cache_dir: str | None) -> None:
 @CACHE_DIR_OPTION
 def cache_clear_cmd(cache_dir: str | None) -> None:
     """Delete every cached seed stage (sweeps retrain them when needed)."""
-    from altrack.cache import clear, default_cache_dir  # lazy: torch
+    from altrack.cache import clear  # lazy: torch
 
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = _cache_folder(cache_dir)
     click.echo(f"{folder}: removed {clear(folder)} seed stages")
 
 

@@ -45,8 +45,9 @@ def check_unique(values: Iterable, what: str) -> None:
     values = list(values)
     if not values:
         raise ConfigError(f"at least one {what} is required")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"a {what} is listed twice")
+    twice = [value for i, value in enumerate(values) if value in values[:i]]
+    if twice:
+        raise ConfigError(f"{what} {twice[0]!r} is listed twice")
 
 
 def writable_dir_target(path: Path) -> bool:

@@ -55,10 +55,13 @@ BAD_INPUT = [
     (["--runs", "x"], "'x' is not a valid integer"),
     (["--data-dir", "/nonexistent/x"], "data folder /nonexistent/x does not exist"),
     (["--partition", "gpu"], "--partition needs --executor slurm"),
+    (["--methods", "all,badge"], "unknown method 'badge'"),
+    (["--methods", "margin,random,margin"], "method 'margin' is listed twice"),
+    (["--shared-filesystem"], "No such option '--shared-filesystem'"),
 ]
 
 
-@pytest.mark.parametrize(("args", "expected"), BAD_INPUT, ids=[a[0][0] + "=" + a[0][1] for a in BAD_INPUT])
+@pytest.mark.parametrize(("args", "expected"), BAD_INPUT, ids=["=".join(a[0][:2]) for a in BAD_INPUT])
 def test_bad_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -69,15 +72,54 @@ def test_bad_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_pa
 REPORT_BAD_INPUT = [
     (["--setting-run-id", "abc"], "give --run-id or --experiment"),
     (["--run-id", "abc", "--sweep-run-id", "def"], "--sweep-run-id and --ablation-run-id need --paper"),
+    (["--run-id", "abc", "--experiment", "def"], "give --run-id or --experiment, not both"),
 ]
 
 
-@pytest.mark.parametrize(("args", "expected"), REPORT_BAD_INPUT, ids=["no-run-id", "sweep-without-paper"])
+@pytest.mark.parametrize(("args", "expected"), REPORT_BAD_INPUT, ids=["no-run-id", "sweep-without-paper", "both"])
 def test_bad_report_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code, _, err = _run_cli(["report", *args], capsys)
     _assert_refused(code, err, expected, tmp_path)
+
+
+def test_all_in_a_list_of_methods_is_every_method_once():
+    from altrack.catalog import METHODS
+    from altrack.cli import _methods
+
+    assert _methods("all") == METHODS == _methods("all,random") == _methods("random, all")
+    assert _methods("all,badge") == (*METHODS, "badge")  # left for GridConfig to refuse
+    assert _methods("margin,random") == ("margin", "random")
+
+
+def test_each_command_lists_only_its_own_slurm_flags(capsys):
+    """``--blocks-per-task`` splits a grid's blocks, ``--shared-filesystem`` is about a sweep's
+    storage file: each command offers the one it reads (a sweep given blocks is refused)."""
+    assert main(["run", "--help"]) == 0
+    run_help = capsys.readouterr().out
+    assert main(["sweep", "--help"]) == 0
+    sweep_help = capsys.readouterr().out
+    assert "--blocks-per-task" in run_help and "--shared-filesystem" not in run_help
+    assert "--shared-filesystem" in sweep_help and "--blocks-per-task" not in sweep_help
+    code, _, err = _run_cli(["sweep", "x.yaml", "--blocks-per-task", "2"], capsys)
+    assert code == 2 and "No such option '--blocks-per-task'" in err
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_cache_commands_refuse_a_file_for_the_folder(where, capsys, tmp_path, monkeypatch):
+    """A file where the cache folder should be is named, not reported as an empty cache."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    args = ["--cache-dir", str(blocker)] if where == "flag" else []
+    if where == "env":
+        monkeypatch.setenv("ALTRACK_CACHE_DIR", str(blocker))
+    for command in ("info", "clear"):
+        code, out, err = _run_cli(["cache", command, *args], capsys)
+        assert code == 2 and not out, err
+        source = "--cache-dir" if where == "flag" else "$ALTRACK_CACHE_DIR"
+        assert err.strip() == f"altrack: error: {source} {str(blocker)!r} is a file, not a folder"
+    assert blocker.read_text() == "a file, not a folder"
 
 
 def test_unwritable_out_is_refused(capsys, tmp_path, monkeypatch):
