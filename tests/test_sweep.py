@@ -167,6 +167,28 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert [r.info.run_id for r in sweeps] == [outcome.parent_run_id] == [again.parent_run_id]  # resumed in place
 
 
+def test_a_resumed_study_whose_best_moved_finishes_in_its_parent(data_dir, mlflow_store, tmp_path):
+    """A resume goes on in the earlier parent, where the best setting was logged already. As
+    params, a new best was refused by MLflow ("Changing param values is not allowed") and left
+    the parent FAILED with the old best; as metrics it moves on, one step per invocation."""
+    spec = load_spec(_spec(tmp_path))
+    common = dict(storage=str(tmp_path / "study.journal"), data_dir=str(data_dir), cache_dir=str(tmp_path / "c"))
+    first = run_sweep(spec, n_trials=1, workers=1, **common)  # the paper's setting alone
+    study = optuna.load_study(study_name="tiny", storage=open_storage(common["storage"]))
+    better = {"cluster_ratio": 0.25, "seed_ratio": 0.15}  # a trial of another process, better than any here
+    study.add_trial(optuna.trial.create_trial(params=better, distributions=study.trials[0].distributions, value=1.0))
+    again = run_sweep(spec, n_trials=3, workers=2, **common)
+    assert again.parent_run_id == first.parent_run_id and again.best_params == better
+    client = MlflowClient()
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    metrics = parent.data.metrics
+    assert metrics["best_value"] == 1.0 and metrics["n_complete"] == 3 and metrics["n_trials"] == 3
+    assert {metrics["best_cluster_ratio"], metrics["best_seed_ratio"]} == {0.25, 0.15} and metrics["workers"] == 2
+    history = client.get_metric_history(first.parent_run_id, "best_cluster_ratio")
+    assert sorted((m.step, m.value) for m in history) == [(1, first.best_params["cluster_ratio"]), (3, 0.25)]
+
+
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_a_second_process_on_a_study_never_proposes_what_the_first_did(tmp_path, sampler):
     """Each invocation (a resume, a worker, another machine) makes its own sampler from the spec.

@@ -175,8 +175,6 @@ def run_sweep(
                 "dataset": spec.dataset,
                 "method": spec.method,
                 "budget": spec.budget,
-                "n_trials": n_trials,
-                "workers": workers,
                 "sampler": spec.sampler,
                 "seeds_per_trial": spec.seeds_per_trial,
             },
@@ -196,8 +194,12 @@ def run_sweep(
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
         artifacts = publish_sweep(study)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        mlflow.log_params({f"best_{k}": v for k, v in study.best_params.items()})
-        mlflow.log_metrics({"best_value": study.best_value, "n_complete": len(complete)})
+        # metrics, not params: a resumed study goes on in this run, and its best (and the counts an
+        # invocation is given) may change, where MLflow refuses to change a param; each invocation
+        # logs at the count of trials complete, so a metric's history is the study's
+        mlflow.log_metrics({"best_value": study.best_value, "n_complete": len(complete), "n_trials": n_trials,
+                            "workers": workers, **{f"best_{k}": v for k, v in study.best_params.items()}},
+                           step=len(complete))  # fmt: skip
         mlflow.set_tag(BEST_TRIAL_TAG, str(study.best_trial.number))
         return SweepOutcome(study_name, parent_id, len(complete), study.best_value, study.best_params, artifacts,
                             spec.objective)  # fmt: skip
