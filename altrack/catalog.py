@@ -37,6 +37,12 @@ CORESET_SETTINGS = ("cluster_ratio", "lam", "coreset_space", "weighted")
 CORESET_METHODS = ("coreset", "coreset-grad")
 
 
+def dataset_rank(dataset: str) -> int:
+    """Where ``dataset`` goes in reports and pages: the catalog's order (mnist, fashion_mnist,
+    cifar10), an unknown name last."""
+    return list(DATASETS).index(dataset) if dataset in DATASETS else len(DATASETS)
+
+
 def applies(setting: str, method: str) -> bool:
     """Whether ``method`` reads the Settings field ``setting``."""
     return setting not in CORESET_SETTINGS or method in CORESET_METHODS

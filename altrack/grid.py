@@ -475,10 +475,11 @@ def _run_blocks(
         bar.close()
 
 
-def publish_report(rows: Sequence[ResultRow], out: str | None, resumed: int = 0) -> list[Path]:
+def publish_report(rows: Sequence[ResultRow], out: str | None, resumed: int = 0,
+                   notes: Sequence[str] = ()) -> list[Path]:  # fmt: skip
     """Write the report to ``out`` (if given) and log it to the active run."""
     with temp_dir("report") as tmp:
-        written = report.write_report(rows, tmp, resumed)
+        written = report.write_report(rows, tmp, resumed, notes)
         mlflow.log_artifacts(tmp)
         if out is None:
             return []
@@ -496,13 +497,13 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
     Raises ``AltrackError`` when the run or experiment has no protocol runs."""
     if parent_run_id is not None:
         close_detached(parent_run_id)
-    rows = rows_from_mlflow(parent_run_id, experiment)
+    rows, notes = report.separate_settings(rows_from_mlflow(parent_run_id, experiment))
     if not rows:
         raise AltrackError("no altrack protocol runs found for that run or experiment")
     if under_project_run():
         with mlflow.start_run():
-            return publish_report(rows, out)
-    return report.write_report(rows, out or ".")
+            return publish_report(rows, out, notes=notes)
+    return report.write_report(rows, out or ".", notes=notes)
 
 
 def close_detached(parent_run_id: str) -> None:

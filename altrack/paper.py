@@ -17,6 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from altrack import report
+from altrack.catalog import dataset_rank
 from altrack.errors import AltrackError
 from altrack.results import ResultRow
 from altrack.settings import PAPER_SETTING_LABEL
@@ -250,10 +251,6 @@ def sweep_summary(parent_id: str) -> SweepSummary:
     )
 
 
-def _dataset_order(dataset: str) -> int:
-    return list(DATASET_NAMES).index(dataset) if dataset in DATASET_NAMES else len(DATASET_NAMES)
-
-
 def settings_section(
     rows: Sequence[ResultRow], sweeps: Sequence[SweepSummary], used_seeds: Iterable[int] = ()
 ) -> list[str]:
@@ -269,7 +266,7 @@ def settings_section(
                   "| dataset | k | study | trials x seeds | best setting (val) | paper's setting: val, rank "
                   "| best setting other than the paper's (val) |",
                   "| --- | ---: | --- | --- | --- | ---: | --- |"]  # fmt: skip
-        for sw in sorted(sweeps, key=lambda sw: _dataset_order(sw.dataset)):
+        for sw in sorted(sweeps, key=lambda sw: dataset_rank(sw.dataset)):
             paper = f"{sw.paper_value:.4f}, {sw.paper_rank} of {sw.n_trials}" if sw.paper_rank else "—"
             lines.append(f"| {DATASET_NAMES.get(sw.dataset, sw.dataset)} | {sw.budget} | `{sw.study}` "
                          f"| {sw.n_trials} x {sw.seeds_per_trial} | `{sw.best_setting}` "
@@ -280,7 +277,7 @@ def settings_section(
 
     def order(key: tuple) -> tuple:  # datasets as elsewhere on the page, the paper's setting first
         dataset, budget, method, setting = key
-        return _dataset_order(dataset), budget, method, setting != PAPER_SETTING_LABEL, setting
+        return dataset_rank(dataset), budget, method, setting != PAPER_SETTING_LABEL, setting
 
     if groups:
         seeds = sorted({s for values in groups.values() for s in values})
@@ -302,7 +299,7 @@ def settings_section(
               for t in report.paired_tests(reference, comparators=("random",))]  # fmt: skip
     if tests:
         report.mark_holm(tests)
-        tests.sort(key=lambda t: (_dataset_order(t["dataset"]), t["budget"]))
+        tests.sort(key=lambda t: (dataset_rank(t["dataset"]), t["budget"]))
         lines += ["Paired differences in test accuracy: each seed runs under both arms and the per-seed "
                   "differences are averaged. With one seed both arms start from the same random streams; a "
                   "different seed_ratio labels a different number of seed points, so the seed models differ. "
@@ -377,17 +374,17 @@ def ablation_section(runs: Sequence[AblationRun]) -> list[str]:
              "rows of the second table.", "",
              "| dataset | k | λ | test accuracy | λ used | distance share |",
              "| --- | ---: | --- | ---: | ---: | ---: |"]
-    for (dataset, budget, lam), members in sorted(groups.items(), key=lambda g: (_dataset_order(g[0][0]), g[0][1],
+    for (dataset, budget, lam), members in sorted(groups.items(), key=lambda g: (dataset_rank(g[0][0]), g[0][1],
                                                                                 lam_key[g[0][2]])):  # fmt: skip
         accs = np.array([r.row.test_accuracy for r in members])
         lam_used = float(np.median([r.lam_used for r in members]))
         share = float(np.mean([r.distance_share for r in members]))
         lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `{lam}` | {_cell(accs)} | {lam_used:.3g} "
                      f"| {share:.1%} |")  # fmt: skip
-    for (dataset, budget), values in sorted(random.items(), key=lambda g: (_dataset_order(g[0][0]), g[0][1])):
+    for (dataset, budget), values in sorted(random.items(), key=lambda g: (dataset_rank(g[0][0]), g[0][1])):
         lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `random` | "
                      f"{_cell(np.array(list(values.values())))} | — | — |")  # fmt: skip
-    tests.sort(key=lambda t: (_dataset_order(t["dataset"]), t["budget"], lam_key[t["lam"]], t["vs"]))
+    tests.sort(key=lambda t: (dataset_rank(t["dataset"]), t["budget"], lam_key[t["lam"]], t["vs"]))
     for t in tests:
         t["comparison"] = f"`coreset` λ = `{t['lam']}` − {t['vs']}"
     return [*lines, "", *_tests_table(tests, COMPARISON), ""]

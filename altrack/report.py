@@ -12,6 +12,7 @@ import shutil
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -25,10 +26,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from altrack.catalog import DATASETS  # noqa: E402
+from altrack.catalog import DATASETS, applies, dataset_rank  # noqa: E402
 from altrack.results import ROW_FIELDS, ResultRow  # noqa: E402
 from altrack.selection import available_methods  # noqa: E402
-from altrack.settings import PAPER_SETTING_LABEL  # noqa: E402
+from altrack.settings import DEFAULT_KNOBS, PAPER_SETTING_LABEL  # noqa: E402
 
 PNG_NAME = "active_learning_results.png"
 TXT_NAME = "active_learning_results.txt"
@@ -56,6 +57,49 @@ def method_order(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods), key=lambda m: (known.index(m) if m in known else len(known), m))
 
 
+def separate_settings(rows: Sequence[ResultRow]) -> tuple[list[ResultRow], list[str]]:
+    """The rows of runs made under several settings (an experiment that gathers many grids), as
+    a report can count them: a method run under two settings of the knobs it reads becomes two
+    methods, named by the knobs that differ (``coreset (cluster_ratio=0.3)``), where its seeds
+    would otherwise be pooled and a seed run twice counted once. A seed that still appears twice
+    (the same setting on another device or torch version, or runs logged before labels named
+    every knob) is counted once, the first row kept, and returns a note saying so, unless both
+    gave the same accuracy. The rows of one grid come back as they are, with no notes."""
+
+    def knobs(row: ResultRow) -> dict[str, str]:  # every knob its method reads, as its label has it
+        every = {**DEFAULT_KNOBS, **dict(word.split("=", 1) for word in row.setting.split())}
+        return {name: value for name, value in every.items() if applies(name, row.method)}
+
+    labels: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        labels[(row.dataset, row.budget, row.method)].append(knobs(row))
+    out: list[ResultRow] = []
+    first: dict[tuple, ResultRow] = {}
+    twice: list[ResultRow] = []
+    for row in rows:
+        group = labels[(row.dataset, row.budget, row.method)]
+        varying = [name for name in group[0] if len({g[name] for g in group}) > 1]
+        if varying:
+            own = knobs(row)
+            row = replace(row, method=f"{row.method} ({' '.join(f'{n}={own[n]}' for n in varying)})")
+        if row.finished:
+            key = (row.dataset, row.budget, row.method, row.seed)
+            if key in first:
+                if first[key].test_accuracy != row.test_accuracy:
+                    twice.append(row)
+                continue
+            first[key] = row
+        out.append(row)
+    notes = []
+    if twice:
+        example = twice[0]
+        notes.append(f"{counted(len(twice), 'run')} left out: the same dataset, k, method, setting and seed as a "
+                     f"counted run, with another accuracy (another device or torch version?), e.g. {example.run_id} "
+                     f"({example.dataset} {example.method} k={example.budget} seed={example.seed}); report a grid "
+                     "alone with --run-id.")  # fmt: skip
+    return out, notes
+
+
 def summarise(rows: Sequence[ResultRow]) -> dict[tuple[str, int, str], np.ndarray]:
     """(dataset, budget, method) -> accuracies of finished runs, ordered by seed."""
     return {
@@ -73,7 +117,7 @@ def _std_text(values: np.ndarray) -> str:
     return f"{values.std(ddof=1):.4f}" if len(values) > 1 else "–"
 
 
-def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
+def format_table(rows: Sequence[ResultRow], resumed: int = 0, notes: Sequence[str] = ()) -> str:
     """The grid's accuracy table; ``resumed`` counts the rows reused from earlier invocations.
     "vs random" is the mean paired difference over the seeds both finished, the paired tests'
     figure: over an experiment whose methods ran on different seeds, a difference of means would
@@ -81,7 +125,7 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
     stats = summarise(rows)
     by_seed = accuracy_by_seed(rows, "dataset", "budget", "method")
     lines = ["altrack: test accuracy, mean ± std over seeds (n = finished runs)", ""]
-    for dataset, budget in sorted({(d, k) for d, k, _ in stats}):
+    for dataset, budget in sorted({(d, k) for d, k, _ in stats}, key=lambda pair: (dataset_rank(pair[0]), pair)):
         lines.append(f"{dataset}  k={budget}")
         lines.append(f"  {'method':<18}{'mean':>8}{'std':>8}{'n':>4}{'vs random':>11}")
         base = by_seed.get((dataset, budget, BASELINE))
@@ -99,6 +143,7 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0) -> str:
     if resumed:
         lines.append(f"{resumed} of the {counted(len(rows), 'run')} {'was' if resumed == 1 else 'were'} reused from "
                      "earlier invocations (--no-resume reruns them).")  # fmt: skip
+    lines.extend(notes)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -138,7 +183,7 @@ def plot_results(rows: Sequence[ResultRow], path: Path) -> Path:
                        label="random, 95% CI")  # fmt: skip
         for i, method in enumerate(methods):
             acc = stats[(dataset, budget, method)]
-            color = _PALETTE.get(method, "#17becf")
+            color = _PALETTE.get(method.split(" (")[0], "#17becf")
             jitter = np.linspace(-0.12, 0.12, len(acc)) if len(acc) > 1 else np.zeros(1)
             ax.scatter(i + jitter, acc, s=8, color=color, alpha=0.35, lw=0)
             half = ci95(acc)
@@ -172,14 +217,15 @@ def write_rows_csv(rows: Sequence[ResultRow] | Sequence[dict], path: Path) -> Pa
     return path
 
 
-def write_report(rows: Sequence[ResultRow], out_dir: str | Path, resumed: int = 0) -> list[Path]:
-    """The png, txt (table and paired tests) and csv of a grid, plus learning curves when it
-    has several budgets, written into ``out_dir`` (created if needed)."""
+def write_report(rows: Sequence[ResultRow], out_dir: str | Path, resumed: int = 0,
+                 notes: Sequence[str] = ()) -> list[Path]:  # fmt: skip
+    """The png, txt (table and paired tests, then ``notes``) and csv of a grid, plus learning
+    curves when it has several budgets, written into ``out_dir`` (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     txt = out / TXT_NAME
     paired = format_paired(paired_tests(rows))
-    txt.write_text(format_table(rows, resumed) + ("\n" + paired if paired else ""))
+    txt.write_text(format_table(rows, resumed, notes) + ("\n" + paired if paired else ""))
     paths = [txt, write_rows_csv(rows, out / CSV_NAME)]
     if summarise(rows):
         paths.insert(0, plot_results(rows, out / PNG_NAME))
@@ -382,7 +428,7 @@ def plot_learning_curves(rows: Sequence[ResultRow], path: Path) -> Path | None:
             budgets = sorted(k for d, k, m in stats if d == dataset and m == method)
             means = np.array([stats[(dataset, k, method)].mean() for k in budgets])
             stds = np.array([_std(stats[(dataset, k, method)]) for k in budgets])
-            color = _PALETTE.get(method, "#17becf")
+            color = _PALETTE.get(method.split(" (")[0], "#17becf")
             style = "--" if method == BASELINE else "-"
             ax.plot(budgets, means, style, marker="o", ms=3.5, color=color, label=method, lw=1.6)
             ax.fill_between(budgets, means - stds, means + stds, color=color, alpha=0.12, lw=0)

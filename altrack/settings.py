@@ -204,11 +204,26 @@ class Settings:
         """MLflow params; ``from_params`` reads them back."""
         return asdict(self)
 
+    def knobs(self) -> dict[str, str]:
+        """Every knob as the label writes it: ``{"epochs": "10", ..., "lam": "auto"}``."""
+        words = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "lam" and not isinstance(value, str):
+                words[field.name] = f"{value:.4g}"
+            else:
+                words[field.name] = f"{value:g}" if isinstance(value, float) else str(value)
+        return words
+
     @property
     def label(self) -> str:
-        """The knobs a sweep tunes, as one string: how reports tell settings apart."""
-        lam = self.lam if isinstance(self.lam, str) else f"{self.lam:.4g}"
-        return f"seed_ratio={self.seed_ratio:g} cluster_ratio={self.cluster_ratio:g} lam={lam}"
+        """The knobs a sweep tunes, then any other knob not at its default, as one string of
+        ``name=value`` words: how reports tell settings apart (``report.separate_settings``).
+        The paper's setting reads as it always has: ``seed_ratio=0.2 cluster_ratio=0.2 lam=auto``."""
+        knobs, defaults = self.knobs(), type(self)().knobs()
+        first = ("seed_ratio", "cluster_ratio", "lam")
+        rest = [name for name in knobs if name not in first and knobs[name] != defaults[name]]
+        return " ".join(f"{name}={knobs[name]}" for name in (*first, *rest))
 
     def n_seed(self, budget: int) -> int:
         """k', the random seed set."""
@@ -238,6 +253,7 @@ class Settings:
 
 
 PAPER_SETTING = Settings()  # the paper: k'/k = k''/k = 0.2, lam auto
+DEFAULT_KNOBS = PAPER_SETTING.knobs()  # a knob a label leaves out has this value
 PAPER_SETTING_LABEL = PAPER_SETTING.label
 
 

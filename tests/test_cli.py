@@ -187,6 +187,26 @@ def test_run_and_report_commands(data_dir, mlflow_store, capsys, tmp_path):
     assert code == 1 and "no MLflow run with id 'nope'" in err
 
 
+def test_report_of_an_experiment_keeps_each_setting_apart(data_dir, mlflow_store, capsys, tmp_path):
+    """Two grids of one experiment under two cluster ratios, then a third under another lr: the
+    experiment's report counted one coreset run per seed (the other dropped, unsaid) and pooled
+    the lr grid's seeds with the others. Each setting of the knobs a method reads is now a row
+    of its own; random, which reads no cluster ratio, stays one row."""
+    base = ["run", "--methods", "coreset,random", "--data-dir", str(data_dir), "--experiment", "mixed", *TINY]
+    for extra in (["--cluster-ratio", "0.2"], ["--cluster-ratio", "0.3"]):
+        assert _run_cli([*base, *extra, "--out", str(tmp_path / "grid")], capsys)[0] == 0
+    code, stdout, _ = _run_cli(["report", "--experiment", "mixed", "--out", str(tmp_path / "all")], capsys)
+    assert code == 0
+    rows = {line.split()[0] + (" " + line.split()[1] if "(" in line else ""): line.split()
+            for line in stdout.splitlines() if line.startswith("  ") and "method" not in line}
+    assert set(rows) == {"coreset (cluster_ratio=0.2)", "coreset (cluster_ratio=0.3)", "random"}, stdout
+    assert rows["random"][-1] == "1"  # one seed: the two grids' random runs are one computation
+
+    assert _run_cli([*base, "--lr", "0.01", "--out", str(tmp_path / "grid")], capsys)[0] == 0
+    code, stdout, _ = _run_cli(["report", "--experiment", "mixed", "--out", str(tmp_path / "all")], capsys)
+    assert code == 0 and "random (lr=0.01)" in stdout and "random (lr=0.001)" in stdout, stdout
+
+
 def test_console_script_has_no_traceback_on_bad_input(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "altrack", "run", "--methods", "badge"],
