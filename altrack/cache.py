@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Collection, Sequence
 from contextlib import suppress
@@ -51,11 +52,17 @@ def max_bytes() -> int:
     return int(max(gb, 0.0) * 1e9)
 
 
+KEY_CHARS = 24  # hex digits of a stage key: an entry is KEY.pt, its temp file .KEY.pt.XXXX.tmp
+_ENTRY = re.compile(rf"[0-9a-f]{{{KEY_CHARS}}}\.pt")
+_TEMP = re.compile(rf"\.[0-9a-f]{{{KEY_CHARS}}}\.pt\..+\.tmp")
+
+
 def entries(folder: Path) -> list[Path]:
-    """The cache's entries, least recently used first."""
+    """The cache's entries, least recently used first: the files named as the cache names them,
+    never another ``.pt`` a user keeps in the folder (eviction and ``clear`` delete entries)."""
     if not folder.is_dir():
         return []
-    return sorted(folder.glob("*.pt"), key=lambda path: path.stat().st_mtime)
+    return sorted((p for p in folder.iterdir() if _ENTRY.fullmatch(p.name)), key=lambda path: path.stat().st_mtime)
 
 
 def evict(folder: Path, cap: int, keep: Collection[Path] = ()) -> int:
@@ -84,7 +91,8 @@ def cache_info(folder: Path) -> tuple[int, int]:
 def clear(folder: Path) -> int:
     """Delete every entry (and stray temp files); returns how many entries went."""
     found = entries(folder)
-    for path in [*found, *folder.glob(".*.tmp")] if folder.is_dir() else []:
+    temps = [p for p in folder.iterdir() if _TEMP.fullmatch(p.name)] if folder.is_dir() else []
+    for path in [*found, *temps]:
         path.unlink(missing_ok=True)
     return len(found)
 
@@ -106,7 +114,7 @@ def stage_key(data: Dataset, budget: int, seed: int, settings: Settings, holdout
         "lr": settings.lr,
         "holdout": None if holdout is None else hashlib.sha256(np.ascontiguousarray(holdout).tobytes()).hexdigest(),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:KEY_CHARS]
 
 
 def _to_payload(stage: SeedStage) -> dict:

@@ -44,6 +44,26 @@ def test_the_cache_stays_under_its_cap_dropping_the_least_recently_used(data_dir
     assert os.path.isdir(tmp_path / "cache")
 
 
+def test_clear_and_eviction_leave_the_users_own_files(data_dir, tmp_path, monkeypatch, capsys):
+    """A cache folder that also holds a user's checkpoint: ``clear`` and the size cap delete the
+    cache's own entries (KEY.pt, 24 hex digits) and their temp files, never ``model.pt``."""
+    data = load_dataset("mnist", data_dir)
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    theirs = [folder / "model.pt", folder / "notes.txt", folder / ".model.pt.x.tmp"]
+    for path in theirs:
+        path.write_bytes(b"the user's")
+    cache = SeedStageCache(folder)
+    monkeypatch.setenv("ALTRACK_CACHE_MAX_GB", "0")  # every write evicts all it may
+    cache.get(data, 100, 0, Settings(epochs=1))
+    assert cache_info(folder)[0] == 1 and all(path.exists() for path in theirs)
+    stray = folder / f".{'a' * 24}.pt.123.tmp"
+    stray.write_bytes(b"")
+    assert main(["cache", "clear", "--cache-dir", str(folder)]) == 0
+    assert "removed 1 seed stage" in capsys.readouterr().out
+    assert all(path.read_bytes() == b"the user's" for path in theirs) and not stray.exists()
+
+
 def test_a_call_never_evicts_the_entries_it_wrote_or_read(data_dir, tmp_path, monkeypatch):
     """Under a cap of one and a half entries, a trial's three seeds all stay (each write used to
     evict the entry written before it, so the next trial trained two of them again); the next
