@@ -253,7 +253,7 @@ def report_cmd(
         raise click.UsageError("--setting-run-id, --sweep-run-id and --ablation-run-id need --paper")
     from altrack.tracking.runs import check_tracking_store  # lazy: MLflow
 
-    check_tracking_store()  # in seconds, where MLflow would retry a server for minutes
+    check_tracking_store(existing=True)  # in seconds, where MLflow would retry a server for minutes
     if paper:
         from altrack.paper import paper_page  # lazy: MLflow
 

@@ -20,10 +20,13 @@ from altrack.settings import Settings
 from altrack.tracking.query import get_run
 from altrack.tracking.runs import check_tracking_store, now_ms, under_project_run, use_experiment
 from altrack.tracking.tags import (
+    KIND_GRID,
     KIND_PROTOCOL,
     KIND_REPLAY,
+    KIND_SWEEP,
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
+    KIND_TRIAL,
     REPLAY_OF_TAG,
     TEST_ACCURACY_METRIC,
     TEST_LOSS_METRIC,
@@ -59,14 +62,16 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     to the run's own. Raises ``AltrackError`` for an unknown or unfinished run, or a device this
     machine lacks.
     """
-    check_tracking_store()
+    check_tracking_store(existing=True)
     client = MlflowClient()
     original = get_run(run_id, client)
     params = original.data.params
     kind = original.data.tags.get(KIND_TAG)
     if kind not in (KIND_PROTOCOL, KIND_SWEEP_PROTOCOL):
-        raise AltrackError(f"run {run_id} is not an altrack protocol run (a grid's or a sweep trial's): "
-                           f"{'its kind is ' + repr(kind) if kind else 'it has no altrack.kind tag'}")  # fmt: skip
+        what = {KIND_GRID: "a grid's parent", KIND_SWEEP: "a sweep's parent", KIND_TRIAL: "a sweep's trial",
+                KIND_REPLAY: "a replay"}.get(kind or "", "not an altrack run")  # fmt: skip
+        raise AltrackError(f"run {run_id} is {what}, not one protocol run: give the id of one of its runs named "
+                           "like mnist-coreset-k2000-s0 (in the MLflow UI, under the parent)")  # fmt: skip
     if original.info.status != FINISHED:
         raise AltrackError(f"run {run_id} is {original.info.status}: only a FINISHED run has a final model to replay")
     settings = Settings.from_params(params)

@@ -79,12 +79,19 @@ def first_use_lock(url: str) -> Iterator[None]:
         yield
         return
     name = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"altrack-store-{name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = Path(tempfile.gettempdir()) / f"altrack-store-{name}.lock"
+    try:  # read-only and without O_CREAT: a lock file another user made opens too (flock needs no write)
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # filesystems of one machine's own disks or memory, on which SQLite's write-ahead log is safe. Its

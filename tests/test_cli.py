@@ -185,6 +185,24 @@ def test_run_and_report_commands(data_dir, mlflow_store, capsys, tmp_path):
     assert (out / "active_learning_results.txt").read_text() == again.read_text()
     code, _, err = _run_cli(["report", "--run-id", "nope"], capsys)
     assert code == 1 and "no MLflow run with id 'nope'" in err
+    code, _, err = _run_cli(["replay", parent_id], capsys)  # the parent, not one of its runs
+    assert code == 1 and f"run {parent_id} is a grid's parent, not one protocol run" in err
+
+
+@pytest.mark.parametrize("args", [["report", "--run-id", "abc"], ["report", "--experiment", "x"], ["replay", "abc"]],
+                         ids=["report-run", "report-experiment", "replay"])  # fmt: skip
+def test_commands_that_read_runs_never_create_a_store(args, capsys, tmp_path, monkeypatch):
+    """Run from a folder without the grid's mlflow.db, a report or a replay created an empty store
+    there, then said the run was unknown."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)  # as a new process: MLflow's default store
+    code, _, err = _run_cli(args, capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert "no MLflow store at sqlite:" in err and f"{tmp_path / 'mlflow.db'} does not exist" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_report_of_an_experiment_keeps_each_setting_apart(data_dir, mlflow_store, capsys, tmp_path):

@@ -33,7 +33,7 @@ from altrack.provenance import STACK_WIDTH
 from altrack.redaction import redact
 from altrack.results import FAILED, FINISHED, KILLED, RUNNING
 from altrack.slurm import earlier_attempt, job_alive
-from altrack.stores import first_use_lock, probe, start_in_wal
+from altrack.stores import first_use_lock, probe, sqlite_file, start_in_wal
 from altrack.tracking.tags import (
     DEFAULT_EXPERIMENT,
     DETACHED_TAG,
@@ -83,12 +83,18 @@ def _quick_http() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def check_tracking_store() -> str:
+def check_tracking_store(existing: bool = False) -> str:
     """Touch the store before any training, so an unreachable server fails in seconds.
+    ``existing``: the command only reads runs (report, replay), so a SQLite store that is not
+    there is refused rather than created empty (the user is in another folder than the grid's).
 
     Returns the tracking URI; raises ``AltrackError`` (one line) when the store does not answer.
     """
     uri = mlflow.get_tracking_uri()
+    path = sqlite_file(uri)
+    if existing and path is not None and not path.is_file():
+        raise AltrackError(f"no MLflow store at {redact(uri)}: {path} does not exist; run this where the grid ran "
+                           "(beside its mlflow.db), or set MLFLOW_TRACKING_URI")  # fmt: skip
     try:
         probe(uri, "MLflow tracking store")  # seconds, where MLflow would retry a database for minutes
     except ConfigError as exc:
