@@ -4,7 +4,8 @@
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first message line (or its type), for one-line errors."""
     lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:limit]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " …"  # whole words, marked cut
 
 
 class AltrackError(Exception):

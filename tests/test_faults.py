@@ -81,6 +81,8 @@ def test_an_unreachable_store_fails_fast_in_one_line_without_its_password(uri, d
         (["--storage", "sqlite:////nonexistent/x.db"], "does not exist or is not writable"),
         (["--storage", "postgresql://alice:S3cretPW@127.0.0.1:1/optuna"], "is unreachable"),
         (["--storage", "/nonexistent/x.journal"], "not a file in an existing folder"),
+        (["--storage", "FILE"], "Optuna storage FILE: this file is not an Optuna journal"),
+        (["--storage", "redis://localhost/0"], "Optuna storage redis://localhost/0: not a database URL this install"),
         (["--cache-dir", "FILE"], "--cache-dir 'FILE' is not a writable directory"),
     ],
 )

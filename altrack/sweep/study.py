@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from altrack.catalog import DATASETS
-from altrack.errors import ConfigError
+from altrack.errors import ConfigError, first_line
 from altrack.liveness import grace_seconds, is_dead, is_stale
 from altrack.protocol import stream_seed
+from altrack.redaction import redact
 from altrack.settings import PAPER_SETTING
 from altrack.stores import probe
 from altrack.sweep.spec import SweepSpec
@@ -38,11 +40,29 @@ def check_storage(url: str | None) -> str:
     line. A sweep checks its storage and its tracking store before it creates either."""
     url = url or DEFAULT_STORAGE
     if "://" in url:
+        from sqlalchemy.engine import make_url  # Optuna's RDB storages are SQLAlchemy's URLs
+
+        try:
+            make_url(url).get_dialect()
+        except Exception as exc:  # redis://, a typo, a driver not installed
+            raise ConfigError(f"Optuna storage {redact(url)}: not a database URL this install can open "
+                              f"({first_line(exc)}); give postgresql://..., mysql://..., sqlite:///FILE "
+                              "or a journal file") from None  # fmt: skip
         probe(url, "Optuna storage")
         return url
     path = Path(url).expanduser()
     if path.is_dir() or not path.parent.resolve().is_dir():
         raise ConfigError(f"Optuna storage {url}: not a file in an existing folder")
+    if path.is_file() and path.stat().st_size:  # an existing file must be a journal: its lines are JSON records
+        with path.open("rb") as handle:
+            first = handle.readline(1 << 20)
+        try:
+            record = json.loads(first)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and "op_code" in record):
+            raise ConfigError(f"Optuna storage {url}: this file is not an Optuna journal (its first line is not a "
+                              "journal record); give a new file name or the journal of the study")  # fmt: skip
     return url
 
 
