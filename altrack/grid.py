@@ -47,6 +47,7 @@ from altrack.tracking.runs import (
     close_dead_runs,
     heartbeat,
     kill_running_children,
+    killed_on_interrupt,
     log_new_params,
     log_run,
     owner_tags,
@@ -151,7 +152,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     for warning in slow_warnings(cfg):
         say(warning)
     tags = {KIND_TAG: KIND_GRID, COMMAND_TAG: redact(" ".join(sys.argv)), **owner_tags()}
-    with start_parent(cfg.experiment, KIND_GRID, tags, cfg.system_metrics) as parent, heartbeat(parent.info.run_id):
+    with (start_parent(cfg.experiment, KIND_GRID, tags, cfg.system_metrics) as parent, killed_on_interrupt(),
+          heartbeat(parent.info.run_id)):  # fmt: skip
         parent_id = parent.info.run_id
         log_new_params(parent_id, grid_params(cfg, device))
         close_dead_runs(parent.info.experiment_id)
@@ -467,10 +469,14 @@ def _run_blocks(
             return
         uri = mlflow.get_tracking_uri()
         jobs = [(cfg, device, block, parent_id, experiment_id, uri) for block in work]
-        for job, rows in map_in_workers(cfg.workers, _block_worker, jobs):
-            _, _, seeds, methods = job[2]
-            bar.runs.update(len(seeds) * len(methods))
-            yield rows
+        try:
+            for job, rows in map_in_workers(cfg.workers, _block_worker, jobs):
+                _, _, seeds, methods = job[2]
+                bar.runs.update(len(seeds) * len(methods))
+                yield rows
+        except BaseException as exc:  # the workers have stopped (map_in_workers): their unfilled runs end KILLED
+            _kill_unfilled(parent_id, experiment_id, exc)
+            raise
     finally:
         bar.close()
 

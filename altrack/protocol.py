@@ -13,11 +13,14 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import os
+import signal
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -667,8 +670,25 @@ def map_in_workers(workers: int, fn: Callable, jobs: Sequence[tuple]) -> Iterato
         try:
             for future in as_completed(futures):
                 yield futures[future], future.result()
+        except KeyboardInterrupt:
+            _interrupt_workers(futures)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _interrupt_workers(futures: Iterable[Future]) -> None:
+    """Ctrl-C in a terminal reaches the workers too, and they stop their blocks; a SIGINT sent to
+    this process alone (``kill -INT``, ``timeout -s INT``, a scheduler) left them training to the
+    end of their blocks while it waited for them. Jobs not started are cancelled, and workers
+    still busy a few seconds later get the SIGINT a terminal would have sent them."""
+    for future in futures:
+        future.cancel()
+    _, running = wait(futures, timeout=3)
+    if running:
+        for child in multiprocessing.active_children():
+            with suppress(OSError):
+                os.kill(child.pid, signal.SIGINT)
 
 
 def blocks(

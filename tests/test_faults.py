@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import mlflow
@@ -298,6 +298,37 @@ def test_a_child_still_importing_its_target_dies_with_a_sigkilled_parent(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, data_dir, tmp_path):
+    """SIGINT (Ctrl-C) mid-grid: the CLI exits 130, and the parent ends KILLED with an
+    ``altrack.error`` tag, as its runs do; MLflow's ``with start_run()`` ended it FAILED, untagged."""
+    env = _env(data_dir, tmp_path)
+    command = [sys.executable, "-m", "altrack", "run", "--runs", "2", "--methods", "random", "--budget", "500",
+               "--epochs", "50000", "--workers", workers, "--quiet", "--no-log-models"]  # fmt: skip
+    grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+    def runs(query: str) -> list:
+        return client.search_runs([e.experiment_id for e in client.search_experiments()], query)
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the grid's runs are claimed (RUNNING): it is training
+        time.sleep(1)
+        with suppress(Exception):
+            if len(runs("attributes.status = 'RUNNING'")) >= 2:
+                break
+    time.sleep(2)
+    grid.send_signal(signal.SIGINT)
+    _, err = grid.communicate(timeout=60)
+    assert grid.returncode == 130, err
+    parents = runs("tags.`altrack.kind` = 'grid'")
+    assert [p.info.status for p in parents] == ["KILLED"], err
+    assert "interrupted" in parents[0].data.tags["altrack.error"]
+    assert {r.info.status for r in runs("tags.`altrack.kind` = 'protocol'")} == {"KILLED"}
+
+
 def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)
     command = [sys.executable, "-m", "altrack", "run", "--datasets", "mnist,fashion_mnist", "--runs", "2",
@@ -372,6 +403,41 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"
     grid.kill()
     grid.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(data_dir, tmp_path):
+    """SIGINT mid-trial: no Optuna traceback, the parent ends KILLED, and the stopped trial's
+    point waits in the study (an enqueued retry, as a dead worker's): it was lost before, so an
+    interrupted study went on without ever evaluating it."""
+    journal = tmp_path / "study.journal"
+    spec = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 20000"))
+    env = _env(data_dir, tmp_path)
+    command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--n-trials", "3", "--storage", str(journal)]
+    sweep = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    running: list = []
+    while time.monotonic() < deadline and not running:
+        time.sleep(1)
+        with suppress(Exception):
+            study = optuna.load_study(study_name="tiny", storage=_journal(journal))
+            running = study.get_trials(states=(TrialState.RUNNING,))
+    assert running, "no trial started"
+    time.sleep(3)
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    study = optuna.load_study(study_name="tiny", storage=_journal(journal))
+    stopped = study.trials[running[0].number]
+    assert stopped.state == TrialState.FAIL
+    retry = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.user_attrs["altrack.retry_of"] for t in retry] == [stopped.number]
+    assert retry[0].system_attrs["fixed_params"] == stopped.params  # enqueued: its params are fixed
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("altrack").experiment_id
+    parents = client.search_runs([experiment], "tags.`altrack.kind` = 'sweep'")
+    assert [p.info.status for p in parents] == ["KILLED"] and "interrupted" in parents[0].data.tags["altrack.error"]
 
 
 @pytest.mark.slow

@@ -43,12 +43,13 @@ from altrack.sweep.study import (  # noqa: E402
     paper_baseline,
     validation_indices,
 )
-from altrack.sweep.worker import Worker, run_worker  # noqa: E402
+from altrack.sweep.worker import Worker, quiet_optuna, run_worker  # noqa: E402
 from altrack.tracking.runs import (  # noqa: E402
     check_tracking_store,
     close_dead_runs,
     given_experiment,
     heartbeat,
+    killed_on_interrupt,
     log_new_params,
     owner_tags,
     run_is_dead,
@@ -136,7 +137,7 @@ def run_sweep(
     check_tracking_store()
     opened = open_storage(storage)
     clean_stale_temp_dirs()  # what SIGKILLed invocations left in /tmp
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     study_name = _study_for(spec, opened, study_name, new_study)
     study = optuna.create_study(study_name=study_name, storage=opened, direction=spec.direction, load_if_exists=True)
     if not study.get_trials(deepcopy=False):
@@ -164,7 +165,7 @@ def run_sweep(
         opened = mlflow.start_run(run_id=earlier.info.run_id, tags=tags)
     else:
         opened = start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags)
-    with opened as parent, heartbeat(parent.info.run_id):
+    with opened as parent, killed_on_interrupt(), heartbeat(parent.info.run_id):
         parent_id = parent.info.run_id
         study.set_user_attr(PARENT_ATTR, parent_id)  # a resumed invocation goes on in this run
         close_dead_runs(parent.info.experiment_id)  # sweep parents of killed invocations

@@ -6,6 +6,7 @@ N (a trial that would overshoot is pruned before it does any work).
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ from altrack.tracking.tags import (
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
+    RETRY_OF_ATTR,
     RUN_ATTR,
     STUDY_TAG,
     TEST_ACCURACY_ATTR,
@@ -94,8 +96,14 @@ class Worker:
         """Mean validation accuracy over the spec's seeds, each a logged protocol run."""
         trial.set_user_attr(WORKER_ATTR, worker_id())
         started = time.monotonic()
-        with Heartbeat(lambda now: trial.set_user_attr(HEARTBEAT_ATTR, now)):
-            value = self._objective(trial)
+        try:
+            with Heartbeat(lambda now: trial.set_user_attr(HEARTBEAT_ATTR, now)):
+                value = self._objective(trial)
+        except KeyboardInterrupt:  # Optuna ends the trial FAIL: its point is tried again on resume,
+            # as a dead worker's is (``Recovery``); only this process knows why it stopped
+            trial.study.enqueue_trial(trial.params, user_attrs={
+                RETRY_OF_ATTR: trial.number, BASELINE_ATTR: trial.user_attrs.get(BASELINE_ATTR, False)})
+            raise
         done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         best = max([value, *done]) if self.spec.direction == "maximize" else min([value, *done])
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
@@ -163,10 +171,26 @@ class Worker:
         return value
 
 
+class _QuietInterrupt(logging.Filter):
+    """Optuna logs a trial that Ctrl-C stopped as failed, with a 40-line traceback; the CLI says
+    "interrupted" in one line, and the trial is tried again on resume."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def quiet_optuna() -> None:
+    """Optuna's warnings and errors only, without the traceback of an interrupted trial."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:  # a logger's own filters miss its children's records
+        if not any(isinstance(f, _QuietInterrupt) for f in handler.filters):
+            handler.addFilter(_QuietInterrupt())
+
+
 def run_worker(worker: Worker, tracking_uri: str, threads: int) -> None:
     """A worker process (spawned, ``tethered`` to its sweep; or a Slurm task): its share of the
     cores, the parent's store, torch's determinism."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     torch.set_num_threads(threads)
     set_determinism(worker.device)
     mlflow.set_tracking_uri(tracking_uri)

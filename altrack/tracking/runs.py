@@ -213,6 +213,21 @@ def start_parent(
     return mlflow.start_run(run_name=run_name, tags=tags, **logged)
 
 
+@contextmanager
+def killed_on_interrupt() -> Iterator[None]:
+    """End the active run KILLED, with an ``ERROR_TAG`` saying why, when Ctrl-C (SIGINT) stops
+    the block: MLflow's ``with start_run()`` ends it FAILED, as if the run had gone wrong. The
+    interrupt goes on up (the CLI exits 130); a rerun of the command resumes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if mlflow.active_run() is not None:
+            with suppress(Exception):  # the store may be what was interrupted: the exit still goes on
+                mlflow.set_tag(ERROR_TAG, "interrupted (Ctrl-C or SIGINT); rerun the same command to resume")
+                mlflow.end_run(KILLED)
+        raise
+
+
 def given_experiment(experiment: str | None) -> str | None:
     """The experiment an invocation was given: its option (or spec), else MLflow's
     ``MLFLOW_EXPERIMENT_NAME``; None when neither names one."""
