@@ -284,7 +284,9 @@ def report_cmd(
 @data_dir_option
 @click.option("--cache-dir", default=None, callback=_blank_is_none,
               help="Seed-model cache [default: $ALTRACK_CACHE_DIR or ~/.cache/altrack/seed-stages].")  # fmt: skip
-@click.option("--new-study", is_flag=True, help="The study name exists with another spec: start NAME-2 (-3, ...).")
+@click.option("--new-study", is_flag=True,
+              help="The study name exists with another spec: go on in NAME-2 (-3, ...), the first made from "
+                   "this spec, else a new one.")  # fmt: skip
 @slurm_options("sweep")
 def sweep(
     spec_path: str,

@@ -141,8 +141,18 @@ def test_a_study_refuses_another_spec_under_its_name_unless_asked(data_dir, tmp_
                      env=env, cwd=tmp_path)  # fmt: skip
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "study tiny-2:" in fresh.stdout
+    # the same command again resumes tiny-2 (it made tiny-3, and never went on in tiny-2); the
+    # first spec still goes on in tiny itself
+    resumed = _altrack("sweep", str(edited), "--n-trials", "2", "--storage", str(journal), "--new-study",
+                       env=env, cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0 and "study tiny-2:" in resumed.stdout, resumed.stderr[-2000:]
     names = {s.study_name for s in optuna.get_all_study_summaries(_journal(journal))}
     assert names == {"tiny", "tiny-2"}
+    study = optuna.load_study(study_name="tiny-2", storage=_journal(journal))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    original = _altrack("sweep", str(_spec(tmp_path)), "--n-trials", "1", "--storage", str(journal), "--new-study",
+                        env=env, cwd=tmp_path)  # fmt: skip
+    assert original.returncode == 0 and "study tiny:" in original.stdout, original.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -242,27 +242,33 @@ def _earlier_parent(study: optuna.Study, experiment: str | None) -> Run | None:
 
 def _study_for(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str, new_study: bool) -> str:
     """The study name to use: ``name`` when it is new or was made from the same spec; with
-    ``new_study``, the first free ``name-2``, ``name-3``, ... Raises ``ConfigError`` naming the
-    first field that differs when an existing study was made from another spec."""
+    ``new_study``, else the first of ``name-2``, ``name-3``, ... made from this spec (so the
+    same command resumes it), else the first free one. Raises ``ConfigError`` naming the first
+    field that differs when an existing study was made from another spec."""
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if name not in existing:
+    if name not in existing or _spec_change(spec, existing[name]) is None:
         return name
     if new_study:
         n = 2
-        while f"{name}-{n}" in existing:
+        while f"{name}-{n}" in existing and _spec_change(spec, existing[f"{name}-{n}"]) is not None:
             n += 1
         return f"{name}-{n}"
-    remembered = existing[name].user_attrs.get(SPEC_ATTR)
-    if remembered is None:  # a study from before fingerprints, or one made by hand
-        return name
+    raise ConfigError(f"study {name!r} was made from another spec ({_spec_change(spec, existing[name])}); give a new "
+                      "study_name or --new-study")  # fmt: skip
+
+
+def _spec_change(spec: SweepSpec, study: optuna.study.StudySummary) -> str | None:
+    """The first field in which ``spec`` differs from the spec ``study`` was made from, as
+    ``budget: 100 then, 200 now``; None when they agree, or for a study from before
+    fingerprints (or made by hand), which is taken as this spec's."""
+    remembered = study.user_attrs.get(SPEC_ATTR)
+    if remembered is None:
+        return None
     current = spec.fingerprint()
     for key in sorted(set(current) | set(remembered)):
         if current.get(key) != remembered.get(key):
-            raise ConfigError(
-                f"study {name!r} was made from another spec ({key}: {remembered.get(key, 'unset')} then, "
-                f"{current.get(key, 'unset')} now); give a new study_name or --new-study"
-            )
-    return name
+            return f"{key}: {remembered.get(key, 'unset')} then, {current.get(key, 'unset')} now"
+    return None
 
 
 def _run_slurm_jobs(jobs: list[Worker], slurm: SlurmConfig) -> None:
