@@ -248,7 +248,7 @@ def report_cmd(
         raise click.UsageError("give --run-id or --experiment, not both")
     for folder, option in ((out, "--out"), (docs, "--docs")):
         if not writable_dir_target(Path(folder)):
-            raise AltrackError(f"{option} {folder!r} is not a writable directory")
+            raise ConfigError(f"{option} {folder!r} is not a writable directory")  # bad input: 2, as run's
     if (setting_ids or sweep_ids or ablation_ids) and not paper:
         raise click.UsageError("--setting-run-id, --sweep-run-id and --ablation-run-id need --paper")
     from altrack.tracking.runs import check_tracking_store  # lazy: MLflow
@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="altrack", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:  # `altrack`, `altrack cache`: the help, not an "error"
+        click.echo(exc.format_message(), err=True)
+        return 2
     except click.exceptions.Abort:
         click.echo("altrack: aborted", err=True)
         return 130

@@ -310,6 +310,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, device: s
     process; callers must treat the tensors as read-only. Raises ``DataError``."""
     folder = resolve_data_dir(data_dir)
     explicit = bool(data_dir) or bool(os.environ.get("ALTRACK_DATA_DIR"))
+    if explicit and folder.exists() and not folder.is_dir():
+        raise ConfigError(f"data folder {folder} is a file, not a folder: give --data-dir (or ALTRACK_DATA_DIR) the "
+                          "folder that holds the datasets")  # fmt: skip
     if explicit and not folder.is_dir():  # torchvision would leave empty MNIST/raw folders behind
         raise ConfigError(f"data folder {folder} does not exist: create it (altrack downloads into it when online) "
                         "or leave --data-dir and ALTRACK_DATA_DIR unset for ~/.cache/altrack/data")  # fmt: skip

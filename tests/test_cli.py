@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -73,10 +74,12 @@ REPORT_BAD_INPUT = [
     (["--setting-run-id", "abc"], "give --run-id or --experiment"),
     (["--run-id", "abc", "--sweep-run-id", "def"], "--sweep-run-id and --ablation-run-id need --paper"),
     (["--run-id", "abc", "--experiment", "def"], "give --run-id or --experiment, not both"),
+    (["--experiment", "x", "--out", "/dev/null/x"], "--out '/dev/null/x' is not a writable directory"),
 ]
 
 
-@pytest.mark.parametrize(("args", "expected"), REPORT_BAD_INPUT, ids=["no-run-id", "sweep-without-paper", "both"])
+@pytest.mark.parametrize(("args", "expected"), REPORT_BAD_INPUT,
+                         ids=["no-run-id", "sweep-without-paper", "both", "out"])  # fmt: skip
 def test_bad_report_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -120,6 +123,22 @@ def test_cache_commands_refuse_a_file_for_the_folder(where, capsys, tmp_path, mo
         source = "--cache-dir" if where == "flag" else "$ALTRACK_CACHE_DIR"
         assert err.strip() == f"altrack: error: {source} {str(blocker)!r} is a file, not a folder"
     assert blocker.read_text() == "a file, not a folder"
+
+
+def test_a_data_folder_that_is_a_file_is_named_so(capsys, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "README.md").write_text("a file")
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, _, err = _run_cli(["run", "--data-dir", str(tmp_path / "README.md"), *TINY], capsys)
+    _assert_refused(code, err, f"data folder {tmp_path / 'README.md'} is a file, not a folder", work)
+
+
+@pytest.mark.parametrize("args", [[], ["cache"]], ids=["altrack", "altrack-cache"])
+def test_a_group_without_its_command_prints_its_help_not_an_error(args, capsys):
+    code, out, err = _run_cli(args, capsys)
+    assert code == 2 and not out and err.startswith("Usage: altrack") and "error" not in err
 
 
 def test_unwritable_out_is_refused(capsys, tmp_path, monkeypatch):
@@ -223,6 +242,21 @@ def test_report_of_an_experiment_keeps_each_setting_apart(data_dir, mlflow_store
     assert _run_cli([*base, "--lr", "0.01", "--out", str(tmp_path / "grid")], capsys)[0] == 0
     code, stdout, _ = _run_cli(["report", "--experiment", "mixed", "--out", str(tmp_path / "all")], capsys)
     assert code == 0 and "random (lr=0.01)" in stdout and "random (lr=0.001)" in stdout, stdout
+
+
+def test_a_store_mlflow_cannot_use_is_named_so(capsys, tmp_path, monkeypatch):
+    """A scheme MLflow has no store for is not "unreachable": it cannot be used, and MLflow says why."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    mlflow.set_tracking_uri("bogus://x")
+    try:
+        code, _, err = _run_cli(["report", "--experiment", "x"], capsys)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("altrack: error: MLflow tracking store bogus://x cannot be used: ")
+    assert "unreachable" not in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_console_script_has_no_traceback_on_bad_input(tmp_path):

@@ -104,7 +104,8 @@ def check_tracking_store(existing: bool = False) -> str:
             start_in_wal(uri)
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
-        raise AltrackError(f"MLflow tracking store {redact(uri)} is unreachable: {first_line(exc)}") from exc
+        # the probe found it reachable (or has no way to tell): unsupported, or refusing, not "unreachable"
+        raise AltrackError(f"MLflow tracking store {redact(uri)} cannot be used: {first_line(exc)}") from exc
     return uri
 
 
