@@ -62,6 +62,7 @@ from altrack.tracking.tags import (
     EXPECTED_RUNS_TAG,
     HASH_TAG,
     KIND_GRID,
+    KIND_SWEEP,
     KIND_TAG,
     RESUMED_RUNS_CSV,
     RESUMED_TAG,
@@ -504,6 +505,10 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
     if parent_run_id is not None:
         close_detached(parent_run_id)
     rows, notes = report.separate_settings(rows_from_mlflow(parent_run_id, experiment))
+    if not rows and parent_run_id is not None and get_run(parent_run_id).data.tags.get(KIND_TAG) == KIND_SWEEP:
+        raise AltrackError(f"run {parent_run_id} is a sweep's parent: its report is in its artifacts (trials.csv, "
+                           f"the plots), and 'altrack report --paper --sweep-run-id {parent_run_id}' puts the study "
+                           "on the results page")  # fmt: skip
     if not rows:
         raise AltrackError("no altrack protocol runs found for that run or experiment")
     if under_project_run():

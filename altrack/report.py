@@ -124,7 +124,8 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0, notes: Sequence[st
     compare other seed sets."""
     stats = summarise(rows)
     by_seed = accuracy_by_seed(rows, "dataset", "budget", "method")
-    lines = ["altrack: test accuracy, mean ± std over seeds (n = finished runs)", ""]
+    lines = ["altrack: test accuracy, mean ± std over seeds (n = finished runs; vs random = the mean paired "
+             "difference over the seeds both finished)", ""]
     for dataset, budget in sorted({(d, k) for d, k, _ in stats}, key=lambda pair: (dataset_rank(pair[0]), pair)):
         lines.append(f"{dataset}  k={budget}")
         lines.append(f"  {'method':<18}{'mean':>8}{'std':>8}{'n':>4}{'vs random':>11}")
@@ -141,8 +142,11 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0, notes: Sequence[st
         for r in failed:
             lines.append(f"  {r.dataset} {r.method} k={r.budget} seed={r.seed}: {r.error or r.status}")
     if resumed:
-        lines.append(f"{resumed} of the {counted(len(rows), 'run')} {'was' if resumed == 1 else 'were'} reused from "
-                     "earlier invocations (--no-resume reruns them).")  # fmt: skip
+        if resumed == len(rows):
+            which = "The run was" if resumed == 1 else f"All {resumed} runs were"
+        else:
+            which = f"{resumed} of the {len(rows)} runs {'was' if resumed == 1 else 'were'}"
+        lines.append(f"{which} reused from earlier or concurrent invocations (--no-resume reruns them).")
     lines.extend(notes)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -196,8 +200,9 @@ def plot_results(rows: Sequence[ResultRow], path: Path) -> Path:
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(methods) - 0.2)
         n = sorted({len(stats[(dataset, budget, m)]) for m in methods})
-        seeds = f"n={n[0]} seeds" if len(n) == 1 else f"n={n[0]}-{n[-1]} seeds"
-        ax.set_title(f"{dataset}, k={budget} ({seeds}; mean, 95% CI)", fontsize=10)
+        seeds = counted(n[0], "seed") if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+        shown = "mean, 95% CI" if n[-1] > 1 else "one seed: no interval"
+        ax.set_title(f"{dataset}, k={budget} ({seeds}; {shown})", fontsize=10)
         ax.set_ylabel("test accuracy")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -542,7 +547,8 @@ def format_paired(tests: Sequence[dict]) -> str:
     if not tests:
         return ""
     lines = [
-        "paired comparisons over seeds (difference in test accuracy; * = significant after Holm, alpha 0.05)",
+        "paired comparisons over the seeds both finished (difference in test accuracy; * = significant after Holm's "
+        f"correction over the {counted(len(tests), 'comparison')} below, alpha 0.05)",
         f"  {'dataset':<14}{'k':>6}  {'method':<17}{'vs':<9}{'n':>3}{'mean diff':>11}{'95% CI':>21}"
         f"{'t p':>9}{'wilcoxon p':>12}{'holm p':>9}",
     ]

@@ -167,7 +167,7 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert [r.info.run_id for r in sweeps] == [outcome.parent_run_id] == [again.parent_run_id]  # resumed in place
 
 
-def test_a_resumed_study_whose_best_moved_finishes_in_its_parent(data_dir, mlflow_store, tmp_path):
+def test_a_resumed_study_whose_best_moved_finishes_in_its_parent(data_dir, mlflow_store, tmp_path, capsys):
     """A resume goes on in the earlier parent, where the best setting was logged already. As
     params, a new best was refused by MLflow ("Changing param values is not allowed") and left
     the parent FAILED with the old best; as metrics it moves on, one step per invocation."""
@@ -187,6 +187,8 @@ def test_a_resumed_study_whose_best_moved_finishes_in_its_parent(data_dir, mlflo
     assert {metrics["best_cluster_ratio"], metrics["best_seed_ratio"]} == {0.25, 0.15} and metrics["workers"] == 2
     history = client.get_metric_history(first.parent_run_id, "best_cluster_ratio")
     assert sorted((m.step, m.value) for m in history) == [(1, first.best_params["cluster_ratio"]), (3, 0.25)]
+    assert main(["report", "--run-id", first.parent_run_id, "--out", str(tmp_path / "r")]) == 1  # not a grid's
+    assert f"run {first.parent_run_id} is a sweep's parent" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
