@@ -20,7 +20,7 @@ from altrack import report
 from altrack.catalog import dataset_rank
 from altrack.errors import AltrackError
 from altrack.results import ResultRow
-from altrack.settings import PAPER_SETTING_LABEL
+from altrack.settings import is_paper_setting, label_knobs
 from altrack.tracking.query import experiment_ids, get_run, row_of, rows_from_mlflow, search, setting_of
 from altrack.tracking.tags import (
     COMMAND_TAG,
@@ -277,7 +277,7 @@ def settings_section(
 
     def order(key: tuple) -> tuple:  # datasets as elsewhere on the page, the paper's setting first
         dataset, budget, method, setting = key
-        return dataset_rank(dataset), budget, method, setting != PAPER_SETTING_LABEL, setting
+        return dataset_rank(dataset), budget, method, not is_paper_setting(setting), setting
 
     if groups:
         seeds = sorted({s for values in groups.values() for s in values})
@@ -292,7 +292,7 @@ def settings_section(
             lines.append(f"| {DATASET_NAMES.get(dataset, dataset)} | {budget} | `{method}` | `{setting}` "
                          f"| {_cell(np.array(list(groups[key].values())))} |")  # fmt: skip
         lines.append("")
-    reference = [r for r in rows if r.setting == PAPER_SETTING_LABEL]
+    reference = [r for r in rows if is_paper_setting(r.setting)]
     tests = [{**t, "comparison": f"`{t['method']}`: `{t['setting']}` − the paper's"}
              for t in report.setting_tests(rows)]  # fmt: skip
     tests += [{**t, "comparison": f"`{t['method']}` − `random`, both in the paper's setting"}
@@ -334,7 +334,7 @@ def ablation_runs(parent_ids: Sequence[str]) -> list[AblationRun]:
 
 
 def _lam_of(setting: str) -> str:
-    return setting.rsplit("lam=", 1)[-1]
+    return label_knobs(setting)["lam"]
 
 
 def ablation_section(runs: Sequence[AblationRun]) -> list[str]:

@@ -29,7 +29,7 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from altrack.catalog import DATASETS, applies, dataset_rank  # noqa: E402
 from altrack.results import ROW_FIELDS, ResultRow  # noqa: E402
 from altrack.selection import available_methods  # noqa: E402
-from altrack.settings import DEFAULT_KNOBS, PAPER_SETTING_LABEL  # noqa: E402
+from altrack.settings import label_knobs, paper_counterpart  # noqa: E402
 
 PNG_NAME = "active_learning_results.png"
 TXT_NAME = "active_learning_results.txt"
@@ -67,8 +67,7 @@ def separate_settings(rows: Sequence[ResultRow]) -> tuple[list[ResultRow], list[
     gave the same accuracy. The rows of one grid come back as they are, with no notes."""
 
     def knobs(row: ResultRow) -> dict[str, str]:  # every knob its method reads, as its label has it
-        every = {**DEFAULT_KNOBS, **dict(word.split("=", 1) for word in row.setting.split())}
-        return {name: value for name, value in every.items() if applies(name, row.method)}
+        return {name: value for name, value in label_knobs(row.setting).items() if applies(name, row.method)}
 
     labels: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
@@ -527,12 +526,14 @@ def paired_tests(
     return mark_holm(tests, alpha)
 
 
-def setting_tests(rows: Sequence[ResultRow], reference: str = PAPER_SETTING_LABEL, alpha: float = 0.05) -> list[dict]:
-    """Each setting against ``reference`` (the paper's 0.2/0.2, lam auto) per (dataset, k, method),
-    paired over seeds: a tuned setting must beat the paper's on seeds it was not tuned on."""
+def setting_tests(rows: Sequence[ResultRow], alpha: float = 0.05) -> list[dict]:
+    """Each setting against the paper's (0.2 / 0.2, lam auto) under the same other knobs
+    (``paper_counterpart``) per (dataset, k, method), paired over seeds: a tuned setting must
+    beat the paper's on seeds it was not tuned on."""
     by_seed = accuracy_by_seed(rows, "dataset", "budget", "method", "setting")
     tests = []
     for dataset, budget, method, setting in sorted(by_seed):
+        reference = paper_counterpart(setting)
         base = by_seed.get((dataset, budget, method, reference))
         if setting == reference or base is None:
             continue

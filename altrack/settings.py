@@ -255,6 +255,24 @@ class Settings:
 PAPER_SETTING = Settings()  # the paper: k'/k = k''/k = 0.2, lam auto
 DEFAULT_KNOBS = PAPER_SETTING.knobs()  # a knob a label leaves out has this value
 PAPER_SETTING_LABEL = PAPER_SETTING.label
+_SWEPT = len(PAPER_SETTING_LABEL.split())  # a label's first words: the knobs a sweep tunes
+
+
+def label_knobs(label: str) -> dict[str, str]:
+    """Every knob of a setting's ``label``, those it leaves out at their defaults:
+    ``label_knobs("seed_ratio=0.1 cluster_ratio=0.3 lam=auto lr=0.01")["epochs"] == "10"``."""
+    return {**DEFAULT_KNOBS, **dict(word.split("=", 1) for word in label.split())}
+
+
+def paper_counterpart(label: str) -> str:
+    """The paper's setting with the other knobs of ``label`` (its epochs, lr, ...): what a tuned
+    setting is compared with, so that only the knobs a sweep tunes differ between the two."""
+    return " ".join([*PAPER_SETTING_LABEL.split(), *label.split()[_SWEPT:]])
+
+
+def is_paper_setting(label: str) -> bool:
+    """Whether ``label`` is the paper's 0.2 / 0.2 / lam auto, whatever its other knobs."""
+    return label == paper_counterpart(label)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from altrack.grid import rebuild_report, run_grid
 from altrack.liveness import worker_id
 from altrack.paper import paper_page
 from altrack.replay import replay
-from altrack.settings import RunKey, Settings
+from altrack.settings import RunKey, Settings, label_knobs
 from altrack.tracking.query import rows_from_mlflow
 from altrack.tracking.runs import LiveLosses, claim_runs, close_dead_runs
 from altrack.tracking.tags import (
@@ -189,8 +189,10 @@ def test_paper_page_compares_a_tuned_setting_with_the_papers_paired_by_seed(data
     text = paper_page([grid.parent_run_id], None, str(tmp_path / "docs"), None, ids).read_text()
 
     acc = {(r.setting, r.seed): r.test_accuracy for r in paper.rows + tuned.rows}
-    label = "seed_ratio=0.1 cluster_ratio=0.3 lam=0.01"
-    diff = np.mean([acc[(label, s)] - acc[(report.PAPER_SETTING_LABEL, s)] for s in (100, 101)])
+    label = "seed_ratio=0.1 cluster_ratio=0.3 lam=0.01 epochs=2"  # the knobs off their defaults, all named
+    assert label == tuned_settings.label
+    papers = "seed_ratio=0.2 cluster_ratio=0.2 lam=auto epochs=2"  # compared under the same other knobs
+    diff = np.mean([acc[(label, s)] - acc[(papers, s)] for s in (100, 101)])
     assert f"| MNIST | 100 | `coreset`: `{label}` − the paper's | 2 | {diff:+.4f}" in text
     assert "| mnist | 100 | coreset |" not in text  # the fresh-seed runs stay out of the paper's tables
     assert all(parent in text for parent in [grid.parent_run_id, *ids])
@@ -206,7 +208,7 @@ def test_paper_page_carries_the_lambda_ablation_paired_by_seed(data_dir, mlflow_
     ids = [auto.parent_run_id, zero.parent_run_id]
     text = paper_page([auto.parent_run_id], None, str(tmp_path / "docs"), None, ablation_ids=ids).read_text()
     assert "## λ ablation: what the distance term does" in text
-    acc = {(r.method, r.setting.rsplit("lam=", 1)[1], r.seed): r.test_accuracy
+    acc = {(r.method, label_knobs(r.setting)["lam"], r.seed): r.test_accuracy
            for r in auto.rows + zero.rows if r.budget == 100}  # fmt: skip
     diff = np.mean([acc[("coreset", "auto", s)] - acc[("coreset", "0", s)] for s in (0, 1)])
     assert f"| MNIST | 100 | `coreset` λ = `auto` − λ = 0 | 2 | {diff:+.4f}" in text

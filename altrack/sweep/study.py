@@ -18,6 +18,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url  # Optuna's RDB storages are SQLAlchemy's URLs
 
 from altrack.catalog import DATASETS
 from altrack.errors import ConfigError, first_line
@@ -40,8 +41,6 @@ def check_storage(url: str | None) -> str:
     line. A sweep checks its storage and its tracking store before it creates either."""
     url = url or DEFAULT_STORAGE
     if "://" in url:
-        from sqlalchemy.engine import make_url  # Optuna's RDB storages are SQLAlchemy's URLs
-
         try:
             make_url(url).get_dialect()
         except Exception as exc:  # redis://, a typo, a driver not installed
