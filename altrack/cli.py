@@ -418,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.NoArgsIsHelpError as exc:  # `altrack`, `altrack cache`: the help, not an "error"
         click.echo(exc.format_message(), err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("altrack: aborted", err=True)
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort
+        click.echo("altrack: interrupted" if isinstance(exc.__cause__, KeyboardInterrupt) else "altrack: aborted",
+                   err=True)  # fmt: skip
         return 130
     except click.ClickException as exc:
         click.echo(f"altrack: error: {redact(exc.format_message())}", err=True)

@@ -332,7 +332,7 @@ def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, data_dir, tmp_
     time.sleep(2)
     grid.send_signal(signal.SIGINT)
     _, err = grid.communicate(timeout=60)
-    assert grid.returncode == 130, err
+    assert grid.returncode == 130 and err.strip().endswith("altrack: interrupted"), err
     parents = runs("tags.`altrack.kind` = 'grid'")
     assert [p.info.status for p in parents] == ["KILLED"], err
     assert "interrupted" in parents[0].data.tags["altrack.error"]
