@@ -94,8 +94,12 @@ def die_with_parent(parent_pid: int) -> None:
 def _tethered_call(parent_pid: int, payload: bytes) -> object:
     """A spawned child's entry: arm ``die_with_parent`` first, then unpickle and call the target.
     Unpickling imports the target's module (torch, MLflow, Optuna: many seconds on a loaded
-    machine); a parent SIGKILLed during those seconds would otherwise leave its child running."""
+    machine); a parent SIGKILLed during those seconds would otherwise leave its child running.
+    The child ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the
+    parent alone decides what its children do then (``protocol.map_in_workers``, a sweep's
+    workers), the same whether the signal came from a terminal or was sent to it alone."""
     die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     fn, args = pickle.loads(payload)
     return fn(*args)
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
-import os
-import signal
 import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 
@@ -661,34 +659,46 @@ def init_worker(threads: int) -> None:
 def map_in_workers(workers: int, fn: Callable, jobs: Sequence[tuple]) -> Iterator[tuple[tuple, object]]:
     """(job, ``fn(*job)``) for each job, in completion order, from ``workers`` spawned processes,
     each with its share of the cores (``init_worker``) and dying with this one (``tethered``:
-    a SIGKILLed grid must not leave its workers training for minutes). When the caller
-    stops early (``--fail-fast``, an error), the jobs not started yet never start."""
+    a SIGKILLed grid must not leave its workers training for minutes). When the caller stops
+    early (Ctrl-C, ``--fail-fast``, an error), the workers stop at once (``stop_workers``):
+    the jobs not started never start, and the running ones end where they are (the grid marks
+    their runs KILLED). The workers ignore SIGINT (``tethered``), so a terminal's Ctrl-C and a
+    SIGINT sent to this process alone take this one path."""
     context = multiprocessing.get_context("spawn")
     initializer, initargs = tethered(init_worker, threads_per_worker(workers))
+    quiet_resource_tracker()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
         futures = {pool.submit(fn, *job): job for job in jobs}
         try:
             for future in as_completed(futures):
                 yield futures[future], future.result()
-        except KeyboardInterrupt:
-            _interrupt_workers(futures)
+        except BaseException:  # GeneratorExit too: the caller closed this early
+            # the pool breaks: its jobs not started fail with BrokenProcessPool and never run. No
+            # future.cancel() first: the pool's manager thread then fails on the cancelled ones
+            stop_workers(multiprocessing.active_children())
             raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _interrupt_workers(futures: Iterable[Future]) -> None:
-    """Ctrl-C in a terminal reaches the workers too, and they stop their blocks; a SIGINT sent to
-    this process alone (``kill -INT``, ``timeout -s INT``, a scheduler) left them training to the
-    end of their blocks while it waited for them. Jobs not started are cancelled, and workers
-    still busy a few seconds later get the SIGINT a terminal would have sent them."""
-    for future in futures:
-        future.cancel()
-    _, running = wait(futures, timeout=3)
-    if running:
-        for child in multiprocessing.active_children():
-            with suppress(OSError):
-                os.kill(child.pid, signal.SIGINT)
+def quiet_resource_tracker() -> None:
+    """The warnings filter multiprocessing's resource tracker starts with (it copies this
+    process's ``-W`` options): workers stopped mid-job leave the pool's semaphores to it, which
+    it removes at exit, warning of "leaked semaphore objects" below the CLI's one line."""
+    option = "ignore::UserWarning:multiprocessing.resource_tracker"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
+
+
+def stop_workers(children: Iterable[multiprocessing.process.BaseProcess], grace: float = 10.0) -> None:
+    """SIGTERM ``children`` (spawned workers, which ignore SIGINT) and wait up to ``grace``
+    seconds for them to go: the default action ends a process without a traceback."""
+    children = list(children)
+    for child in children:
+        with suppress(OSError, ValueError):
+            child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        with suppress(OSError, ValueError, AssertionError):
+            child.join(max(0.0, deadline - time.monotonic()))
 
 
 def blocks(

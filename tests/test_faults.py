@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from services import Unavailable, mlflow_server
 from test_sweep import TINY_SPEC, _spec
 
-from altrack.liveness import clean_stale_temp_dirs, temp_dir
+from altrack.liveness import clean_stale_temp_dirs, is_dead, temp_dir
 from altrack.redaction import redact
 from altrack.tracking.runs import close_dead_runs
 from altrack.tracking.tags import WORKER_ATTR
@@ -308,17 +308,21 @@ def test_a_child_still_importing_its_target_dies_with_a_sigkilled_parent(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, data_dir, tmp_path):
-    """SIGINT (Ctrl-C) mid-grid: the CLI exits 130, and the parent ends KILLED with an
-    ``altrack.error`` tag, as its runs do; MLflow's ``with start_run()`` ended it FAILED, untagged."""
+@pytest.mark.parametrize(("workers", "to"), [("1", "main"), ("2", "main"), ("2", "group")])
+def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, to, data_dir, tmp_path):
+    """SIGINT mid-grid, to the main process alone (``kill -INT``) or to its process group (a
+    terminal's Ctrl-C; four blocks for two workers): the CLI exits 130 at once with one line, no
+    traceback, and the parent ends KILLED with an ``altrack.error`` tag, as its runs do. MLflow's
+    ``with start_run()`` ended it FAILED, untagged; the workers trained on to the end of their
+    blocks, then took the next, while the main process waited for them."""
     env = _env(data_dir, tmp_path)
-    command = [sys.executable, "-m", "altrack", "run", "--runs", "2", "--methods", "random", "--budget", "500",
-               "--epochs", "50000", "--workers", workers, "--quiet", "--no-log-models"]  # fmt: skip
-    grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    command = [sys.executable, "-m", "altrack", "run", "--datasets", "mnist,fashion_mnist", "--runs", "2",
+               "--methods", "random", "--budget", "500", "--epochs", "50000", "--workers", workers, "--quiet",
+               "--no-log-models"]  # fmt: skip
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client.search_experiments()  # the store made first: polled while the grid migrates it, it broke
+    grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
 
     def runs(query: str) -> list:
         return client.search_runs([e.experiment_id for e in client.search_experiments()], query)
@@ -330,15 +334,23 @@ def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, data_dir, tmp_
             if len(runs("attributes.status = 'RUNNING'")) >= 2:
                 break
     time.sleep(2)
-    grid.send_signal(signal.SIGINT)
+    workers_before = _children(grid.pid)
+    if to == "group":
+        os.killpg(grid.pid, signal.SIGINT)
+    else:
+        grid.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
     _, err = grid.communicate(timeout=60)
+    assert time.monotonic() - stopped < 30, "it waited for the workers' blocks"
     assert grid.returncode == 130 and err.strip().endswith("altrack: interrupted"), err
+    assert "Traceback" not in err and not any(_alive(p) for p in workers_before), err
     parents = runs("tags.`altrack.kind` = 'grid'")
     assert [p.info.status for p in parents] == ["KILLED"], err
     assert "interrupted" in parents[0].data.tags["altrack.error"]
     assert {r.info.status for r in runs("tags.`altrack.kind` = 'protocol'")} == {"KILLED"}
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)
     command = [sys.executable, "-m", "altrack", "run", "--datasets", "mnist,fashion_mnist", "--runs", "2",
@@ -416,16 +428,21 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(data_dir, tmp_path):
-    """SIGINT mid-trial: no Optuna traceback, the parent ends KILLED, and the stopped trial's
-    point waits in the study (an enqueued retry, as a dead worker's): it was lost before, so an
-    interrupted study went on without ever evaluating it."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, data_dir, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-trial: no Optuna
+    traceback, the workers stop, and the parent ends KILLED. In one process the stopped trial's
+    point waits in the study at once (an enqueued retry): it was lost before, so an interrupted
+    study went on without ever evaluating it. Two workers' trials are left to a dead owner, which
+    the next invocation retries (``Recovery``); before, the workers trained on under the KILLED
+    parent while the sweep waited for them."""
     journal = tmp_path / "study.journal"
     spec = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 20000"))
     env = _env(data_dir, tmp_path)
-    command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--n-trials", "3", "--storage", str(journal)]
+    command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--n-trials", "3", "--storage", str(journal),
+               "--workers", workers]  # fmt: skip
     sweep = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+                             text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
     running: list = []
     while time.monotonic() < deadline and not running:
@@ -435,15 +452,20 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(data_dir, tm
             running = study.get_trials(states=(TrialState.RUNNING,))
     assert running, "no trial started"
     time.sleep(3)
-    sweep.send_signal(signal.SIGINT)
+    workers_before = _children(sweep.pid)
+    os.killpg(sweep.pid, signal.SIGINT)
     _, err = sweep.communicate(timeout=60)
     assert sweep.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert not any(_alive(p) for p in workers_before)
     study = optuna.load_study(study_name="tiny", storage=_journal(journal))
     stopped = study.trials[running[0].number]
-    assert stopped.state == TrialState.FAIL
-    retry = [t for t in study.trials if t.state == TrialState.WAITING]
-    assert [t.user_attrs["altrack.retry_of"] for t in retry] == [stopped.number]
-    assert retry[0].system_attrs["fixed_params"] == stopped.params  # enqueued: its params are fixed
+    if workers == "1":
+        assert stopped.state == TrialState.FAIL
+        retry = [t for t in study.trials if t.state == TrialState.WAITING]
+        assert [t.user_attrs["altrack.retry_of"] for t in retry] == [stopped.number]
+        assert retry[0].system_attrs["fixed_params"] == stopped.params  # enqueued: its params are fixed
+    else:
+        assert stopped.state == TrialState.RUNNING and is_dead(stopped.user_attrs[WORKER_ATTR])
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("altrack").experiment_id
     parents = client.search_runs([experiment], "tags.`altrack.kind` = 'sweep'")

@@ -30,7 +30,14 @@ from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
 from altrack.liveness import clean_stale_temp_dirs, temp_dir, tethered  # noqa: E402
-from altrack.protocol import check_planned_stacks, fit_threads, loaded_bytes, threads_per_worker  # noqa: E402
+from altrack.protocol import (  # noqa: E402
+    check_planned_stacks,
+    fit_threads,
+    loaded_bytes,
+    quiet_resource_tracker,
+    stop_workers,
+    threads_per_worker,
+)
 from altrack.redaction import redact  # noqa: E402
 from altrack.resources import resident  # noqa: E402
 from altrack.results import RUNNING  # noqa: E402
@@ -209,12 +216,17 @@ def run_sweep(
 def _run_processes(jobs: list[Worker], threads: int) -> None:
     context = multiprocessing.get_context("spawn")
     uri = mlflow.get_tracking_uri()
+    quiet_resource_tracker()
     tethers = [tethered(run_worker, job, uri, threads) for job in jobs]  # they die with this sweep
     procs = [context.Process(target=target, args=args) for target, args in tethers]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join()
+    try:
+        for proc in procs:
+            proc.join()
+    except BaseException:  # Ctrl-C: the workers ignore SIGINT (tethered), so they stop here; their
+        stop_workers(procs)  # trials, left RUNNING by a dead owner, are retried on resume (Recovery)
+        raise
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")

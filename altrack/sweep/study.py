@@ -158,6 +158,15 @@ def trial_is_dead(trial: optuna.trial.FrozenTrial) -> bool:
     return is_stale(last)
 
 
+def enqueue_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Try ``trial``'s point again: a waiting trial with its params, marked as its retry (and as
+    the paper's baseline if it was), which the next free worker takes first."""
+    study.enqueue_trial(
+        trial.params,
+        user_attrs={RETRY_OF_ATTR: trial.number, BASELINE_ATTR: trial.user_attrs.get(BASELINE_ATTR, False)},
+    )
+
+
 class Recovery:
     """Fails trials of dead workers, retries them with the same params and kills their MLflow runs."""
 
@@ -176,10 +185,7 @@ class Recovery:
                     self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue  # another live worker recovered it first and enqueued the retry
-                self.study.enqueue_trial(
-                    trial.params,
-                    user_attrs={RETRY_OF_ATTR: trial.number, BASELINE_ATTR: trial.user_attrs.get(BASELINE_ATTR, False)},
-                )
+                enqueue_retry(self.study, trial)
         self._close_dead_runs()
 
     def _close_dead_runs(self) -> None:

@@ -25,7 +25,7 @@ from altrack.liveness import Heartbeat, grace_seconds, worker_id
 from altrack.protocol import SeedStage, run_methods, stack_limit
 from altrack.results import FINISHED
 from altrack.sweep.spec import SweepSpec
-from altrack.sweep.study import Recovery, make_sampler, open_storage, validation_indices
+from altrack.sweep.study import Recovery, enqueue_retry, make_sampler, open_storage, validation_indices
 from altrack.tracking.runs import log_run
 from altrack.tracking.tags import (
     BASELINE_ATTR,
@@ -33,7 +33,6 @@ from altrack.tracking.tags import (
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
-    RETRY_OF_ATTR,
     RUN_ATTR,
     STUDY_TAG,
     TEST_ACCURACY_ATTR,
@@ -100,9 +99,7 @@ class Worker:
             with Heartbeat(lambda now: trial.set_user_attr(HEARTBEAT_ATTR, now)):
                 value = self._objective(trial)
         except KeyboardInterrupt:  # Optuna ends the trial FAIL: its point is tried again on resume,
-            # as a dead worker's is (``Recovery``); only this process knows why it stopped
-            trial.study.enqueue_trial(trial.params, user_attrs={
-                RETRY_OF_ATTR: trial.number, BASELINE_ATTR: trial.user_attrs.get(BASELINE_ATTR, False)})
+            enqueue_retry(trial.study, trial)  # as a dead worker's is (``Recovery``)
             raise
         done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         best = max([value, *done]) if self.spec.direction == "maximize" else min([value, *done])
