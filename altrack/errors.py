@@ -5,7 +5,10 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first message line (or its type), for one-line errors."""
     lines = str(exc).strip().splitlines()
     line = lines[0] if lines else type(exc).__name__
-    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " …"  # whole words, marked cut
+    if len(line) <= limit:
+        return line
+    head = line[:limit] if line[limit] == " " else line[:limit].rsplit(" ", 1)[0]  # whole words, marked cut
+    return head.rstrip() + " …"
 
 
 class AltrackError(Exception):

@@ -498,8 +498,9 @@ def paper_page(
     sweeps = [sweep_summary(sweep_id) for sweep_id in sweep_ids]  # a wrong id fails before any other read
     if parent_ids:
         rows = rows_of(parent_ids)
-    else:
-        rows = rows_from_mlflow(experiment=experiment)
+    else:  # an experiment gathers every grid: the page's tables are of the paper's setting, the rest apart
+        rows, _ = report.separate_settings([r for r in rows_from_mlflow(experiment=experiment)
+                                            if is_paper_setting(r.setting)])  # fmt: skip
         ids = experiment_ids(experiment)
         parent_ids = [r.info.run_id for r in search(ids, f"tags.`{KIND_TAG}` = '{KIND_GRID}'")]
     if not rows:

@@ -68,10 +68,12 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
     params = original.data.params
     kind = original.data.tags.get(KIND_TAG)
     if kind not in (KIND_PROTOCOL, KIND_SWEEP_PROTOCOL):
-        what = {KIND_GRID: "a grid's parent", KIND_SWEEP: "a sweep's parent", KIND_TRIAL: "a sweep's trial",
-                KIND_REPLAY: "a replay"}.get(kind or "", "not an altrack run")  # fmt: skip
-        raise AltrackError(f"run {run_id} is {what}, not one protocol run: give the id of one of its runs named "
-                           "like mnist-coreset-k2000-s0 (in the MLflow UI, under the parent)")  # fmt: skip
+        hint = {KIND_GRID: "a grid's parent: give one of its runs, named like mnist-coreset-k2000-s0",
+                KIND_SWEEP: "a sweep's parent: give a protocol run nested under one of its trials",
+                KIND_TRIAL: "a sweep's trial: give one of the protocol runs nested under it",
+                KIND_REPLAY: "a replay: give the run it replayed (its altrack.replay_of tag)"}  # fmt: skip
+        what = hint.get(kind or "", "not a run altrack made: give one of its protocol runs")
+        raise AltrackError(f"run {run_id} is {what}")
     if original.info.status != FINISHED:
         raise AltrackError(f"run {run_id} is {original.info.status}: only a FINISHED run has a final model to replay")
     settings = Settings.from_params(params)

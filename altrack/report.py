@@ -72,15 +72,16 @@ def separate_settings(rows: Sequence[ResultRow]) -> tuple[list[ResultRow], list[
     labels: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
         labels[(row.dataset, row.budget, row.method)].append(knobs(row))
+    varying = {group: [name for name in found[0] if len({g[name] for g in found}) > 1]
+               for group, found in labels.items()}  # fmt: skip
     out: list[ResultRow] = []
     first: dict[tuple, ResultRow] = {}
     twice: list[ResultRow] = []
     for row in rows:
-        group = labels[(row.dataset, row.budget, row.method)]
-        varying = [name for name in group[0] if len({g[name] for g in group}) > 1]
-        if varying:
+        names = varying[(row.dataset, row.budget, row.method)]
+        if names:
             own = knobs(row)
-            row = replace(row, method=f"{row.method} ({' '.join(f'{n}={own[n]}' for n in varying)})")
+            row = replace(row, method=f"{row.method} ({' '.join(f'{n}={own[n]}' for n in names)})")
         if row.finished:
             key = (row.dataset, row.budget, row.method, row.seed)
             if key in first:
@@ -90,6 +91,10 @@ def separate_settings(rows: Sequence[ResultRow]) -> tuple[list[ResultRow], list[
             first[key] = row
         out.append(row)
     notes = []
+    split = sorted({(d, k, m) for (d, k, m), names in varying.items() if names and m in (BASELINE, *COMPARATORS)})
+    for dataset, budget, method in split:
+        notes.append(f"{dataset} k={budget}: {method} ran under several settings, so the rows there have no "
+                     f"'vs {method}' and no paired tests against it; report one setting's grids with --run-id.")
     if twice:
         example = twice[0]
         notes.append(f"{counted(len(twice), 'run')} left out: the same dataset, k, method, setting and seed as a "
@@ -125,15 +130,16 @@ def format_table(rows: Sequence[ResultRow], resumed: int = 0, notes: Sequence[st
     by_seed = accuracy_by_seed(rows, "dataset", "budget", "method")
     lines = ["altrack: test accuracy, mean ± std over seeds (n = finished runs; vs random = the mean paired "
              "difference over the seeds both finished)", ""]
+    width = max([18, *(len(m) + 2 for _, _, m in stats)])  # a setting's name (coreset (lr=0.01)) fits
     for dataset, budget in sorted({(d, k) for d, k, _ in stats}, key=lambda pair: (dataset_rank(pair[0]), pair)):
         lines.append(f"{dataset}  k={budget}")
-        lines.append(f"  {'method':<18}{'mean':>8}{'std':>8}{'n':>4}{'vs random':>11}")
+        lines.append(f"  {'method':<{width}}{'mean':>8}{'std':>8}{'n':>4}{'vs random':>11}")
         base = by_seed.get((dataset, budget, BASELINE))
         for method in method_order(m for d, k, m in stats if (d, k) == (dataset, budget)):
             acc = stats[(dataset, budget, method)]
             diff = paired_diffs(by_seed[(dataset, budget, method)], base) if base and method != BASELINE else None
             delta = f"{diff.mean():+.4f}" if diff is not None and len(diff) else ""
-            lines.append(f"  {method:<18}{acc.mean():>8.4f}{_std_text(acc):>8}{len(acc):>4}{delta:>11}")
+            lines.append(f"  {method:<{width}}{acc.mean():>8.4f}{_std_text(acc):>8}{len(acc):>4}{delta:>11}")
         lines.append("")
     failed = [r for r in rows if not r.finished]
     if failed:
@@ -511,7 +517,7 @@ def paired_tests(
     """
     by_seed = accuracy_by_seed(rows, "dataset", "budget", "method")
     tests = []
-    for dataset, budget in sorted({(d, k) for d, k, _ in by_seed}):
+    for dataset, budget in sorted({(d, k) for d, k, _ in by_seed}, key=lambda pair: (dataset_rank(pair[0]), pair)):
         methods = method_order(m for d, k, m in by_seed if (d, k) == (dataset, budget))
         for comparator in comparators:
             base = by_seed.get((dataset, budget, comparator))

@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import tempfile
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -84,6 +84,8 @@ def first_use_lock(url: str) -> Iterator[None]:
         fd = os.open(lock, os.O_RDONLY)
     except FileNotFoundError:
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+        with suppress(OSError):  # readable by other users whatever the umask (another's may have made it)
+            os.fchmod(fd, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:

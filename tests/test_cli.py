@@ -205,7 +205,7 @@ def test_run_and_report_commands(data_dir, mlflow_store, capsys, tmp_path):
     code, _, err = _run_cli(["report", "--run-id", "nope"], capsys)
     assert code == 1 and "no MLflow run with id 'nope'" in err
     code, _, err = _run_cli(["replay", parent_id], capsys)  # the parent, not one of its runs
-    assert code == 1 and f"run {parent_id} is a grid's parent, not one protocol run" in err
+    assert code == 1 and f"run {parent_id} is a grid's parent: give one of its runs" in err
 
 
 @pytest.mark.parametrize("args", [["report", "--run-id", "abc"], ["report", "--experiment", "x"], ["replay", "abc"]],
@@ -257,6 +257,15 @@ def test_a_store_mlflow_cannot_use_is_named_so(capsys, tmp_path, monkeypatch):
     assert err.startswith("altrack: error: MLflow tracking store bogus://x cannot be used: ")
     assert "unreachable" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_long_error_is_cut_at_a_word_and_says_so():
+    from altrack.errors import first_line
+
+    words = " ".join(["word"] * 60)  # 299 characters: a space at every fifth
+    assert first_line(ValueError(words), limit=200) == " ".join(["word"] * 40) + " …"  # the cut on a space
+    assert first_line(ValueError(words), limit=202) == " ".join(["word"] * 40) + " …"  # inside a word
+    assert first_line(ValueError("short\nsecond line")) == "short" and first_line(ValueError()) == "ValueError"
 
 
 def test_console_script_has_no_traceback_on_bad_input(tmp_path):

@@ -122,3 +122,26 @@ def test_nice_rounds_to_the_ladder():
     assert report._nice(0.0123, up=False) == pytest.approx(0.012)
     assert report._nice(0.1, up=True) == pytest.approx(0.1) and report._nice(0.1, up=False) == pytest.approx(0.1)
     assert report._nice(7.9e-6, up=False) == pytest.approx(6e-6) and report._nice(8.1, up=True) == pytest.approx(10)
+
+
+def _row(method, seed, acc, setting="seed_ratio=0.2 cluster_ratio=0.2 lam=auto"):
+    return ResultRow(dataset="mnist", method=method, budget=100, seed=seed, status="FINISHED", test_accuracy=acc,
+                     run_id=f"{method}-{seed}-{acc}", setting=setting)  # fmt: skip
+
+
+def test_separate_settings_names_each_setting_and_says_what_it_leaves_out():
+    """Rows of two grids in one experiment: the cluster ratio splits coreset only (random does
+    not read it), lr splits random too, which then has no comparisons: the notes say so, and a
+    seed counted twice under one setting with two accuracies is counted once and said."""
+    base = "seed_ratio=0.2 cluster_ratio=0.2 lam=auto"
+    other = base.replace("0.2 lam", "0.3 lam")
+    rows = [_row("coreset", 0, 0.90, base), _row("coreset", 0, 0.91, other),
+            _row("random", 0, 0.88, base), _row("random", 0, 0.88, other)]
+    kept, notes = report.separate_settings(rows)
+    assert sorted(r.method for r in kept) == ["coreset (cluster_ratio=0.2)", "coreset (cluster_ratio=0.3)", "random"]
+    assert notes == []  # random twice, the same computation and accuracy: no note
+    kept, notes = report.separate_settings([*rows, _row("random", 0, 0.50, setting=base + " lr=10")])
+    assert {r.method for r in kept} >= {"random (lr=0.001)", "random (lr=10)"}
+    assert any("random ran under several settings" in note for note in notes)
+    kept, notes = report.separate_settings([_row("margin", 0, 0.9), _row("margin", 0, 0.8)])
+    assert len(kept) == 1 and "1 run left out" in notes[0]

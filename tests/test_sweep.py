@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import re
 import socket
 import subprocess
@@ -165,6 +166,30 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert study.metric_names == ["val_accuracy"]
     sweeps = client.search_runs([parent.info.experiment_id], "tags.`altrack.kind` = 'sweep'")
     assert [r.info.run_id for r in sweeps] == [outcome.parent_run_id] == [again.parent_run_id]  # resumed in place
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [("redis://localhost/0", "Optuna storage redis://localhost/0: not a database URL this install can open"),
+     ("mysql://bob:S3cret@127.0.0.1/x", "mysql://bob:***@127.0.0.1/x: not a database URL this install can open"),
+     ("://bob:S3cret@x", "the Optuna storage URL does not parse"),
+     ("NOTES", "Optuna storage NOTES: this file is not an Optuna journal")],
+    ids=["scheme", "driver", "unparsable", "not-a-journal"],
+)
+def test_a_storage_optuna_cannot_open_is_refused_in_one_line(url, message, tmp_path, monkeypatch):
+    """Checked before anything is written (a sweep's store and journal come after): a scheme or
+    a driver SQLAlchemy lacks, a URL that does not parse (its password never echoed), and a file
+    that is not a journal gave tracebacks from deep in Optuna."""
+    from altrack.sweep.study import check_storage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "NOTES").write_text("# not a journal\n")
+    if url.startswith("mysql") and importlib.util.find_spec("MySQLdb") is not None:
+        pytest.skip("this install has the MySQL driver")
+    with pytest.raises(ConfigError) as caught:
+        check_storage(url)
+    assert message in str(caught.value) and "S3cret" not in str(caught.value)
+    assert check_storage(str(tmp_path / "new.journal")) and (tmp_path / "NOTES").read_text() == "# not a journal\n"
 
 
 def test_a_resumed_study_whose_best_moved_finishes_in_its_parent(data_dir, mlflow_store, tmp_path, capsys):

@@ -370,3 +370,20 @@ def test_a_claim_waits_for_a_live_rival_still_choosing_its_ticket(mlflow_store, 
     assert len(won) == wins
     left = {r.info.run_id for r in client.search_runs([experiment_id], f"tags.`{HASH_TAG}` = 'h'")}
     assert left == {rival, *won.values()}  # a losing claim is deleted
+
+
+def test_a_run_tagged_before_labels_named_every_knob_reads_its_knobs_from_its_params(mlflow_store):
+    """Runs logged before 2026-12-07 tagged only the three knobs a sweep tunes: their other knobs
+    off the default (here lr) come from their params, so a report keeps them apart from the
+    default's runs, as it does for runs logged since."""
+    from altrack.tracking.query import setting_of
+
+    with mlflow.start_run() as run:
+        mlflow.log_params({"lr": 0.01, "seed_ratio": 0.2, "epochs": 10})
+        mlflow.set_tag("altrack.setting", "seed_ratio=0.2 cluster_ratio=0.2 lam=auto")
+    old = MlflowClient().get_run(run.info.run_id)
+    assert setting_of(old) == "seed_ratio=0.2 cluster_ratio=0.2 lam=auto lr=0.01" == Settings(lr=0.01).label
+    with mlflow.start_run() as run:
+        mlflow.log_params({"lr": 0.01})
+        mlflow.set_tag("altrack.setting", Settings(lr=0.01, epochs=3).label)  # a new tag is taken as it is
+    assert setting_of(MlflowClient().get_run(run.info.run_id)) == Settings(lr=0.01, epochs=3).label

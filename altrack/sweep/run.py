@@ -68,6 +68,7 @@ from altrack.tracking.tags import (  # noqa: E402
     BASELINE_ATTR,
     BEST_TRIAL_TAG,
     COMMAND_TAG,
+    ERROR_TAG,
     KIND_SWEEP,
     KIND_TAG,
     PARENT_ATTR,
@@ -169,6 +170,8 @@ def run_sweep(
     earlier = None if under_project_run() else _earlier_parent(study, experiment or spec.experiment)
     if earlier is not None:  # its trials go where it is, in this process and in the workers it starts
         use_experiment(experiment_id=earlier.info.experiment_id)
+        if ERROR_TAG in earlier.data.tags:  # why an earlier invocation stopped is no longer true
+            MlflowClient().delete_tag(earlier.info.run_id, ERROR_TAG)
         opened = mlflow.start_run(run_id=earlier.info.run_id, tags=tags)
     else:
         opened = start_parent(experiment or spec.experiment, f"sweep-{study_name}", tags)
@@ -205,9 +208,11 @@ def run_sweep(
         # metrics, not params: a resumed study goes on in this run, and its best (and the counts an
         # invocation is given) may change, where MLflow refuses to change a param; each invocation
         # logs at the count of trials complete, so a metric's history is the study's
+        # every searched knob, NaN where the best trial has none (the paper's baseline keeps lam auto):
+        # a knob left out would show an older best's value beside this one's
+        best = {f"best_{p.name}": float(study.best_params.get(p.name, float("nan"))) for p in spec.search_space}
         mlflow.log_metrics({"best_value": study.best_value, "n_complete": len(complete), "n_trials": n_trials,
-                            "workers": workers, **{f"best_{k}": v for k, v in study.best_params.items()}},
-                           step=len(complete))  # fmt: skip
+                            "workers": workers, **best}, step=len(complete))  # fmt: skip
         mlflow.set_tag(BEST_TRIAL_TAG, str(study.best_trial.number))
         return SweepOutcome(study_name, parent_id, len(complete), study.best_value, study.best_params, artifacts,
                             spec.objective)  # fmt: skip
@@ -261,8 +266,14 @@ def _study_for(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str,
     if name not in existing or _spec_change(spec, existing[name]) is None:
         return name
     if new_study:
+        fingerprint = spec.fingerprint()
+        numbered = sorted((int(other.rsplit("-", 1)[1]), other) for other in existing
+                          if other.startswith(f"{name}-") and other.rsplit("-", 1)[1].isdigit())  # fmt: skip
+        for _, other in numbered:  # one made from this spec (by --new-study: it has the fingerprint)
+            if existing[other].user_attrs.get(SPEC_ATTR) == fingerprint:
+                return other
         n = 2
-        while f"{name}-{n}" in existing and _spec_change(spec, existing[f"{name}-{n}"]) is not None:
+        while f"{name}-{n}" in existing:
             n += 1
         return f"{name}-{n}"
     raise ConfigError(f"study {name!r} was made from another spec ({_spec_change(spec, existing[name])}); give a new "

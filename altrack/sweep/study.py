@@ -42,7 +42,12 @@ def check_storage(url: str | None) -> str:
     url = url or DEFAULT_STORAGE
     if "://" in url:
         try:
-            make_url(url).get_dialect()
+            parsed = make_url(url)
+        except Exception:  # not even a URL: echo none of it (a password may sit where redact does not look)
+            raise ConfigError("the Optuna storage URL does not parse; give postgresql://..., mysql://..., "
+                              "sqlite:///FILE or a journal file") from None  # fmt: skip
+        try:
+            parsed.get_dialect().import_dbapi()  # the driver too: psycopg, mysqlclient, ...
         except Exception as exc:  # redis://, a typo, a driver not installed
             raise ConfigError(f"Optuna storage {redact(url)}: not a database URL this install can open "
                               f"({first_line(exc)}); give postgresql://..., mysql://..., sqlite:///FILE "

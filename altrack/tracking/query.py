@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from altrack.catalog import DATASETS
 from altrack.errors import AltrackError
 from altrack.results import FINISHED, RUNNING, ResultRow
-from altrack.settings import Settings
+from altrack.settings import PAPER_SETTING_LABEL, Settings
 from altrack.tracking.tags import (
     ERROR_TAG,
     HASH_TAG,
@@ -71,9 +71,15 @@ def row_of(run: Run) -> ResultRow | None:
 
 
 def setting_of(run: Run) -> str:
-    """The Settings label a run was made with: its tag (runs logged before the tag existed logged
-    every setting as a param, so those are read back instead)."""
-    return run.data.tags.get(SETTING_TAG) or Settings.from_params(run.data.params).label
+    """The Settings label a run was made with: its tag, with the knobs off their defaults that a
+    tag logged before 2026-12-07 left out (it named the three a sweep tunes; the run's params
+    have the rest). Runs logged before the tag existed logged every setting as a param."""
+    full = Settings.from_params(run.data.params).label
+    tag = run.data.tags.get(SETTING_TAG)
+    if not tag:
+        return full
+    swept = len(PAPER_SETTING_LABEL.split())
+    return tag if len(tag.split()) > swept else " ".join([*tag.split(), *full.split()[swept:]])
 
 
 def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[ResultRow, str]]:
