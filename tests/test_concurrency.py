@@ -105,7 +105,7 @@ def test_two_identical_grids_at_once_do_each_run_once_and_both_report_it(data_di
     assert len(finished) == 8 and set(finished.values()) == {1}
     assert {r.info.status for r in runs} == {"FINISHED"}
     for i in range(2):  # both reports hold all 8 runs, each over its 2 seeds
-        table = (tmp_path / f"out{i}" / "active_learning_results.txt").read_text().split("paired")[0]
+        table = (tmp_path / f"out{i}" / "active_learning_results.txt").read_text().split("paired comparisons")[0]
         counts = [line.split()[3] for line in table.splitlines() if line.strip().startswith(("margin ", "random "))]
         assert counts == ["2"] * 4
 

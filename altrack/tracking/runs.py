@@ -91,14 +91,14 @@ def check_tracking_store(existing: bool = False) -> str:
     Returns the tracking URI; raises ``AltrackError`` (one line) when the store does not answer.
     """
     uri = mlflow.get_tracking_uri()
-    path = sqlite_file(uri)
-    if existing and path is not None and not path.is_file():
-        raise AltrackError(f"no MLflow store at {redact(uri)}: {path} does not exist; run this where the grid ran "
-                           "(beside its mlflow.db), or set MLFLOW_TRACKING_URI")  # fmt: skip
     try:
         probe(uri, "MLflow tracking store")  # seconds, where MLflow would retry a database for minutes
     except ConfigError as exc:
         raise AltrackError(str(exc)) from exc
+    path = sqlite_file(uri)
+    if existing and path is not None and not path.is_file():
+        raise AltrackError(f"no MLflow store at {redact(uri)}: {path} does not exist; run this where the grid ran "
+                           "(beside its mlflow.db), or set MLFLOW_TRACKING_URI")  # fmt: skip
     try:
         with _quick_http(), first_use_lock(uri):  # a new SQLite store is created by one process at a time
             start_in_wal(uri)
