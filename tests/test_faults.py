@@ -354,7 +354,7 @@ def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, to, data_dir, 
 def test_workers_die_with_a_sigkilled_grid(data_dir, tmp_path):
     env = _env(data_dir, tmp_path)
     command = [sys.executable, "-m", "altrack", "run", "--datasets", "mnist,fashion_mnist", "--runs", "2",
-               "--methods", "random", "--budget", "500", "--epochs", "1000", "--workers", "2", "--quiet",
+               "--methods", "random", "--budget", "500", "--epochs", "20000", "--workers", "2", "--quiet",
                "--no-log-models"]  # fmt: skip
     grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _sigkill_leaves_no_workers(grid), "workers outlived their grid"
