@@ -307,9 +307,24 @@ def test_a_child_still_importing_its_target_dies_with_a_sigkilled_parent(tmp_pat
                 os.kill(child, signal.SIGKILL)
 
 
+def _sigint_default() -> None:
+    """In the child before it execs: SIGINT's default action. A job started in the background by
+    a shell without job control (CI's) ignores SIGINT, its children inherit that, and Python
+    then never turns SIGINT into KeyboardInterrupt: a Ctrl-C test would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """A failed test leaves no grid training on beside the next ones."""
+    if proc.poll() is None:
+        with suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("workers", "to"), [("1", "main"), ("2", "main"), ("2", "group")])
-def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, to, data_dir, tmp_path):
+def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, to, data_dir, tmp_path, request):
     """SIGINT mid-grid, to the main process alone (``kill -INT``) or to its process group (a
     terminal's Ctrl-C; four blocks for two workers): the CLI exits 130 at once with one line, no
     traceback, and the parent ends KILLED with an ``altrack.error`` tag, as its runs do. MLflow's
@@ -322,7 +337,8 @@ def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, to, data_dir, 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     client.search_experiments()  # the store made first: polled while the grid migrates it, it broke
     grid = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+                            text=True, start_new_session=True, preexec_fn=_sigint_default)  # fmt: skip
+    request.addfinalizer(lambda: _kill_group(grid))
 
     def runs(query: str) -> list:
         return client.search_runs([e.experiment_id for e in client.search_experiments()], query)
@@ -429,7 +445,7 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, data_dir, tmp_path):
+def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, data_dir, tmp_path, request):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-trial: no Optuna
     traceback, the workers stop, and the parent ends KILLED. In one process the stopped trial's
     point waits in the study at once (an enqueued retry): it was lost before, so an interrupted
@@ -442,7 +458,8 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, dat
     command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--n-trials", "3", "--storage", str(journal),
                "--workers", workers]  # fmt: skip
     sweep = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)  # fmt: skip
+                             text=True, start_new_session=True, preexec_fn=_sigint_default)  # fmt: skip
+    request.addfinalizer(lambda: _kill_group(sweep))
     deadline = time.monotonic() + 120
     running: list = []
     while time.monotonic() < deadline and not running:
