@@ -244,7 +244,7 @@ def _sigkill_leaves_no_workers(proc: subprocess.Popen) -> bool:
     deadline = time.monotonic() + 120
     workers: list[int] = []
     while time.monotonic() < deadline and len(workers) < 2:
-        workers = [p for p in _children(proc.pid) if "resource_tracker" not in _cmdline(p)]
+        workers = [p for p in _children(proc.pid) if "resource_tracker import main" not in _cmdline(p)]
         time.sleep(0.5)
     assert len(workers) >= 2, "the workers never started"
     time.sleep(3)  # they are training
