@@ -220,7 +220,7 @@ class Settings:
         """The knobs a sweep tunes, then any other knob not at its default, as one string of
         ``name=value`` words: how reports tell settings apart (``report.separate_settings``).
         The paper's setting reads as it always has: ``seed_ratio=0.2 cluster_ratio=0.2 lam=auto``."""
-        knobs, defaults = self.knobs(), type(self)().knobs()
+        knobs, defaults = self.knobs(), DEFAULT_KNOBS  # defined below, before any label is read
         first = ("seed_ratio", "cluster_ratio", "lam")
         rest = [name for name in knobs if name not in first and knobs[name] != defaults[name]]
         return " ".join(f"{name}={knobs[name]}" for name in (*first, *rest))
@@ -255,7 +255,7 @@ class Settings:
 PAPER_SETTING = Settings()  # the paper: k'/k = k''/k = 0.2, lam auto
 DEFAULT_KNOBS = PAPER_SETTING.knobs()  # a knob a label leaves out has this value
 PAPER_SETTING_LABEL = PAPER_SETTING.label
-_SWEPT = len(PAPER_SETTING_LABEL.split())  # a label's first words: the knobs a sweep tunes
+SWEPT_WORDS = len(PAPER_SETTING_LABEL.split())  # a label's first words: the knobs a sweep tunes
 
 
 def label_knobs(label: str) -> dict[str, str]:
@@ -267,7 +267,7 @@ def label_knobs(label: str) -> dict[str, str]:
 def paper_counterpart(label: str) -> str:
     """The paper's setting with the other knobs of ``label`` (its epochs, lr, ...): what a tuned
     setting is compared with, so that only the knobs a sweep tunes differ between the two."""
-    return " ".join([*PAPER_SETTING_LABEL.split(), *label.split()[_SWEPT:]])
+    return " ".join([*PAPER_SETTING_LABEL.split(), *label.split()[SWEPT_WORDS:]])
 
 
 def is_paper_setting(label: str) -> bool:

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from altrack.catalog import DATASETS
 from altrack.errors import AltrackError
 from altrack.results import FINISHED, RUNNING, ResultRow
-from altrack.settings import PAPER_SETTING_LABEL, Settings
+from altrack.settings import SWEPT_WORDS, Settings
 from altrack.tracking.tags import (
     ERROR_TAG,
     HASH_TAG,
@@ -78,8 +78,7 @@ def setting_of(run: Run) -> str:
     tag = run.data.tags.get(SETTING_TAG)
     if not tag:
         return full
-    swept = len(PAPER_SETTING_LABEL.split())
-    return tag if len(tag.split()) > swept else " ".join([*tag.split(), *full.split()[swept:]])
+    return tag if len(tag.split()) > SWEPT_WORDS else " ".join([*tag.split(), *full.split()[SWEPT_WORDS:]])
 
 
 def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[ResultRow, str]]:
