@@ -237,6 +237,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _left_alive(pids: list[int], within: float) -> list[str]:
+    """The command lines of ``pids`` still alive after up to ``within`` seconds. A process the
+    parent has stopped may still be tearing down when the parent exits (its memory released,
+    ``/proc`` showing it without a command line, not yet a zombie), and the resource tracker ends
+    only when it reads the parent's end of its pipe: both go on their own within moments."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.25)
+    return [_cmdline(p)[:200] or f"pid {p}" for p in pids if _alive(p)]
+
+
 def _sigkill_leaves_no_workers(proc: subprocess.Popen) -> bool:
     """Wait for ``proc``'s two worker processes, let them work, SIGKILL ``proc``; whether every
     worker is gone 15 s later. Workers that finished before the kill would prove nothing, so they
@@ -251,10 +262,7 @@ def _sigkill_leaves_no_workers(proc: subprocess.Popen) -> bool:
     assert all(_alive(p) for p in workers), "a worker finished before the kill: train longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.5)
-    return not any(_alive(p) for p in workers)
+    return not _left_alive(workers, within=15)
 
 
 SLOW_MODULE = """
@@ -359,7 +367,7 @@ def test_ctrl_c_ends_the_grid_parent_killed_and_says_why(workers, to, data_dir, 
     _, err = grid.communicate(timeout=60)
     assert time.monotonic() - stopped < 30, "it waited for the workers' blocks"
     assert grid.returncode == 130 and err.strip().endswith("altrack: interrupted"), err
-    assert "Traceback" not in err and not any(_alive(p) for p in workers_before), err
+    assert "Traceback" not in err and not _left_alive(workers_before, within=5), err
     parents = runs("tags.`altrack.kind` = 'grid'")
     assert [p.info.status for p in parents] == ["KILLED"], err
     assert "interrupted" in parents[0].data.tags["altrack.error"]
@@ -473,7 +481,8 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, dat
     os.killpg(sweep.pid, signal.SIGINT)
     _, err = sweep.communicate(timeout=60)
     assert sweep.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert not any(_alive(p) for p in workers_before)
+    left = _left_alive(workers_before, within=5)
+    assert not left, left
     study = optuna.load_study(study_name="tiny", storage=_journal(journal))
     stopped = study.trials[running[0].number]
     if workers == "1":
