@@ -46,9 +46,10 @@ def _pid_namespace() -> str:
         return "0"
 
 
-def worker_id() -> str:
-    """This process as an owner: ``host:pidns:pid``."""
-    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}"
+def worker_id(pid: int | None = None) -> str:
+    """This process (or its child ``pid``, which shares its pid namespace) as an owner:
+    ``host:pidns:pid``."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid() if pid is None else pid}"
 
 
 def pid_alive(pid: int) -> bool:

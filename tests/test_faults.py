@@ -23,10 +23,10 @@ from optuna.trial import TrialState
 from services import Unavailable, mlflow_server
 from test_sweep import TINY_SPEC, _spec
 
-from altrack.liveness import clean_stale_temp_dirs, is_dead, temp_dir
+from altrack.liveness import clean_stale_temp_dirs, temp_dir
 from altrack.redaction import redact
-from altrack.tracking.runs import close_dead_runs
-from altrack.tracking.tags import WORKER_ATTR
+from altrack.tracking.runs import INTERRUPTED, close_dead_runs
+from altrack.tracking.tags import INTERRUPTED_ATTR, TRIAL_NUMBER_TAG, WORKER_ATTR
 
 
 def _env(data_dir, tmp_path, **extra):
@@ -455,11 +455,11 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, data_dir, tmp_path, request):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-trial: no Optuna
-    traceback, the workers stop, and the parent ends KILLED. In one process the stopped trial's
-    point waits in the study at once (an enqueued retry): it was lost before, so an interrupted
-    study went on without ever evaluating it. Two workers' trials are left to a dead owner, which
-    the next invocation retries (``Recovery``); before, the workers trained on under the KILLED
-    parent while the sweep waited for them."""
+    traceback, the workers stop, and the parent ends KILLED. Each stopped trial ends FAIL, marked
+    interrupted (outside the failure limit), its point waits in the study at once (an enqueued
+    retry), and its MLflow run ends KILLED, saying why. Before, one process lost the point for
+    good, and two workers left their trials RUNNING under a dead owner until the next invocation,
+    and before that trained on under the KILLED parent while the sweep waited for them."""
     journal = tmp_path / "study.journal"
     spec = _spec(tmp_path, TINY_SPEC.replace("epochs: 1", "epochs: 20000"))
     env = _env(data_dir, tmp_path)
@@ -484,18 +484,20 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, dat
     left = _left_alive(workers_before, within=5)
     assert not left, left
     study = optuna.load_study(study_name="tiny", storage=_journal(journal))
-    stopped = study.trials[running[0].number]
-    if workers == "1":
-        assert stopped.state == TrialState.FAIL
-        retry = [t for t in study.trials if t.state == TrialState.WAITING]
-        assert [t.user_attrs["altrack.retry_of"] for t in retry] == [stopped.number]
-        assert retry[0].system_attrs["fixed_params"] == stopped.params  # enqueued: its params are fixed
-    else:
-        assert stopped.state == TrialState.RUNNING and is_dead(stopped.user_attrs[WORKER_ATTR])
+    stopped = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert running[0].number in [t.number for t in stopped] and not study.get_trials(states=(TrialState.RUNNING,))
+    assert all(t.user_attrs[INTERRUPTED_ATTR] for t in stopped)  # outside the failure limit
+    retry = {t.user_attrs["altrack.retry_of"]: t for t in study.trials if t.state == TrialState.WAITING}
+    assert sorted(retry) == [t.number for t in stopped]
+    assert all(retry[t.number].system_attrs["fixed_params"] == t.params for t in stopped)  # enqueued: same params
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("altrack").experiment_id
     parents = client.search_runs([experiment], "tags.`altrack.kind` = 'sweep'")
     assert [p.info.status for p in parents] == ["KILLED"] and "interrupted" in parents[0].data.tags["altrack.error"]
+    trials = client.search_runs([experiment], "tags.`altrack.kind` = 'trial'")
+    numbers = {t.data.tags[TRIAL_NUMBER_TAG] for t in trials}  # a trial stopped before its run opened has none
+    assert str(running[0].number) in numbers and numbers <= {str(t.number) for t in stopped}
+    assert {(t.info.status, t.data.tags["altrack.error"]) for t in trials} == {("KILLED", INTERRUPTED)}
 
 
 @pytest.mark.slow

@@ -16,11 +16,13 @@ from optuna.trial import TrialState
 
 from altrack.cli import main
 from altrack.errors import AltrackError, ConfigError
+from altrack.liveness import worker_id
 from altrack.paper import sweep_summary
 from altrack.replay import replay
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
-from altrack.sweep.study import make_sampler
-from altrack.tracking.tags import BASELINE_ATTR, RUN_ATTR, WORKER_ATTR
+from altrack.sweep.study import make_sampler, retry_stopped_workers
+from altrack.tracking.runs import INTERRUPTED
+from altrack.tracking.tags import BASELINE_ATTR, INTERRUPTED_ATTR, RETRY_OF_ATTR, RUN_ATTR, WORKER_ATTR
 
 TINY_SPEC = """\
 study_name: tiny
@@ -305,6 +307,50 @@ def test_a_trial_whose_models_diverge_fails_with_the_reason_and_logs_what_traine
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=mine)
     assert sorted(r.info.run_name for r in runs) == ["trial0-mnist-coreset-k100-s0", "trial0-mnist-coreset-k100-s1"]
     assert {r.info.status for r in runs} == {"FAILED"}
+
+
+SPACE = {"cluster_ratio": optuna.distributions.FloatDistribution(0.1, 0.3),
+         "seed_ratio": optuna.distributions.FloatDistribution(0.1, 0.3)}  # fmt: skip
+
+
+def test_trials_stopped_by_ctrl_c_do_not_count_toward_the_failure_limit(data_dir, mlflow_store, tmp_path):
+    """A study interrupted four times (each stopped trial FAIL, marked interrupted) still runs on
+    its fifth start; counted as failures, they made it give up (``max(3, n_trials)``)."""
+    spec = load_spec(_spec(tmp_path))
+    storage = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="tiny", storage=open_storage(storage), direction="maximize")
+    for _ in range(4):
+        trial = study.ask(SPACE)
+        trial.set_user_attr(INTERRUPTED_ATTR, True)
+        study.tell(trial, state=TrialState.FAIL)
+    outcome = run_sweep(spec, n_trials=1, storage=storage, data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"))
+    assert outcome.n_complete == 1
+
+
+def test_the_trials_of_workers_stopped_by_ctrl_c_are_retried_at_once(mlflow_store, tmp_path):
+    """What the sweep does after it stops its workers on Ctrl-C: their RUNNING trials fail, marked
+    interrupted, their points wait in the queue, and their MLflow runs end KILLED, saying why;
+    another owner's trial is left alone. Before, they stayed RUNNING until the next invocation."""
+    study = optuna.create_study(study_name="tiny", storage=open_storage(str(tmp_path / "s.journal")))
+    stopped = subprocess.Popen(["true"])
+    stopped.wait()
+    mlflow.set_experiment(mlflow_store)
+    with mlflow.start_run(run_name="trial-0") as run:
+        pass
+    MlflowClient().update_run(run.info.run_id, status="RUNNING")
+    mine, other = study.ask(SPACE), study.ask(SPACE)
+    mine.set_user_attr(WORKER_ATTR, worker_id(stopped.pid))
+    mine.set_user_attr(RUN_ATTR, run.info.run_id)
+    other.set_user_attr(WORKER_ATTR, "elsewhere:1:1")
+
+    assert retry_stopped_workers(study, {worker_id(stopped.pid)}) == 1
+    first, second, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs[INTERRUPTED_ATTR]
+    assert second.state == TrialState.RUNNING
+    assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_OF_ATTR] == 0
+    assert retry.system_attrs["fixed_params"] == first.params
+    killed = MlflowClient().get_run(run.info.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["altrack.error"] == INTERRUPTED
 
 
 def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlflow_store, tmp_path):

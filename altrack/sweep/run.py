@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from altrack import report  # noqa: E402
 from altrack.config import writable_dir_target  # noqa: E402
 from altrack.data import load_dataset, resolve_device, set_determinism  # noqa: E402
 from altrack.errors import AltrackError, ConfigError  # noqa: E402
-from altrack.liveness import clean_stale_temp_dirs, temp_dir, tethered  # noqa: E402
+from altrack.liveness import clean_stale_temp_dirs, temp_dir, tethered, worker_id  # noqa: E402
 from altrack.protocol import (  # noqa: E402
     check_planned_stacks,
     fit_threads,
@@ -48,6 +49,7 @@ from altrack.sweep.study import (  # noqa: E402
     check_storage,
     open_storage,
     paper_baseline,
+    retry_stopped_workers,
     validation_indices,
 )
 from altrack.sweep.worker import Worker, quiet_optuna, run_worker  # noqa: E402
@@ -229,8 +231,12 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
     try:
         for proc in procs:
             proc.join()
-    except BaseException:  # Ctrl-C: the workers ignore SIGINT (tethered), so they stop here; their
-        stop_workers(procs)  # trials, left RUNNING by a dead owner, are retried on resume (Recovery)
+    except BaseException as exc:  # Ctrl-C: the workers ignore SIGINT (tethered), so they stop here
+        stop_workers(procs)
+        if isinstance(exc, KeyboardInterrupt):  # their trials go back in the queue now, as interrupted
+            with suppress(Exception):  # the store may be what was interrupted: Recovery then has them
+                study = optuna.load_study(study_name=jobs[0].study_name, storage=open_storage(jobs[0].storage_url))
+                retry_stopped_workers(study, {worker_id(proc.pid) for proc in procs})
         raise
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:

@@ -28,8 +28,15 @@ from altrack.redaction import redact
 from altrack.settings import PAPER_SETTING
 from altrack.stores import probe
 from altrack.sweep.spec import SweepSpec
-from altrack.tracking.runs import kill_run_tree
-from altrack.tracking.tags import BASELINE_ATTR, HEARTBEAT_ATTR, RETRY_OF_ATTR, RUN_ATTR, WORKER_ATTR
+from altrack.tracking.runs import INTERRUPTED, kill_run_tree
+from altrack.tracking.tags import (
+    BASELINE_ATTR,
+    HEARTBEAT_ATTR,
+    INTERRUPTED_ATTR,
+    RETRY_OF_ATTR,
+    RUN_ATTR,
+    WORKER_ATTR,
+)
 
 DEFAULT_STORAGE = "altrack-optuna.journal"
 VALIDATION_STREAM = 100  # a stream_seed use of its own, apart from the protocol's
@@ -170,6 +177,36 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> Non
         trial.params,
         user_attrs={RETRY_OF_ATTR: trial.number, BASELINE_ATTR: trial.user_attrs.get(BASELINE_ATTR, False)},
     )
+
+
+def retry_interrupted(trial: optuna.Trial) -> None:
+    """A running trial stopped by Ctrl-C in this process: marked interrupted, so the study's
+    failure limit leaves it out (the user stopped it; it did not fail), and its point enqueued
+    again. Optuna then ends it FAIL."""
+    trial.set_user_attr(INTERRUPTED_ATTR, True)
+    enqueue_retry(trial.study, trial)
+
+
+def retry_stopped_workers(study: optuna.Study, owners: set[str]) -> int:
+    """The RUNNING trials of ``owners`` (``worker_id``s of workers this process has just stopped
+    on Ctrl-C): each failed, marked interrupted and enqueued again, and its MLflow runs killed,
+    as ``retry_interrupted`` does in a worker that sees the Ctrl-C itself. Left alone they would
+    wait, RUNNING under a dead owner, for the next invocation's ``Recovery``, and then count as
+    failures. Returns how many."""
+    client, n = MlflowClient(), 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) not in owners:
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        enqueue_retry(study, trial)
+        if trial.user_attrs.get(RUN_ATTR):
+            kill_run_tree(client, trial.user_attrs[RUN_ATTR], INTERRUPTED)
+        n += 1
+    return n
 
 
 class Recovery:

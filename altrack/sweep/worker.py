@@ -25,11 +25,12 @@ from altrack.liveness import Heartbeat, grace_seconds, worker_id
 from altrack.protocol import SeedStage, run_methods, stack_limit
 from altrack.results import FINISHED
 from altrack.sweep.spec import SweepSpec
-from altrack.sweep.study import Recovery, enqueue_retry, make_sampler, open_storage, validation_indices
-from altrack.tracking.runs import log_run
+from altrack.sweep.study import Recovery, make_sampler, open_storage, retry_interrupted, validation_indices
+from altrack.tracking.runs import killed_on_interrupt, log_run
 from altrack.tracking.tags import (
     BASELINE_ATTR,
     HEARTBEAT_ATTR,
+    INTERRUPTED_ATTR,
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
@@ -61,7 +62,8 @@ class Worker:
 
     def run(self) -> None:
         """Run trials until the study has ``n_trials`` COMPLETE ones; ``AltrackError`` when more
-        than ``max(3, n_trials)`` have failed."""
+        than ``max(3, n_trials)`` have failed. A trial stopped by Ctrl-C is not counted: the user
+        stopped it, and a study interrupted four times should not give up on its fifth start."""
         storage = open_storage(self.storage_url)
         study = optuna.load_study(
             study_name=self.study_name, storage=storage, sampler=make_sampler(self.spec)
@@ -76,11 +78,13 @@ class Worker:
         said: tuple[int, ...] = ()
         while True:
             recover()
-            counts = Counter(t.state for t in study.get_trials(deepcopy=False))
+            trials = study.get_trials(deepcopy=False)
+            counts = Counter(t.state for t in trials)
             if counts[TrialState.COMPLETE] >= self.n_trials:
                 return
-            if counts[TrialState.FAIL] > max_failures:
-                raise AltrackError(f"study {self.study_name!r}: {counts[TrialState.FAIL]} trials failed; giving up")
+            failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR) for t in trials)
+            if failed > max_failures:
+                raise AltrackError(f"study {self.study_name!r}: {failed} trials failed; giving up")
             if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= self.n_trials:
                 running = tuple(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                 if running != said:
@@ -98,8 +102,8 @@ class Worker:
         try:
             with Heartbeat(lambda now: trial.set_user_attr(HEARTBEAT_ATTR, now)):
                 value = self._objective(trial)
-        except KeyboardInterrupt:  # Optuna ends the trial FAIL: its point is tried again on resume,
-            enqueue_retry(trial.study, trial)  # as a dead worker's is (``Recovery``)
+        except KeyboardInterrupt:
+            retry_interrupted(trial)
             raise
         done = [t.value for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         best = max([value, *done]) if self.spec.direction == "maximize" else min([value, *done])
@@ -120,7 +124,7 @@ class Worker:
         nested = mlflow.active_run() is not None  # in-process worker: under the parent run
         with mlflow.start_run(
             run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=nested, tags=tags
-        ) as run:
+        ) as run, killed_on_interrupt():  # KILLED and saying why, as a stopped worker's trial run is
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
             mlflow.log_params(
                 {

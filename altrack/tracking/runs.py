@@ -62,6 +62,8 @@ from altrack.tracking.tags import (
     WORKER_TAG,
 )
 
+INTERRUPTED = "interrupted (Ctrl-C or SIGINT); rerun the same command to resume"  # a stopped run's ERROR_TAG
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -224,7 +226,7 @@ def killed_on_interrupt() -> Iterator[None]:
     except KeyboardInterrupt:
         if mlflow.active_run() is not None:
             with suppress(Exception):  # the store may be what was interrupted: the exit still goes on
-                mlflow.set_tag(ERROR_TAG, "interrupted (Ctrl-C or SIGINT); rerun the same command to resume")
+                mlflow.set_tag(ERROR_TAG, INTERRUPTED)
                 mlflow.end_run(KILLED)
         raise
 

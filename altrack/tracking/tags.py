@@ -49,6 +49,7 @@ WORKER_ATTR = "altrack.worker"
 RUN_ATTR = "altrack.mlflow_run_id"
 BASELINE_ATTR = "altrack.paper_baseline"
 RETRY_OF_ATTR = "altrack.retry_of"
+INTERRUPTED_ATTR = "altrack.interrupted"  # trial attribute: it failed to Ctrl-C, not to its own fault
 TEST_ACCURACY_ATTR = "test_accuracy"
 PARENT_ATTR = "altrack.mlflow_parent_run_id"  # study attribute: the sweep's MLflow parent run
 SPEC_ATTR = "altrack.spec"  # study attribute: the spec fingerprint its trials were made from
