@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from altrack.settings import RunKey
 from altrack.slurm import TaskOutcome, job_alive, require_shared_store, slurm_tags, task_threads, wait_for
 from altrack.tracking.query import finished_rows, get_run, rows_from_mlflow
 from altrack.tracking.runs import (
+    INTERRUPTED,
     LiveLosses,
     check_system_metrics,
     check_tracking_store,
@@ -293,8 +295,15 @@ def _collect(submitted: Submitted, parent_id: str, progress: bool) -> int:
         done += 1
         mlflow.log_metric("progress/slurm_tasks_done", done, step=done)
 
-    outcomes = wait_for(jobs, labels, progress, heard)
     client = MlflowClient()
+    try:
+        outcomes = wait_for(jobs, labels, progress, heard)
+    except KeyboardInterrupt:  # wait_for cancelled the tasks: once they have left the queue, the runs
+        with suppress(Exception):  # they left say why (else, or if the store fails, the next invocation)
+            if not job_alive(jobs[0].job_id.split("_")[0]):
+                experiment_id = client.get_run(parent_id).info.experiment_id
+                kill_running_children(client, parent_id, experiment_id, INTERRUPTED)
+        raise
     experiment_id = client.get_run(parent_id).info.experiment_id
     kill_running_children(client, parent_id, experiment_id, "its Slurm task ended before the run did")
     return sum(o.error is not None for o in outcomes)
@@ -305,7 +314,12 @@ def grid_task(cfg: GridConfig, device: str, work: list, parent_id: str, tracking
     All its datasets are loaded first, then checked against what the job leaves (``check_stacks``:
     one model within a quarter of the memory left, a CUDA stack within its card's free memory),
     so a job too small fails before it claims a run. Returns how many runs it logged. Raises
-    ``ConfigError`` for a job too small."""
+    ``ConfigError`` for a job too small.
+
+    SIGTERM (``scancel``: a launcher's Ctrl-C, a user's cancel) ends the task at once. Submitit's
+    handler ignores it until Slurm's SIGKILL, a KillWait (30 s by default) later, while the
+    launcher waits to close the runs the task leaves."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(task_threads())
     set_determinism(device)
     datasets = list(dict.fromkeys(block[0] for block in work))

@@ -690,7 +690,8 @@ def quiet_resource_tracker() -> None:
 
 def stop_workers(children: Iterable[multiprocessing.process.BaseProcess], grace: float = 10.0) -> None:
     """SIGTERM ``children`` (spawned workers, which ignore SIGINT) and wait up to ``grace``
-    seconds for them to go: the default action ends a process without a traceback."""
+    seconds for them to go: the default action ends a process without a traceback, and a sweep
+    worker takes it as its Ctrl-C (``sweep.worker.run_worker``), a moment of cleaning up."""
     children = list(children)
     for child in children:
         with suppress(OSError, ValueError):

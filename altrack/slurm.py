@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,36 @@ def squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
     return states
 
 
+CANCEL_WAIT_SECONDS = 15.0
+
+
+def cancel(job_ids: Sequence[str], wait: float = CANCEL_WAIT_SECONDS) -> bool:
+    """``scancel`` the job arrays of these tasks (``12_3``), best effort, and wait up to ``wait``
+    seconds for the tasks to leave the queue, since until then a task may still write to its
+    runs. altrack's tasks end at the SIGTERM (``grid_task``, ``run_worker``), not at Slurm's
+    SIGKILL a KillWait later. Returns whether they left. Ctrl-C while a grid or sweep waits on
+    Slurm stops its work, as it does on one machine; ``--detach`` is the way to leave it running."""
+    from tqdm.auto import tqdm  # lazy; its write keeps clear of a progress bar
+
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+    if not arrays:
+        return True
+    tqdm.write(f"cancelling Slurm job {', '.join(arrays)}; waiting up to {wait:.0f} s for its tasks to stop",
+               file=sys.stderr)  # fmt: skip
+    with suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(["scancel", *arrays], capture_output=True, timeout=30)
+    deadline = time.monotonic() + wait
+    while True:
+        states = squeue_states(job_ids)
+        if states is not None and not any(job_id in states for job_id in job_ids):
+            return True
+        if time.monotonic() > deadline:
+            tqdm.write("Slurm still lists some of them; the next invocation closes the runs they leave",
+                       file=sys.stderr)  # fmt: skip
+            return False
+        time.sleep(0.5)
+
+
 def job_alive(job_id: str) -> bool:
     """Whether Slurm still lists this job (pending, running, completing); True when unsure."""
     states = squeue_states([job_id])
@@ -244,7 +275,8 @@ def wait_for(jobs: Sequence[Any], labels: Sequence[str], progress: bool,
     """Wait until every submitit job has a result or has left the queue without one.
 
     Returns one outcome per job, in order; a failed task's error says why in one line and where
-    its log is, printed on stderr as it happens. ``on_done`` hears each as it ends."""
+    its log is, printed on stderr as it happens. ``on_done`` hears each as it ends. On Ctrl-C
+    (``KeyboardInterrupt``, raised on) the tasks not yet over are cancelled."""
     from tqdm.auto import tqdm  # lazy
 
     outcomes: dict[int, TaskOutcome] = {}
@@ -276,6 +308,9 @@ def wait_for(jobs: Sequence[Any], labels: Sequence[str], progress: bool,
                         on_done(outcome)
             if len(outcomes) < len(jobs):
                 time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        cancel([job.job_id for i, job in enumerate(jobs) if i not in outcomes])
+        raise
     finally:
         bar.close()
     return [outcomes[i] for i in range(len(jobs))]

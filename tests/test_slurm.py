@@ -5,26 +5,32 @@ services cannot run (not root, packages missing); .ci/run installs them."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from services import Unavailable, create_database, mlflow_server, postgres, slurm_cluster
+from test_faults import _kill_group, _sigint_default
 from test_sweep import TINY_SPEC
 
+from altrack.tracking.runs import INTERRUPTED
 from altrack.tracking.tags import (
     ERROR_TAG,
     HASH_TAG,
+    INTERRUPTED_ATTR,
     KIND_PROTOCOL,
     KIND_TAG,
+    KIND_TRIAL,
     MLFLOW_PARENT_RUN_ID,
+    RETRY_OF_ATTR,
     SLURM_ARRAY_TASK_TAG,
     SLURM_JOB_TAG,
 )
@@ -130,6 +136,37 @@ def test_a_cancelled_task_is_rerun_alone_and_nothing_is_left_running(cluster, tm
     assert "RUNNING" not in {r.info.status for r in runs}
 
 
+def test_ctrl_c_cancels_the_grids_slurm_tasks_and_ends_their_runs_killed(cluster, tmp_path, request):
+    """SIGINT to a launcher waiting on Slurm: it cancels its job array (``--detach`` is the way to
+    leave tasks running), waits for the tasks to leave the queue, and ends the runs they left
+    KILLED, saying why, under a KILLED parent; one line, exit 130. Before, the tasks trained on
+    under the KILLED parent and their runs stayed RUNNING until the next invocation."""
+    args = [*GRID, "--datasets", "mnist", "--runs", "2", "--budget", "1000", "--epochs", "1000", "--stack", "1",
+            "--experiment", "slurm-interrupt", "--out", "out"]  # fmt: skip
+    launcher = subprocess.Popen([sys.executable, "-m", "altrack", *args], cwd=tmp_path, env=cluster["env"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=_sigint_default)  # fmt: skip
+    request.addfinalizer(lambda: _kill_group(launcher))
+    deadline = time.monotonic() + 300
+    claimed: list = []
+    while not claimed and time.monotonic() < deadline and launcher.poll() is None:
+        claimed = [r for r in protocol_runs(cluster, "slurm-interrupt") if r.info.status == "RUNNING"]
+        time.sleep(0.3)
+    assert claimed, "no task was seen training"
+    job = claimed[0].data.tags[SLURM_JOB_TAG]
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130 and err.strip().endswith("altrack: interrupted"), err[-2000:]
+    assert f"cancelling Slurm job {job}" in err and "Traceback" not in err
+    assert not [task for task in _squeue(cluster) if task.startswith(f"{job}_")]
+    runs = protocol_runs(cluster, "slurm-interrupt")
+    assert "RUNNING" not in {r.info.status for r in runs}, _logs(tmp_path)
+    assert claimed[0].info.run_id in {r.info.run_id for r in runs if r.info.status == "KILLED"}
+    assert {r.data.tags[ERROR_TAG] for r in runs if r.info.status == "KILLED"} == {INTERRUPTED}
+    parent = MlflowClient(cluster["server"]).get_run(claimed[0].data.tags[MLFLOW_PARENT_RUN_ID])
+    assert parent.info.status == "KILLED"
+
+
 def test_a_requeued_task_does_the_runs_its_killed_attempt_claimed(cluster, tmp_path):
     """Slurm requeues a task while it trains (``scontrol requeue``, as after a node failure): the
     killed attempt leaves its claimed run RUNNING under a job id squeue still lists. The second
@@ -171,6 +208,46 @@ def test_a_sweep_runs_its_workers_as_slurm_jobs_on_postgres(cluster, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="on-slurm", storage=storage)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_ctrl_c_cancels_a_slurm_sweep_whose_workers_re_queue_their_trials(cluster, tmp_path, request):
+    """SIGINT to a sweep launcher waiting on two Slurm workers: it cancels their job array, and
+    each worker takes the SIGTERM as its Ctrl-C (submitit's own handler ignored it until Slurm's
+    SIGKILL): its trial ends FAIL marked interrupted, its point waits in the study, and its run
+    ends KILLED, saying why. Before, the trials stayed RUNNING for the heartbeat to fail them
+    later, as failures that count toward the study's limit."""
+    storage = create_database(cluster["pg"], "optuna_interrupt")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY_SPEC.replace("study_name: tiny", "study_name: stopped").replace("epochs: 1", "epochs: 20000"))
+    command = [sys.executable, "-m", "altrack", "sweep", str(spec), "--storage", storage, "--executor", "slurm",
+               "--workers", "2", "--n-trials", "4", "--cpus-per-task", "1", "--mem-gb", "2",
+               "--experiment", "slurm-sweep-interrupt"]  # fmt: skip
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=cluster["env"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=_sigint_default)  # fmt: skip
+    request.addfinalizer(lambda: _kill_group(launcher))
+    deadline = time.monotonic() + 300
+    running: list = []
+    while not running and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(1)
+        with suppress(Exception):  # the study may not exist yet
+            running = optuna.load_study(study_name="stopped", storage=storage).get_trials(states=(TrialState.RUNNING,))
+    assert running, "no trial started"
+    time.sleep(3)
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130 and err.strip().endswith("altrack: interrupted"), err[-2000:]
+    assert "cancelling Slurm job" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="stopped", storage=storage)
+    stopped = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert running[0].number in [t.number for t in stopped] and not study.get_trials(states=(TrialState.RUNNING,))
+    assert all(t.user_attrs[INTERRUPTED_ATTR] for t in stopped), _logs(tmp_path)
+    retry = sorted(t.user_attrs[RETRY_OF_ATTR] for t in study.trials if t.state == TrialState.WAITING)
+    assert retry == [t.number for t in stopped]
+    client = MlflowClient(cluster["server"])
+    experiment = client.get_experiment_by_name("slurm-sweep-interrupt").experiment_id
+    trials = client.search_runs([experiment], f"tags.`{KIND_TAG}` = '{KIND_TRIAL}'")
+    assert trials and {(t.info.status, t.data.tags[ERROR_TAG]) for t in trials} == {("KILLED", INTERRUPTED)}
 
 
 def test_a_task_plans_with_its_jobs_memory_where_slurm_holds_it_without_cgroups(cluster, tmp_path):

@@ -231,12 +231,13 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
     try:
         for proc in procs:
             proc.join()
-    except BaseException as exc:  # Ctrl-C: the workers ignore SIGINT (tethered), so they stop here
-        stop_workers(procs)
-        if isinstance(exc, KeyboardInterrupt):  # their trials go back in the queue now, as interrupted
+    except BaseException as exc:  # Ctrl-C: the workers ignore SIGINT (tethered); SIGTERM is their Ctrl-C
+        stop_workers(procs)  # (run_worker): each re-queues its trial as interrupted and goes
+        dead = {worker_id(proc.pid) for proc in procs if not proc.is_alive()}
+        if isinstance(exc, KeyboardInterrupt) and dead:  # the trials of any that died before it could
             with suppress(Exception):  # the store may be what was interrupted: Recovery then has them
                 study = optuna.load_study(study_name=jobs[0].study_name, storage=open_storage(jobs[0].storage_url))
-                retry_stopped_workers(study, {worker_id(proc.pid) for proc in procs})
+                retry_stopped_workers(study, dead)
         raise
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:

@@ -188,17 +188,17 @@ def retry_interrupted(trial: optuna.Trial) -> None:
 
 
 def retry_stopped_workers(study: optuna.Study, owners: set[str]) -> int:
-    """The RUNNING trials of ``owners`` (``worker_id``s of workers this process has just stopped
-    on Ctrl-C): each failed, marked interrupted and enqueued again, and its MLflow runs killed,
-    as ``retry_interrupted`` does in a worker that sees the Ctrl-C itself. Left alone they would
-    wait, RUNNING under a dead owner, for the next invocation's ``Recovery``, and then count as
-    failures. Returns how many."""
+    """The RUNNING trials of ``owners`` (``worker_id``s of workers this process stopped on Ctrl-C
+    and saw die): each failed, marked interrupted and enqueued again, and its MLflow runs killed.
+    A stopped worker does this itself (``run_worker`` takes SIGTERM as a Ctrl-C); this is for
+    one that died before it could. Left alone, such trials would wait, RUNNING under a dead
+    owner, for the next invocation's ``Recovery``, and then count as failures. Returns how many."""
     client, n = MlflowClient(), 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) not in owners:
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
-        try:
+        try:  # another sweep on this study may have recovered it first
+            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue

@@ -7,6 +7,7 @@ N (a trial that would overshoot is pruned before it does any work).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from collections import Counter
@@ -97,9 +98,11 @@ class Worker:
 
     def objective(self, trial: optuna.Trial) -> float:
         """Mean validation accuracy over the spec's seeds, each a logged protocol run."""
-        trial.set_user_attr(WORKER_ATTR, worker_id())
         started = time.monotonic()
         try:
+            trial.set_user_attr(WORKER_ATTR, worker_id())  # in the try: a Ctrl-C here still re-queues it
+            if trial.user_attrs.get(INTERRUPTED_ATTR):  # Optuna's heartbeat retry copies its stale trial's
+                trial.set_user_attr(INTERRUPTED_ATTR, False)  # attributes: this attempt has not been stopped
             with Heartbeat(lambda now: trial.set_user_attr(HEARTBEAT_ATTR, now)):
                 value = self._objective(trial)
         except KeyboardInterrupt:
@@ -190,9 +193,19 @@ def quiet_optuna() -> None:
 
 def run_worker(worker: Worker, tracking_uri: str, threads: int) -> None:
     """A worker process (spawned, ``tethered`` to its sweep; or a Slurm task): its share of the
-    cores, the parent's store, torch's determinism."""
+    cores, the parent's store, torch's determinism.
+
+    SIGTERM is a Ctrl-C here. It comes from the sweep stopping its workers on Ctrl-C, from
+    ``scancel`` (a launcher's Ctrl-C) or from a Slurm time limit, and the running trial is then
+    failed as interrupted, its point re-queued and its run ended KILLED before the process goes
+    (exit 130, quietly). Submitit's own handler ignores SIGTERM until Slurm's SIGKILL (KillWait
+    later), which would leave all that to the next invocation."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     quiet_optuna()
     torch.set_num_threads(threads)
     set_determinism(worker.device)
     mlflow.set_tracking_uri(tracking_uri)
-    worker.run()
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
