@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
+import tempfile
 from contextlib import closing
 from pathlib import Path
 
@@ -75,3 +79,39 @@ def test_the_filesystem_of_a_path_is_its_last_longest_mount(path, kind):
 def test_this_machines_temp_folder_is_on_a_local_filesystem(tmp_path):
     """Where the tests run a new store gets its log (the first test above), so say why if not."""
     assert stores.filesystem_type(tmp_path) in stores.LOCAL_FILESYSTEMS
+
+
+NOBODY = 65534
+LOCK_AS_NOBODY = """
+import sys
+from altrack.stores import first_use_lock
+with first_use_lock(sys.argv[1]):
+    print("held")
+"""
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def test_a_store_lock_another_user_made_still_opens(tmp_path):
+    """Two users of one machine reading one SQLite store (a shared results folder): the first
+    made the lock file in /tmp, and the second's ``altrack report`` must still take it. It opened
+    the file for writing, which another user's 0644 file refuses (PermissionError). Run as
+    ``nobody`` with the system Python, as root cannot be refused."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run a process as another user")
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    repo = Path(stores.__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "TMPDIR": tempfile.gettempdir()}
+    probe = [python or "python3", "-c", "import altrack.stores"]
+    if python is None or subprocess.run(probe, env=env, preexec_fn=_as_nobody, capture_output=True).returncode:
+        pytest.skip(f"no Python that user nobody can run with {repo} importable")
+    url = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with stores.first_use_lock(url):  # root makes the lock file
+        pass
+    done = subprocess.run([python, "-c", LOCK_AS_NOBODY, url], env=env, preexec_fn=_as_nobody, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "held", done.stderr[-2000:]
