@@ -313,6 +313,17 @@ SPACE = {"cluster_ratio": optuna.distributions.FloatDistribution(0.1, 0.3),
          "seed_ratio": optuna.distributions.FloatDistribution(0.1, 0.3)}  # fmt: skip
 
 
+def _dead_pid_and_orphan_run(experiment: str) -> tuple[int, str]:
+    """A pid whose process has exited, and an MLflow run left RUNNING: what a dead worker leaves."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="orphan") as orphan:
+        pass
+    MlflowClient().update_run(orphan.info.run_id, status="RUNNING")
+    return dead.pid, orphan.info.run_id
+
+
 def test_trials_stopped_by_ctrl_c_do_not_count_toward_the_failure_limit(data_dir, mlflow_store, tmp_path):
     """A study interrupted four times (each stopped trial FAIL, marked interrupted) still runs on
     its fifth start; counted as failures, they made it give up (``max(3, n_trials)``)."""
@@ -332,24 +343,19 @@ def test_the_trials_of_workers_stopped_by_ctrl_c_are_retried_at_once(mlflow_stor
     interrupted, their points wait in the queue, and their MLflow runs end KILLED, saying why;
     another owner's trial is left alone. Before, they stayed RUNNING until the next invocation."""
     study = optuna.create_study(study_name="tiny", storage=open_storage(str(tmp_path / "s.journal")))
-    stopped = subprocess.Popen(["true"])
-    stopped.wait()
-    mlflow.set_experiment(mlflow_store)
-    with mlflow.start_run(run_name="trial-0") as run:
-        pass
-    MlflowClient().update_run(run.info.run_id, status="RUNNING")
+    stopped, run_id = _dead_pid_and_orphan_run(mlflow_store)
     mine, other = study.ask(SPACE), study.ask(SPACE)
-    mine.set_user_attr(WORKER_ATTR, worker_id(stopped.pid))
-    mine.set_user_attr(RUN_ATTR, run.info.run_id)
+    mine.set_user_attr(WORKER_ATTR, worker_id(stopped))
+    mine.set_user_attr(RUN_ATTR, run_id)
     other.set_user_attr(WORKER_ATTR, "elsewhere:1:1")
 
-    assert retry_stopped_workers(study, {worker_id(stopped.pid)}) == 1
+    assert retry_stopped_workers(study, {worker_id(stopped)}) == 1
     first, second, retry = study.get_trials()
     assert first.state == TrialState.FAIL and first.user_attrs[INTERRUPTED_ATTR]
     assert second.state == TrialState.RUNNING
     assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_OF_ATTR] == 0
     assert retry.system_attrs["fixed_params"] == first.params
-    killed = MlflowClient().get_run(run.info.run_id)
+    killed = MlflowClient().get_run(run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["altrack.error"] == INTERRUPTED
 
 
@@ -357,16 +363,10 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlf
     spec = load_spec(_spec(tmp_path))
     storage = str(tmp_path / "study.journal")
     study = optuna.create_study(study_name="tiny", storage=open_storage(storage), direction="maximize")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    mlflow.set_experiment(mlflow_store)
-    with mlflow.start_run(run_name="orphan") as orphan:
-        pass
-    MlflowClient().update_run(orphan.info.run_id, status="RUNNING")
-    trial = study.ask({"cluster_ratio": optuna.distributions.FloatDistribution(0.1, 0.3),
-                       "seed_ratio": optuna.distributions.FloatDistribution(0.1, 0.3)})  # fmt: skip
-    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{dead.pid}")
-    trial.set_user_attr(RUN_ATTR, orphan.info.run_id)
+    dead, orphan = _dead_pid_and_orphan_run(mlflow_store)
+    trial = study.ask(SPACE)
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{dead}")  # an owner written before pid namespaces
+    trial.set_user_attr(RUN_ATTR, orphan)
     lost_params = dict(trial.params)
 
     run_sweep(spec, n_trials=1, storage=storage, data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"))
@@ -374,4 +374,4 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlf
     assert study.trials[0].state == TrialState.FAIL
     retries = [t for t in study.trials if t.user_attrs.get("altrack.retry_of") == 0]
     assert len(retries) == 1 and retries[0].params == lost_params
-    assert MlflowClient().get_run(orphan.info.run_id).info.status == "KILLED"
+    assert MlflowClient().get_run(orphan).info.status == "KILLED"
