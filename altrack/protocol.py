@@ -563,6 +563,7 @@ class Progress:
     LOG_INTERVAL = 30.0
 
     def __init__(self, total: int, enabled: bool) -> None:
+        enabled = enabled and total > 0  # every run reused: no "runs: 0run" bar
         self.enabled = enabled
         self.terminal = enabled and sys.stderr.isatty()
         every = {} if self.terminal else {"mininterval": self.LOG_INTERVAL, "maxinterval": self.LOG_INTERVAL,

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import logging
 import re
 import socket
 import subprocess
@@ -21,6 +23,7 @@ from altrack.paper import sweep_summary
 from altrack.replay import replay
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
 from altrack.sweep.study import make_sampler, retry_stopped_workers
+from altrack.sweep.worker import quiet_optuna
 from altrack.tracking.runs import INTERRUPTED
 from altrack.tracking.tags import BASELINE_ATTR, INTERRUPTED_ATTR, RETRY_OF_ATTR, RUN_ATTR, WORKER_ATTR
 
@@ -168,6 +171,16 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert study.metric_names == ["val_accuracy"]
     sweeps = client.search_runs([parent.info.experiment_id], "tags.`altrack.kind` = 'sweep'")
     assert [r.info.run_id for r in sweeps] == [outcome.parent_run_id] == [again.parent_run_id]  # resumed in place
+
+    # stopped after its last trial, before its summary (a user's Ctrl-C): the same command writes
+    # the summary into the parent and ends it FINISHED; it said "nothing to do" and left it KILLED
+    client.set_tag(again.parent_run_id, "altrack.error", INTERRUPTED)
+    client.set_terminated(again.parent_run_id, "KILLED")
+    summarised = run_sweep(spec, n_trials=4, workers=1, **common)
+    assert not summarised.nothing_to_do and summarised.parent_run_id == again.parent_run_id
+    closed = client.get_run(again.parent_run_id)
+    assert closed.info.status == "FINISHED" and "altrack.error" not in closed.data.tags
+    assert closed.data.metrics["n_complete"] == 4
 
 
 @pytest.mark.parametrize(
@@ -375,3 +388,31 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_killed(data_dir, mlf
     retries = [t for t in study.trials if t.user_attrs.get("altrack.retry_of") == 0]
     assert len(retries) == 1 and retries[0].params == lost_params
     assert MlflowClient().get_run(orphan).info.status == "KILLED"
+
+
+def test_a_trial_stopped_by_ctrl_c_leaves_no_optuna_lines_where_other_failures_stay():
+    """Ctrl-C: Optuna's traceback and its "Trial N failed with value None." both go (the CLI says
+    "interrupted", and the trial is re-queued); a trial that really failed is still reported.
+    Read from Optuna's own handler, where the filter sits."""
+    quiet_optuna()
+    handlers = [h for h in logging.getLogger("optuna").handlers if isinstance(h, logging.StreamHandler)]
+    written = io.StringIO()
+    streams = [h.setStream(written) for h in handlers]
+    study = optuna.create_study()
+
+    def stopped(trial):
+        raise KeyboardInterrupt
+
+    def broken(trial):
+        raise ValueError("broken")
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            study.optimize(stopped, n_trials=1)
+        study.optimize(broken, n_trials=1, catch=(ValueError,))
+    finally:
+        for handler, stream in zip(handlers, streams, strict=True):
+            handler.setStream(stream)
+    err = written.getvalue()
+    assert "Trial 0" not in err and "KeyboardInterrupt" not in err
+    assert "Trial 1 failed with parameters" in err and "Trial 1 failed with value None." in err

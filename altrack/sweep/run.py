@@ -41,7 +41,7 @@ from altrack.protocol import (  # noqa: E402
 )
 from altrack.redaction import redact  # noqa: E402
 from altrack.resources import resident  # noqa: E402
-from altrack.results import RUNNING  # noqa: E402
+from altrack.results import FINISHED, RUNNING  # noqa: E402
 from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
 from altrack.sweep.spec import SweepSpec  # noqa: E402
 from altrack.sweep.study import (  # noqa: E402
@@ -157,7 +157,11 @@ def run_sweep(
             study.set_metric_names([spec.objective])  # optuna-dashboard then says val_accuracy, not Objective 0
         study.enqueue_trial(paper_baseline(spec), user_attrs={BASELINE_ATTR: True})
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) >= n_trials:  # a finished study: say so, and open no parent run
+    # under `mlflow run` the launcher's run is the parent; elsewhere a study goes on in its own
+    earlier = None if under_project_run() else _earlier_parent(study, experiment or spec.experiment)
+    # a finished study: say so, and open no parent run; unless its parent never got its summary
+    # (an invocation stopped after the last trial): then the same command goes on to write it
+    if len(complete) >= n_trials and (earlier is None or earlier.info.status == FINISHED):
         return SweepOutcome(study_name, "", len(complete), study.best_value, study.best_params, [],
                             spec.objective, nothing_to_do=True)  # fmt: skip
     storage_label = storage or str(Path(DEFAULT_STORAGE).resolve())
@@ -168,8 +172,6 @@ def run_sweep(
         STORAGE_TAG: redact(storage_label),
         **owner_tags(),
     }
-    # under `mlflow run` the launcher's run is the parent; elsewhere a study goes on in its own
-    earlier = None if under_project_run() else _earlier_parent(study, experiment or spec.experiment)
     if earlier is not None:  # its trials go where it is, in this process and in the workers it starts
         use_experiment(experiment_id=earlier.info.experiment_id)
         if ERROR_TAG in earlier.data.tags:  # why an earlier invocation stopped is no longer true

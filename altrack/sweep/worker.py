@@ -7,6 +7,7 @@ N (a trial that would overshoot is pruned before it does any work).
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import time
@@ -175,12 +176,28 @@ class Worker:
         return value
 
 
+_TRIAL_FAILED = re.compile(r"Trial (\d+) failed with (parameters|value)")
+
+
 class _QuietInterrupt(logging.Filter):
-    """Optuna logs a trial that Ctrl-C stopped as failed, with a 40-line traceback; the CLI says
-    "interrupted" in one line, and the trial is tried again on resume."""
+    """Optuna logs a trial that Ctrl-C stopped as failed, with a 40-line traceback, and then
+    "Trial N failed with value None."; the CLI says "interrupted" in one line, and the trial is
+    re-queued (``retry_interrupted``). Both records go; other trials' failures stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: set[str] = set()  # trials whose first record was dropped
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        failed = _TRIAL_FAILED.match(record.getMessage())
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            if failed:
+                self.stopped.add(failed[1])
+            return False
+        if failed and failed[2] == "value" and failed[1] in self.stopped:
+            self.stopped.discard(failed[1])
+            return False
+        return True
 
 
 def quiet_optuna() -> None:

@@ -607,7 +607,7 @@ def log_run(
         if run_id
         else mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags, parent_run_id=parent_run_id)
     )
-    with opened as run:
+    with opened as run, killed_on_interrupt():  # Ctrl-C: KILLED and saying why, as its parent
         client = MlflowClient()
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in run_params(result).items()]
