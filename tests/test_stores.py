@@ -90,28 +90,31 @@ with first_use_lock(sys.argv[1]):
 """
 
 
-def _as_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
-
-def test_a_store_lock_another_user_made_still_opens(tmp_path):
+def test_a_store_lock_another_user_made_still_opens(tmp_path, monkeypatch):
     """Two users of one machine reading one SQLite store (a shared results folder): the first
-    made the lock file in /tmp, and the second's ``altrack report`` must still take it. It opened
-    the file for writing, which another user's 0644 file refuses (PermissionError). Run as
-    ``nobody`` with the system Python, as root cannot be refused."""
+    made the lock file in the temp folder, and the second's ``altrack report`` must still take
+    it. It opened the file for writing, which another user's 0644 file refuses (PermissionError).
+    Run as ``nobody`` with the system Python, as root cannot be refused; the lock lies in a
+    world-writable temp folder of the test's own, removed after."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to run a process as another user")
     python = shutil.which("python3", path="/usr/bin:/bin")
     repo = Path(stores.__file__).resolve().parents[1]
-    env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "TMPDIR": tempfile.gettempdir()}
-    probe = [python or "python3", "-c", "import altrack.stores"]
-    if python is None or subprocess.run(probe, env=env, preexec_fn=_as_nobody, capture_output=True).returncode:
-        pytest.skip(f"no Python that user nobody can run with {repo} importable")
-    url = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with stores.first_use_lock(url):  # root makes the lock file
-        pass
-    done = subprocess.run([python, "-c", LOCK_AS_NOBODY, url], env=env, preexec_fn=_as_nobody, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip() == "held", done.stderr[-2000:]
+    shared_tmp = Path(tempfile.mkdtemp(prefix="altrack-test-", dir="/tmp"))
+    try:
+        shared_tmp.chmod(0o1777)
+        monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))  # where first_use_lock puts the lock
+        env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "TMPDIR": str(shared_tmp)}
+        as_nobody = {"env": env, "user": NOBODY, "group": NOBODY, "extra_groups": [], "capture_output": True,
+                     "text": True, "timeout": 60}  # fmt: skip
+        probe = "import sys, tempfile, altrack.stores; sys.exit(tempfile.gettempdir() != sys.argv[1])"
+        if python is None or subprocess.run([python, "-c", probe, str(shared_tmp)], **as_nobody).returncode:
+            pytest.skip(f"no Python that user nobody can run with {repo} importable")
+        url = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        with stores.first_use_lock(url):  # root makes the lock file
+            pass
+        assert [p.stat().st_uid for p in shared_tmp.iterdir()] == [0]
+        done = subprocess.run([python, "-c", LOCK_AS_NOBODY, url], **as_nobody)
+        assert done.returncode == 0 and done.stdout.strip() == "held", done.stderr[-2000:]
+    finally:
+        shutil.rmtree(shared_tmp, ignore_errors=True)

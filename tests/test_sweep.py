@@ -22,6 +22,7 @@ from altrack.liveness import worker_id
 from altrack.paper import sweep_summary
 from altrack.replay import replay
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
+from altrack.sweep import run as sweep_run
 from altrack.sweep.study import make_sampler, retry_stopped_workers
 from altrack.sweep.worker import quiet_optuna
 from altrack.tracking.runs import INTERRUPTED
@@ -172,15 +173,25 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     sweeps = client.search_runs([parent.info.experiment_id], "tags.`altrack.kind` = 'sweep'")
     assert [r.info.run_id for r in sweeps] == [outcome.parent_run_id] == [again.parent_run_id]  # resumed in place
 
-    # stopped after its last trial, before its summary (a user's Ctrl-C): the same command writes
-    # the summary into the parent and ends it FINISHED; it said "nothing to do" and left it KILLED
-    client.set_tag(again.parent_run_id, "altrack.error", INTERRUPTED)
-    client.set_terminated(again.parent_run_id, "KILLED")
-    summarised = run_sweep(spec, n_trials=4, workers=1, **common)
+    # Ctrl-C after the last trial, before the summary (here: as the summary starts): the parent
+    # ends KILLED; the same command writes the summary into it and ends it FINISHED, starting no
+    # worker. It said "nothing to do" and left the parent KILLED without its summary
+    def interrupted(study):
+        raise KeyboardInterrupt
+
+    publish = sweep_run.publish_sweep
+    monkeypatch.setattr(sweep_run, "publish_sweep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, n_trials=5, workers=1, **common)
+    stopped = client.get_run(again.parent_run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.metrics["n_complete"] == 4
+    monkeypatch.setattr(sweep_run, "publish_sweep", publish)
+    summarised = run_sweep(spec, n_trials=5, workers=1, **common)
     assert not summarised.nothing_to_do and summarised.parent_run_id == again.parent_run_id
     closed = client.get_run(again.parent_run_id)
     assert closed.info.status == "FINISHED" and "altrack.error" not in closed.data.tags
-    assert closed.data.metrics["n_complete"] == 4
+    assert closed.data.metrics["n_complete"] == 5 and summarised.n_complete == 5
+    assert run_sweep(spec, n_trials=5, workers=1, **common).nothing_to_do  # and then it has nothing to do
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ from altrack.protocol import (  # noqa: E402
 )
 from altrack.redaction import redact  # noqa: E402
 from altrack.resources import resident  # noqa: E402
-from altrack.results import FINISHED, RUNNING  # noqa: E402
+from altrack.results import KILLED, RUNNING  # noqa: E402
 from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
 from altrack.sweep.spec import SweepSpec  # noqa: E402
 from altrack.sweep.study import (  # noqa: E402
@@ -161,7 +161,7 @@ def run_sweep(
     earlier = None if under_project_run() else _earlier_parent(study, experiment or spec.experiment)
     # a finished study: say so, and open no parent run; unless its parent never got its summary
     # (an invocation stopped after the last trial): then the same command goes on to write it
-    if len(complete) >= n_trials and (earlier is None or earlier.info.status == FINISHED):
+    if len(complete) >= n_trials and not _summary_missing(earlier, len(complete)):
         return SweepOutcome(study_name, "", len(complete), study.best_value, study.best_params, [],
                             spec.objective, nothing_to_do=True)  # fmt: skip
     storage_label = storage or str(Path(DEFAULT_STORAGE).resolve())
@@ -200,12 +200,8 @@ def run_sweep(
             mlflow.log_artifacts(tmp)
         jobs = [Worker(spec, study_name, storage, n_trials, parent_id, device, cache_dir, data_dir)
                 for _ in range(workers)]  # fmt: skip
-        if slurm is not None:
-            _run_slurm_jobs(jobs, slurm)
-        elif workers == 1:
-            jobs[0].run()
-        else:
-            _run_processes(jobs, threads_per_worker(workers))
+        if len(complete) < n_trials:  # else only the summary is missing: no worker has anything to do
+            _run_workers(jobs, slurm)
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
         artifacts = publish_sweep(study)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -220,6 +216,16 @@ def run_sweep(
         mlflow.set_tag(BEST_TRIAL_TAG, str(study.best_trial.number))
         return SweepOutcome(study_name, parent_id, len(complete), study.best_value, study.best_params, artifacts,
                             spec.objective)  # fmt: skip
+
+
+def _run_workers(jobs: list[Worker], slurm: SlurmConfig | None) -> None:
+    """The sweep's workers: Slurm jobs, this process alone, or spawned processes."""
+    if slurm is not None:
+        _run_slurm_jobs(jobs, slurm)
+    elif len(jobs) == 1:
+        jobs[0].run()
+    else:
+        _run_processes(jobs, threads_per_worker(len(jobs)))
 
 
 def _run_processes(jobs: list[Worker], threads: int) -> None:
@@ -244,6 +250,16 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise AltrackError(f"{len(failed)} sweep worker(s) exited with codes {failed}")
+
+
+def _summary_missing(parent: Run | None, n_complete: int) -> bool:
+    """Whether a finished study's parent run lacks the summary of its complete trials: it was
+    stopped (KILLED, or RUNNING with its owner dead) after the last trial, before its summary
+    (whose ``n_complete`` metric counts them). A FAILED parent is left alone: its summary failed,
+    and a rerun that fails again would say nothing new."""
+    if parent is None or parent.info.status not in (KILLED, RUNNING):
+        return False
+    return parent.data.metrics.get("n_complete", -1) < n_complete
 
 
 def _earlier_parent(study: optuna.Study, experiment: str | None) -> Run | None:

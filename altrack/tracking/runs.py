@@ -218,13 +218,17 @@ def start_parent(
 
 @contextmanager
 def killed_on_interrupt() -> Iterator[None]:
-    """End the active run KILLED, with an ``ERROR_TAG`` saying why, when Ctrl-C (SIGINT) stops
+    """End the run active on entry KILLED, with an ``ERROR_TAG`` saying why, when Ctrl-C (SIGINT) stops
     the block: MLflow's ``with start_run()`` ends it FAILED, as if the run had gone wrong. The
     interrupt goes on up (the CLI exits 130); a rerun of the command resumes."""
+    run = mlflow.active_run()
     try:
         yield
     except KeyboardInterrupt:
-        if mlflow.active_run() is not None:
+        active = mlflow.active_run()
+        # only the run this block opened on: one the block ended itself (a detached grid's parent,
+        # left RUNNING on purpose) is left as it is, and the run around it is not this block's
+        if run is not None and active is not None and active.info.run_id == run.info.run_id:
             with suppress(Exception):  # the store may be what was interrupted: the exit still goes on
                 mlflow.set_tag(ERROR_TAG, INTERRUPTED)
                 mlflow.end_run(KILLED)
