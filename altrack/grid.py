@@ -295,17 +295,18 @@ def _collect(submitted: Submitted, parent_id: str, progress: bool) -> int:
         done += 1
         mlflow.log_metric("progress/slurm_tasks_done", done, step=done)
 
-    client = MlflowClient()
+    def close_left_runs(reason: str) -> None:
+        client = MlflowClient()
+        kill_running_children(client, parent_id, client.get_run(parent_id).info.experiment_id, reason)
+
     try:
         outcomes = wait_for(jobs, labels, progress, heard)
     except KeyboardInterrupt:  # wait_for cancelled the tasks: once they have left the queue, the runs
         with suppress(Exception):  # they left say why (else, or if the store fails, the next invocation)
             if not job_alive(jobs[0].job_id.split("_")[0]):
-                experiment_id = client.get_run(parent_id).info.experiment_id
-                kill_running_children(client, parent_id, experiment_id, INTERRUPTED)
+                close_left_runs(INTERRUPTED)
         raise
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    kill_running_children(client, parent_id, experiment_id, "its Slurm task ended before the run did")
+    close_left_runs("its Slurm task ended before the run did")
     return sum(o.error is not None for o in outcomes)
 
 

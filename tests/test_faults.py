@@ -451,6 +451,18 @@ def test_a_grid_in_another_pid_namespace_is_not_taken_for_dead(data_dir, tmp_pat
     grid.wait()
 
 
+def stopped_and_requeued(study: optuna.Study, seen_running: int, logs: object = None) -> list:
+    """The trials a Ctrl-C stopped, checked: ``seen_running`` among them, none left RUNNING, each
+    FAIL marked interrupted (outside the failure limit) with one waiting retry of its params."""
+    stopped = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert seen_running in [t.number for t in stopped] and not study.get_trials(states=(TrialState.RUNNING,))
+    assert all(t.user_attrs[INTERRUPTED_ATTR] for t in stopped), logs
+    retry = {t.user_attrs["altrack.retry_of"]: t for t in study.trials if t.state == TrialState.WAITING}
+    assert sorted(retry) == [t.number for t in stopped]
+    assert all(retry[t.number].system_attrs["fixed_params"] == t.params for t in stopped)  # enqueued: same params
+    return stopped
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, data_dir, tmp_path, request):
@@ -485,12 +497,7 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_its_trial_is_tried_again(workers, dat
     left = _left_alive(workers_before, within=5)
     assert not left, left
     study = optuna.load_study(study_name="tiny", storage=_journal(journal))
-    stopped = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert running[0].number in [t.number for t in stopped] and not study.get_trials(states=(TrialState.RUNNING,))
-    assert all(t.user_attrs[INTERRUPTED_ATTR] for t in stopped)  # outside the failure limit
-    retry = {t.user_attrs["altrack.retry_of"]: t for t in study.trials if t.state == TrialState.WAITING}
-    assert sorted(retry) == [t.number for t in stopped]
-    assert all(retry[t.number].system_attrs["fixed_params"] == t.params for t in stopped)  # enqueued: same params
+    stopped = stopped_and_requeued(study, running[0].number)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("altrack").experiment_id
     parents = client.search_runs([experiment], "tags.`altrack.kind` = 'sweep'")

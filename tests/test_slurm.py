@@ -18,19 +18,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from services import Unavailable, create_database, mlflow_server, postgres, slurm_cluster
-from test_faults import _kill_group, _sigint_default
+from test_faults import _kill_group, _sigint_default, stopped_and_requeued
 from test_sweep import TINY_SPEC
 
 from altrack.tracking.runs import INTERRUPTED
 from altrack.tracking.tags import (
     ERROR_TAG,
     HASH_TAG,
-    INTERRUPTED_ATTR,
     KIND_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
     MLFLOW_PARENT_RUN_ID,
-    RETRY_OF_ATTR,
     SLURM_ARRAY_TASK_TAG,
     SLURM_JOB_TAG,
 )
@@ -239,11 +237,7 @@ def test_ctrl_c_cancels_a_slurm_sweep_whose_workers_re_queue_their_trials(cluste
     assert launcher.returncode == 130 and err.strip().endswith("altrack: interrupted"), err[-2000:]
     assert "cancelling Slurm job" in err and "Traceback" not in err
     study = optuna.load_study(study_name="stopped", storage=storage)
-    stopped = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert running[0].number in [t.number for t in stopped] and not study.get_trials(states=(TrialState.RUNNING,))
-    assert all(t.user_attrs[INTERRUPTED_ATTR] for t in stopped), _logs(tmp_path)
-    retry = sorted(t.user_attrs[RETRY_OF_ATTR] for t in study.trials if t.state == TrialState.WAITING)
-    assert retry == [t.number for t in stopped]
+    stopped_and_requeued(study, running[0].number, _logs(tmp_path))
     client = MlflowClient(cluster["server"])
     experiment = client.get_experiment_by_name("slurm-sweep-interrupt").experiment_id
     trials = client.search_runs([experiment], f"tags.`{KIND_TAG}` = '{KIND_TRIAL}'")

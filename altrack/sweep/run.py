@@ -198,10 +198,9 @@ def run_sweep(
             np.save(Path(tmp) / "validation_indices.npy", validation_indices(spec))
             Path(tmp, "spec.yaml").write_text(Path(spec.source).read_text() if Path(spec.source).exists() else "")
             mlflow.log_artifacts(tmp)
-        jobs = [Worker(spec, study_name, storage, n_trials, parent_id, device, cache_dir, data_dir)
-                for _ in range(workers)]  # fmt: skip
         if len(complete) < n_trials:  # else only the summary is missing: no worker has anything to do
-            _run_workers(jobs, slurm)
+            _run_workers([Worker(spec, study_name, storage, n_trials, parent_id, device, cache_dir, data_dir)
+                          for _ in range(workers)], slurm)  # fmt: skip
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
         artifacts = publish_sweep(study)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

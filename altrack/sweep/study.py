@@ -187,6 +187,20 @@ def retry_interrupted(trial: optuna.Trial) -> None:
     enqueue_retry(trial.study, trial)
 
 
+def fail_and_retry(study: optuna.Study, trial: FrozenTrial, interrupted: bool = False) -> bool:
+    """Fail a RUNNING trial whose worker is gone and enqueue its point again (``interrupted``:
+    marked so first, outside the failure limit). False when another process finished the trial
+    first: it enqueued the retry."""
+    try:
+        if interrupted:
+            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    enqueue_retry(study, trial)
+    return True
+
+
 def retry_stopped_workers(study: optuna.Study, owners: set[str]) -> int:
     """The RUNNING trials of ``owners`` (``worker_id``s of workers this process stopped on Ctrl-C
     and saw die): each failed, marked interrupted and enqueued again, and its MLflow runs killed.
@@ -195,14 +209,8 @@ def retry_stopped_workers(study: optuna.Study, owners: set[str]) -> int:
     owner, for the next invocation's ``Recovery``, and then count as failures. Returns how many."""
     client, n = MlflowClient(), 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_ATTR) not in owners:
-            continue
-        try:  # another sweep on this study may have recovered it first
-            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        enqueue_retry(study, trial)
+        if trial.user_attrs.get(WORKER_ATTR) not in owners or not fail_and_retry(study, trial, interrupted=True):
+            continue  # another's trial, or another sweep on this study recovered it first
         if trial.user_attrs.get(RUN_ATTR):
             kill_run_tree(client, trial.user_attrs[RUN_ATTR], INTERRUPTED)
         n += 1
@@ -221,13 +229,8 @@ class Recovery:
             optuna.storages.fail_stale_trials(self.study)
         else:
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if not trial_is_dead(trial):
-                    continue
-                try:
-                    self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue  # another live worker recovered it first and enqueued the retry
-                enqueue_retry(self.study, trial)
+                if trial_is_dead(trial):  # False: another live worker recovered it first
+                    fail_and_retry(self.study, trial)
         self._close_dead_runs()
 
     def _close_dead_runs(self) -> None:
