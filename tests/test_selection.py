@@ -227,19 +227,20 @@ def _greedy_walk(points, centres, picks):
 def _kcenter_case(case):
     rng = np.random.default_rng(len(case))
     x = rng.normal(size=(2000, 12)).astype(np.float32) * 3
-    if case == "wider-than-projection":  # 40 dims: the projection bound keeps 16, so it truly bounds
+    if case.startswith("wider-than-projection"):  # 40 dims: the projection bound keeps 12, so it truly bounds
         x = (x @ rng.normal(size=(12, 40)) + 0.1 * rng.normal(size=(2000, 40))).astype(np.float32)
     if case == "duplicates":
         x[:1000] = x[0]
     if case == "far-from-origin":  # squared norms 3e6, squared distances ~100: the largest margin
         x = x + np.float32(500)
     points = torch.from_numpy(x)
-    m = 0 if case == "no-seeds" else 25
+    m = 0 if case.endswith("no-seeds") else 25  # none: the first pick measures every row, in chunks of 819 at 40 dims
     return points[m:], points[:m]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("case", ["spread", "duplicates", "no-seeds", "wider-than-projection", "far-from-origin"])
+@pytest.mark.parametrize("case", ["spread", "duplicates", "no-seeds", "wider-than-projection",
+                                  "wider-than-projection-no-seeds", "far-from-origin"])  # fmt: skip
 def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case, threads):
     """Far from the origin too, where squared norms are 3e4 times the squared distances: the
     bounds' margins hold there, and the measured points round as they do in the full pass."""
@@ -271,9 +272,12 @@ def test_row_dots_round_each_row_as_it_would_alone():
                 assert torch.equal(row_dots(points.index_select(0, rows), p), whole[rows]), (threads, size)
 
 
-def test_the_pruned_kcenter_measures_every_pick_through_row_dots(monkeypatch):
+@pytest.mark.parametrize("case", ["spread", "wider-than-projection-no-seeds"])
+def test_the_pruned_kcenter_measures_every_pick_through_row_dots(monkeypatch, case):
     """The guard that holds on any CPU: one where a GEMV happens to round rows alike would pass
-    the thread-count test below with a GEMV back in the loop."""
+    the thread-count test below with a GEMV back in the loop. Each call stays below torch's
+    parallel grain, so none opens a parallel region (``kcenter.MEASURE_ELEMENTS``): with no seeds
+    the first pick measures all 2,000 rows of 40 dims in three calls."""
     batches = []
 
     def spy(rows, p):
@@ -281,9 +285,12 @@ def test_the_pruned_kcenter_measures_every_pick_through_row_dots(monkeypatch):
         return row_dots(rows, p)
 
     monkeypatch.setattr(kcenter_module, "row_dots", spy)
-    points, centres = _kcenter_case("spread")
+    points, centres = _kcenter_case(case)
     assert kcenter_greedy(points, centres, 50) == _plain_kcenter(points, centres, 50)
-    assert len(batches) == 50
+    assert len(batches) >= 50
+    assert max(batches) * points.shape[1] <= kcenter_module.MEASURE_ELEMENTS
+    if case.endswith("no-seeds"):
+        assert batches[:3] == [819, 819, len(points) - 2 * 819]
 
 
 def test_kcenter_picks_on_a_real_pool_do_not_depend_on_the_thread_count(data_dir):

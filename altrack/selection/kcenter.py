@@ -11,15 +11,20 @@ from altrack.selection.registry import register
 # largest squared norm; the pruning margin covers that twice over (a bound and the distance it is
 # compared with), so a pruned point is one the full pass would not have moved either.
 ROUNDING_PER_DIM = 8 * torch.finfo(torch.float32).eps
-# the second filter's lower bound: distances in the top principal directions of the points; 16 of
-# 128 leave about 90 of the ~6,000 first-filter candidates per pick on MNIST (bench_selection)
-PROJECTION_DIMS = 16
+# the lower bound's dimensions: distances in the top principal directions of the points. 12 of 128
+# leave about 130 of MNIST's 59,600 points to measure per pick; 8 leave 390, 16 leave 90 for a
+# GEMV a third longer (bench_selection: 12 was the fastest at k = 2000 and 5000)
+PROJECTION_DIMS = 12
 COVARIANCE_STRIDE = 4  # the directions from a quarter of the points: as good a bound, 8 ms less on MNIST
 PROJECTION_SHRINK = np.float32(1.0 - 1e-4)  # float32 bases are orthonormal to ~1e-7, not exactly
-# the loop's gathers skip numpy's bounds check (its indices are rows and centres it made, all in
-# range, so 'wrap' never wraps): a 60k-point gather takes 0.2 ms with the default mode='raise', 31 us
-# with 'clip' and 23 us with 'wrap', numpy's cheapest path (numpy 2.4, the 2-core Xeon)
+# the loop's gathers skip numpy's bounds check (its indices are rows it made, all in range, so
+# 'wrap' never wraps): a 60k-point gather takes 0.2 ms with the default mode='raise', 31 us with
+# 'clip' and 23 us with 'wrap', numpy's cheapest path (numpy 2.4, the 2-core Xeon)
 TAKE = "wrap"
+# what stands in for infinity in the bound table: a taken row's slack (never measured again) and,
+# with no centres yet, every row's (all measured). Finite, so that no BLAS sees inf: a GEMV that
+# zeroes its output by scaling it (beta = 0) turns an inf left in the buffer into NaN
+FAR = np.float32(np.finfo(np.float32).max / 8)
 
 
 def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[int]:
@@ -28,19 +33,22 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     Ties go to the lower row; rows already taken are never taken again, even when duplicates make
     every distance zero. ``points`` (n_points, d) and ``centres`` (m, d) on one device.
 
-    Exact, with two lower bounds doing most of the work on a CPU. A point x whose nearest centre c
-    lies at distance r cannot have a new centre j nearer than c if ||j - c|| >= 2r (the triangle
-    inequality); of the points left, one whose distance to j in the top principal directions
-    (a projection, so never more than the true distance) is already >= r cannot either. Only the
-    few points left (about 90 of 59,600 per pick on MNIST) are measured, each by ``row_dots``,
-    which rounds a row as it would alone, whatever the batch and the thread count: so the picks
-    are exactly those of the plain greedy measuring every point that way (tests/test_selection.py),
-    and a run's picks do not depend on ``--workers``. Real embeddings are full of near ties (on a
-    Fashion-MNIST pool, several exact ties between the two farthest points per run, and gaps of
-    one ulp), so another rounding of the same products, a GEMV's (a6cf675's greedy, and the GPU's
-    loop below), takes other points from the first such tie on, each a farthest point up to
-    rounding (tested). The filters run in numpy (a pass over 60k points costs a few microseconds
-    of overhead there, tens in torch); both bounds keep a rounding margin.
+    Exact, with a lower bound doing most of the work on a CPU. A point x whose nearest centre lies
+    at distance r cannot have a new centre j nearer unless ||P(x - j)|| < r, P the projection on
+    the points' top principal directions (never more than the true distance). That bound for
+    every point is one GEMV per pick over a (q + 1, n_points) table: the projections, and a last
+    row holding each point's slack, ||Px||^2 - r^2 with its margins, so the GEMV's output compared
+    with -||Pj||^2 is the whole test. Only the few points it leaves (about 130 of 59,600 per pick
+    on MNIST) are measured, each by ``row_dots``, which rounds a row as it would alone, whatever
+    the batch and the thread count: so the picks are exactly those of the plain greedy measuring
+    every point that way (tests/test_selection.py), and a run's picks do not depend on
+    ``--workers``. Real embeddings are full of near ties (on a Fashion-MNIST pool, several exact
+    ties between the two farthest points per run, and gaps of one ulp), so another rounding of
+    the same products, a GEMV's (a6cf675's greedy, and the GPU's loop below), takes other points
+    from the first such tie on, each a farthest point up to rounding (tested). The loop runs in
+    numpy (a pass over 60k points costs a few microseconds of overhead there, tens in torch); the
+    bound keeps a rounding margin. A triangle-inequality filter on the nearest centres, which ran
+    first until 2026-12-07, left the same ~90 points at 16 dimensions, in twice the time.
 
     Raises ``ValueError`` if n exceeds the number of points (a taken row cannot be taken again).
     """
@@ -51,56 +59,61 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     n_points, dim = points.shape
     if n == 0:
         return []
-    # the loop's bookkeeping is numpy (a few microseconds a call, against tens for torch's small
-    # ops), the centres' products too (a GEMV: they only prune, within tau); torch only for the
-    # measured rows' ``row_dots``, whose rounding the picks depend on
     pts = points.contiguous().numpy()
     x_sq = (points * points).sum(1).numpy()
-    centre_rows = np.empty((len(centres) + n, dim), dtype=pts.dtype)
-    centre_sq = np.empty(len(centres) + n, dtype=pts.dtype)
-    centre_rows[: len(centres)] = centres.numpy()
-    centre_sq[: len(centres)] = (centres * centres).sum(1).numpy()
+    top = float(x_sq.max())
     if len(centres):
-        assign_t, min_d_t = nearest(points, centres)
-        assign, min_d = assign_t.numpy(), min_d_t.numpy()
+        min_d = nearest(points, centres)[1].numpy()
+        top = max(top, float((centres * centres).sum(1).max()))
     else:
-        assign = np.zeros(n_points, dtype=np.int64)
         min_d = np.full(n_points, np.inf, dtype=pts.dtype)
-    top = max(float(x_sq.max()), float(centre_sq[: len(centres)].max()) if len(centres) else 0.0)
     tau2 = np.float32(ROUNDING_PER_DIM * dim * top)
-    tau = np.float32(tau2**0.5)
     two = pts.dtype.type(2.0)
     proj, proj_sq = _principal_projection(points)
-    # a point is measured only while ||j - c||^2 < reach = (2 r + tau)^2, r its distance to c
-    reach = np.square(two * np.sqrt(np.maximum(min_d, 0.0)) + tau, dtype=np.float32)
-    gathered, near = np.empty(n_points, dtype=pts.dtype), np.empty(n_points, dtype=bool)  # reused each pick
+    q = proj.shape[1]
+    # a point is measured while ||P(x - j)||^2 * SHRINK < r^2 + tau2, r^2 its min_d: with the
+    # slack s = ||Px||^2 - (r^2 + tau2) / SHRINK, while -2 Px.Pj + s < -||Pj||^2 (the reordered
+    # sum rounds within tau2, which is ROUNDING_PER_DIM * d of the largest squared norm)
+    table = np.empty((q + 1, n_points), dtype=pts.dtype)
+    table[:q] = proj.T
+    table[q] = proj_sq - (min_d + tau2) / PROJECTION_SHRINK if len(centres) else -FAR
+    vector = np.ones(q + 1, dtype=pts.dtype)
+    score, near = np.empty(n_points, dtype=pts.dtype), np.empty(n_points, dtype=bool)  # reused each pick
     chosen: list[int] = []
-    for step in range(n):
+    for _ in range(n):
         j = int(np.argmax(min_d))
         chosen.append(j)
-        m = len(centres) + step
-        p, x_j = pts[j], x_sq[j]
-        centre_rows[m] = p
-        centre_sq[m] = x_j
-        if m == 0:
-            candidates = np.arange(n_points)
-        else:
-            cc = centre_sq[:m] - two * (centre_rows[:m] @ p) + x_j
-            candidates = np.flatnonzero(np.less(cc.take(assign, out=gathered, mode=TAKE), reach, out=near))
-            bound = (proj_sq.take(candidates, mode=TAKE) - two * (proj.take(candidates, axis=0, mode=TAKE) @ proj[j])
-                     + proj_sq[j])  # fmt: skip
-            candidates = candidates[bound * PROJECTION_SHRINK < min_d.take(candidates, mode=TAKE) + tau2]
-        dot = row_dots(torch.from_numpy(pts.take(candidates, axis=0, mode=TAKE)), points[j]).numpy()
+        x_j = x_sq[j]
+        np.multiply(proj[j], -two, out=vector[:q])
+        candidates = np.flatnonzero(np.less(np.matmul(vector, table, out=score), -proj_sq[j], out=near))
+        dot = _measure(pts, candidates, points[j])
         # the plain greedy's float32 arithmetic, (||x||^2 - 2 x.p) + ||p||^2 clamped at 0, in numpy
         d = np.maximum(x_sq.take(candidates, mode=TAKE) - two * dot + x_j, 0.0, dtype=pts.dtype)
         nearer = d < min_d.take(candidates, mode=TAKE)
         moved, d_moved = candidates[nearer], d[nearer]
         min_d[moved] = d_moved
-        assign[moved] = m
-        reach[moved] = np.square(two * np.sqrt(d_moved) + tau, dtype=np.float32)
+        table[q, moved] = proj_sq.take(moved, mode=TAKE) - (d_moved + tau2) / PROJECTION_SHRINK
         min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0, so they never move again
-        reach[j] = -1.0  # and are hardly ever measured again
+        table[q, j] = FAR  # and are never measured again
     return chosen
+
+
+# rows per ``row_dots`` call in the loop: below torch's parallel grain (32,768 elements) for
+# 128-wide rows, so no call opens a parallel region. One that did (a pick with 400 candidates)
+# waited milliseconds for a core held by OpenBLAS's spinning GEMV thread (numpy's): 10 s instead of
+# 0.36 for MNIST at k = 2000 with 8 directions and two threads
+MEASURE_ELEMENTS = 32_767
+
+
+def _measure(pts: np.ndarray, candidates: np.ndarray, p: torch.Tensor) -> np.ndarray:
+    """``row_dots`` of the candidates' rows with ``p``, in chunks that each run on this thread
+    (the same bits: a row's sum is its own whatever the batch)."""
+    rows = max(1, MEASURE_ELEMENTS // pts.shape[1])
+    block = pts.take(candidates, axis=0, mode=TAKE)
+    if len(candidates) <= rows:
+        return row_dots(torch.from_numpy(block), p).numpy()
+    return np.concatenate([row_dots(torch.from_numpy(block[s : s + rows]), p).numpy()
+                           for s in range(0, len(candidates), rows)])  # fmt: skip
 
 
 def row_dots(rows: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
