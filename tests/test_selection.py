@@ -231,8 +231,10 @@ def _kcenter_case(case):
         x = (x @ rng.normal(size=(12, 40)) + 0.1 * rng.normal(size=(2000, 40))).astype(np.float32)
     if case == "duplicates":
         x[:1000] = x[0]
-    if case == "far-from-origin":  # squared norms 3e6, squared distances ~100: the largest margin
+    if case.startswith("far-from-origin"):  # squared norms 3e6, squared distances ~100: the largest margin
         x = x + np.float32(500)
+    if case.endswith("in-one-dimension"):  # the bound's rounding, not the distance's, is then the larger
+        x = x[:, :1] * np.float32(100)
     points = torch.from_numpy(x)
     m = 0 if case.endswith("no-seeds") else 25  # none: the first pick measures every row, in chunks of 819 at 40 dims
     return points[m:], points[:m]
@@ -240,7 +242,8 @@ def _kcenter_case(case):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", ["spread", "duplicates", "no-seeds", "wider-than-projection",
-                                  "wider-than-projection-no-seeds", "far-from-origin"])  # fmt: skip
+                                  "wider-than-projection-no-seeds", "far-from-origin", "spread-in-one-dimension",
+                                  "far-from-origin-in-one-dimension"])  # fmt: skip
 def test_pruned_kcenter_picks_exactly_what_the_plain_greedy_picks(case, threads):
     """Far from the origin too, where squared norms are 3e4 times the squared distances: the
     bounds' margins hold there, and the measured points round as they do in the full pass."""
@@ -287,10 +290,27 @@ def test_the_pruned_kcenter_measures_every_pick_through_row_dots(monkeypatch, ca
     monkeypatch.setattr(kcenter_module, "row_dots", spy)
     points, centres = _kcenter_case(case)
     assert kcenter_greedy(points, centres, 50) == _plain_kcenter(points, centres, 50)
-    assert len(batches) >= 50
-    assert max(batches) * points.shape[1] <= kcenter_module.MEASURE_ELEMENTS
+    assert max(batches) * points.shape[1] < 32_768  # torch's parallel grain (at::internal::GRAIN_SIZE)
     if case.endswith("no-seeds"):
         assert batches[:3] == [819, 819, len(points) - 2 * 819]
+        assert len(batches) == 52
+    else:
+        assert len(batches) == 50  # one call per pick
+
+
+def test_pruned_kcenter_measures_a_point_its_bound_rounds_onto_the_threshold():
+    """One dimension, far from the origin, where the bound's test rounds by more than the distance's
+    margin (8 eps d of the largest squared norm): row 3's projected distance to pick 1 is 82.9
+    against a threshold of 118, yet its test, summed in float32, came to exactly 0 (a review found
+    the case). The greedy moves row 3 from 84 to 80, where it ties row 2 and loses to the lower
+    row; left unmeasured, it stayed at 84 and was taken third."""
+    f = np.float32
+    far = f(5964.325)
+    points = torch.from_numpy(np.array([[f(-5940.9126)], [f(-5922.762)], [f(5972.88)], [f(-5931.8657)]]
+                                       + [[far]] * 337, dtype=np.float32))  # fmt: skip
+    centres = torch.from_numpy(np.array([[far]], dtype=np.float32))
+    assert _plain_kcenter(points, centres, 4) == [0, 1, 2, 3]
+    assert kcenter_greedy(points, centres, 4) == [0, 1, 2, 3]
 
 
 def test_kcenter_picks_on_a_real_pool_do_not_depend_on_the_thread_count(data_dir):

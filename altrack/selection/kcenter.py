@@ -7,10 +7,11 @@ from altrack.selection.base import SelectionContext, SelectionResult, Selector
 from altrack.selection.geometry import StepLoop, as_tensor, nearest, padded_steps, workspace
 from altrack.selection.registry import register
 
+EPS = torch.finfo(torch.float32).eps
 # float32 rounding of ||x||^2 - 2 x.c + ||c||^2 over d dimensions is at worst about 4 d eps times the
-# largest squared norm; the pruning margin covers that twice over (a bound and the distance it is
-# compared with), so a pruned point is one the full pass would not have moved either.
-ROUNDING_PER_DIM = 8 * torch.finfo(torch.float32).eps
+# largest squared norm; the pruning margin covers that twice over, so a point the measured distance
+# would move is measured. The bound's own rounding has a margin of its own (``kcenter_greedy``).
+ROUNDING_PER_DIM = 8 * EPS
 # the lower bound's dimensions: distances in the top principal directions of the points. 12 of 128
 # leave about 130 of MNIST's 59,600 points to measure per pick; 8 leave 390, 16 leave 90 for a
 # GEMV a third longer (bench_selection: 12 was the fastest at k = 2000 and 5000)
@@ -22,8 +23,9 @@ PROJECTION_SHRINK = np.float32(1.0 - 1e-4)  # float32 bases are orthonormal to ~
 # 'clip' and 23 us with 'wrap', numpy's cheapest path (numpy 2.4, the 2-core Xeon)
 TAKE = "wrap"
 # what stands in for infinity in the bound table: a taken row's slack (never measured again) and,
-# with no centres yet, every row's (all measured). Finite, so that no BLAS sees inf: a GEMV that
-# zeroes its output by scaling it (beta = 0) turns an inf left in the buffer into NaN
+# with no centres yet, every row's (all measured). Finite, so that the GEMV never meets an inf: one
+# is harmless only while no kernel multiplies it by a zero (0 * inf is NaN, and a NaN slack would
+# compare false: a row never measured again)
 FAR = np.float32(np.finfo(np.float32).max / 8)
 
 
@@ -47,8 +49,9 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     the same products, a GEMV's (a6cf675's greedy, and the GPU's loop below), takes other points
     from the first such tie on, each a farthest point up to rounding (tested). The loop runs in
     numpy (a pass over 60k points costs a few microseconds of overhead there, tens in torch); the
-    bound keeps a rounding margin. A triangle-inequality filter on the nearest centres, which ran
-    first until 2026-12-07, left the same ~90 points at 16 dimensions, in twice the time.
+    test keeps a margin for its own rounding and the measured distance's. A triangle-inequality
+    filter on the nearest centres, which ran first until 2026-12-07, left the same ~90 points at
+    16 dimensions, in twice the time.
 
     Raises ``ValueError`` if n exceeds the number of points (a taken row cannot be taken again).
     """
@@ -71,12 +74,16 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     two = pts.dtype.type(2.0)
     proj, proj_sq = _principal_projection(points)
     q = proj.shape[1]
-    # a point is measured while ||P(x - j)||^2 * SHRINK < r^2 + tau2, r^2 its min_d: with the
-    # slack s = ||Px||^2 - (r^2 + tau2) / SHRINK, while -2 Px.Pj + s < -||Pj||^2 (the reordered
-    # sum rounds within tau2, which is ROUNDING_PER_DIM * d of the largest squared norm)
+    # a point is measured while ||P(x - j)||^2 * SHRINK < r^2 + margin, r^2 its min_d: with the
+    # slack s = ||Px||^2 - (r^2 + margin) / SHRINK, while -2 Px.Pj + s < -||Pj||^2. The margin is
+    # the measured distance's rounding (tau2) and the test's own: q + 1 products summed, the
+    # slack's two roundings, each within eps / 2 of the terms' sizes (centred projections' squared
+    # norms, up to 4 top, and squared distances, up to 4 top), taken twice. That one does not shrink
+    # with d as tau2 does: in one dimension tau2 alone let a point the greedy moves go unmeasured
+    margin = tau2 + np.float32((q + 4) * EPS * (4.0 * float(proj_sq.max()) + 4.0 * top))
     table = np.empty((q + 1, n_points), dtype=pts.dtype)
     table[:q] = proj.T
-    table[q] = proj_sq - (min_d + tau2) / PROJECTION_SHRINK if len(centres) else -FAR
+    table[q] = proj_sq - (min_d + margin) / PROJECTION_SHRINK if len(centres) else -FAR
     vector = np.ones(q + 1, dtype=pts.dtype)
     score, near = np.empty(n_points, dtype=pts.dtype), np.empty(n_points, dtype=bool)  # reused each pick
     chosen: list[int] = []
@@ -92,7 +99,7 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
         nearer = d < min_d.take(candidates, mode=TAKE)
         moved, d_moved = candidates[nearer], d[nearer]
         min_d[moved] = d_moved
-        table[q, moved] = proj_sq.take(moved, mode=TAKE) - (d_moved + tau2) / PROJECTION_SHRINK
+        table[q, moved] = proj_sq.take(moved, mode=TAKE) - (d_moved + margin) / PROJECTION_SHRINK
         min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0, so they never move again
         table[q, j] = FAR  # and are never measured again
     return chosen
