@@ -20,7 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+if "--side" in sys.argv:  # a side's altrack before numpy and torch: it sets their thread defaults, as in its CLI
+    sys.path.insert(0, sys.argv[sys.argv.index("--side") + 1])
+    import altrack  # noqa: F401
+
+import numpy as np  # noqa: E402
 
 BUDGETS = (2000, 5000)
 

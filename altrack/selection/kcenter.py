@@ -81,19 +81,27 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     # norms, up to 4 top, and squared distances, up to 4 top), taken twice. That one does not shrink
     # with d as tau2 does: in one dimension tau2 alone let a point the greedy moves go unmeasured
     margin = tau2 + np.float32((q + 4) * EPS * (4.0 * float(proj_sq.max()) + 4.0 * top))
-    table = np.empty((q + 1, n_points), dtype=pts.dtype)
+    table_t = torch.empty(q + 1, n_points, dtype=points.dtype)  # the GEMV's operand, as torch's (n, q + 1) view
+    table = table_t.numpy()  # and the same memory for numpy's updates
     table[:q] = proj.T
     table[q] = proj_sq - (min_d + margin) / PROJECTION_SHRINK if len(centres) else -FAR
-    vector = np.ones(q + 1, dtype=pts.dtype)
-    score, near = np.empty(n_points, dtype=pts.dtype), np.empty(n_points, dtype=bool)  # reused each pick
+    vector_t = torch.ones(q + 1, dtype=points.dtype)
+    vector = vector_t.numpy()
+    score_t = torch.empty(n_points, dtype=points.dtype)
+    score, near = score_t.numpy(), np.empty(n_points, dtype=bool)  # reused each pick
+    rows_t = table_t.t()
     chosen: list[int] = []
     for _ in range(n):
         j = int(np.argmax(min_d))
         chosen.append(j)
         x_j = x_sq[j]
         np.multiply(proj[j], -two, out=vector[:q])
-        candidates = np.flatnonzero(np.less(np.matmul(vector, table, out=score), -proj_sq[j], out=near))
-        dot = _measure(pts, candidates, points[j])
+        # torch's GEMV, on the threads altrack plans for this process: numpy's OpenBLAS ran it on a
+        # thread per core of its own, spinning between calls, which took the core a second worker
+        # process needed (two processes' k-center runs: 0.87-1.0 s each, against 0.38 s now)
+        torch.mv(rows_t, vector_t, out=score_t)
+        candidates = np.flatnonzero(np.less(score, -proj_sq[j], out=near))
+        dot = row_dots(torch.from_numpy(pts.take(candidates, axis=0, mode=TAKE)), points[j]).numpy()
         # the plain greedy's float32 arithmetic, (||x||^2 - 2 x.p) + ||p||^2 clamped at 0, in numpy
         d = np.maximum(x_sq.take(candidates, mode=TAKE) - two * dot + x_j, 0.0, dtype=pts.dtype)
         nearer = d < min_d.take(candidates, mode=TAKE)
@@ -103,24 +111,6 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
         min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0, so they never move again
         table[q, j] = FAR  # and are never measured again
     return chosen
-
-
-# rows per ``row_dots`` call in the loop: below torch's parallel grain (32,768 elements) for
-# 128-wide rows, so no call opens a parallel region. One that did (a pick with 400 candidates)
-# waited milliseconds for a core held by OpenBLAS's spinning GEMV thread (numpy's): 10 s instead of
-# 0.36 for MNIST at k = 2000 with 8 directions and two threads
-MEASURE_ELEMENTS = 32_767
-
-
-def _measure(pts: np.ndarray, candidates: np.ndarray, p: torch.Tensor) -> np.ndarray:
-    """``row_dots`` of the candidates' rows with ``p``, in chunks that each run on this thread
-    (the same bits: a row's sum is its own whatever the batch)."""
-    rows = max(1, MEASURE_ELEMENTS // pts.shape[1])
-    block = pts.take(candidates, axis=0, mode=TAKE)
-    if len(candidates) <= rows:
-        return row_dots(torch.from_numpy(block), p).numpy()
-    return np.concatenate([row_dots(torch.from_numpy(block[s : s + rows]), p).numpy()
-                           for s in range(0, len(candidates), rows)])  # fmt: skip
 
 
 def row_dots(rows: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
