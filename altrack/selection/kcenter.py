@@ -47,11 +47,12 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     ``--workers``. Real embeddings are full of near ties (on a Fashion-MNIST pool, several exact
     ties between the two farthest points per run, and gaps of one ulp), so another rounding of
     the same products, a GEMV's (a6cf675's greedy, and the GPU's loop below), takes other points
-    from the first such tie on, each a farthest point up to rounding (tested). The loop runs in
-    numpy (a pass over 60k points costs a few microseconds of overhead there, tens in torch); the
-    test keeps a margin for its own rounding and the measured distance's. A triangle-inequality
-    filter on the nearest centres, which ran first until 2026-12-07, left the same ~90 points at
-    16 dimensions, in twice the time.
+    from the first such tie on, each a farthest point up to rounding (tested). The loop's
+    bookkeeping runs in numpy (a pass over 60k points costs a few microseconds of overhead there,
+    tens in torch), its GEMV in torch, on the threads altrack plans; the test keeps a margin for
+    its own rounding and the measured distance's. A triangle-inequality filter on the nearest
+    centres, which ran first until 2026-12-07, left the same ~90 points at 16 dimensions, in
+    twice the time.
 
     Raises ``ValueError`` if n exceeds the number of points (a taken row cannot be taken again).
     """
@@ -84,7 +85,11 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
     table_t = torch.empty(q + 1, n_points, dtype=points.dtype)  # the GEMV's operand, as torch's (n, q + 1) view
     table = table_t.numpy()  # and the same memory for numpy's updates
     table[:q] = proj.T
-    table[q] = proj_sq - (min_d + margin) / PROJECTION_SHRINK if len(centres) else -FAR
+
+    def slack(sq: np.ndarray, r2: np.ndarray) -> np.ndarray:  # points' ||Px||^2 and min_d -> the table's last row
+        return sq - (r2 + margin) / PROJECTION_SHRINK
+
+    table[q] = slack(proj_sq, min_d) if len(centres) else -FAR
     vector_t = torch.ones(q + 1, dtype=points.dtype)
     vector = vector_t.numpy()
     score_t = torch.empty(n_points, dtype=points.dtype)
@@ -107,7 +112,7 @@ def kcenter_greedy(points: torch.Tensor, centres: torch.Tensor, n: int) -> list[
         nearer = d < min_d.take(candidates, mode=TAKE)
         moved, d_moved = candidates[nearer], d[nearer]
         min_d[moved] = d_moved
-        table[q, moved] = proj_sq.take(moved, mode=TAKE) - (d_moved + margin) / PROJECTION_SHRINK
+        table[q, moved] = slack(proj_sq.take(moved, mode=TAKE), d_moved)
         min_d[j] = -1.0  # taken rows stay at -1: every distance is >= 0, so they never move again
         table[q, j] = FAR  # and are never measured again
     return chosen
