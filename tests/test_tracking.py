@@ -22,12 +22,14 @@ from altrack.paper import paper_page
 from altrack.replay import replay
 from altrack.settings import RunKey, Settings, label_knobs
 from altrack.tracking.query import rows_from_mlflow
-from altrack.tracking.runs import LiveLosses, claim_runs, close_dead_runs
+from altrack.tracking.runs import LiveLosses, claim_runs, close_dead_runs, kill_run_tree
 from altrack.tracking.tags import (
+    ERROR_TAG,
     GROUP_TAG,
     HASH_TAG,
     KIND_PROTOCOL,
     KIND_TAG,
+    MLFLOW_PARENT_RUN_ID,
     SEED_TRAIN_LOSS_METRIC,
     TICKET_TAG,
     TRAIN_LOSS_METRIC,
@@ -317,6 +319,22 @@ def test_a_dead_runs_half_logged_models_are_marked_failed(mlflow_store):
     assert close_dead_runs(experiment_id) == 1
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert client.get_logged_model(model.model_id).status == LoggedModelStatus.FAILED
+
+
+def test_killing_a_run_tree_fails_the_models_it_was_uploading(mlflow_store):
+    """A stopped worker's or a cancelled task's runs are ended KILLED by whoever stops them (not
+    by a later ``close_dead_runs``, which only sees RUNNING runs): their PENDING models fail too."""
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
+    parent = client.create_run(experiment_id, tags={WORKER_TAG: worker_id()})
+    child = client.create_run(experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent.info.run_id, WORKER_TAG: worker_id()})
+    models = [client.create_logged_model(experiment_id=experiment_id, name="final_model", source_run_id=run.info.run_id)
+              for run in (parent, child)]  # fmt: skip
+    kill_run_tree(client, parent.info.run_id, "stopped")
+    for run in (parent, child):
+        info = client.get_run(run.info.run_id)
+        assert info.info.status == "KILLED" and info.data.tags[ERROR_TAG] == "stopped"
+    assert [client.get_logged_model(m.model_id).status for m in models] == [LoggedModelStatus.FAILED] * 2
 
 
 def test_no_resume_reruns_what_an_earlier_invocation_finished(data_dir, mlflow_store):

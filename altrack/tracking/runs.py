@@ -161,8 +161,8 @@ def fail_pending_models(client: MlflowClient, run: Run) -> int:
 
 def close_dead_runs(experiment_id: str) -> int:
     """Mark KILLED the RUNNING runs of this experiment whose owner has died (a SIGKILLed grid
-    leaves its parent, and maybe one child, RUNNING; a cancelled Slurm task its runs). Returns
-    how many."""
+    leaves its parent and the runs its blocks had claimed RUNNING; a cancelled Slurm task its
+    runs). Returns how many."""
     client = MlflowClient()
     closed = 0
     for run in client.search_runs([experiment_id], f"attributes.status = '{RUNNING}'", max_results=5000):
@@ -170,31 +170,36 @@ def close_dead_runs(experiment_id: str) -> int:
             continue
         if run_is_dead(run):
             owner = run.data.tags.get(SLURM_JOB_TAG) or run.data.tags.get(WORKER_TAG, "")
-            client.set_tag(run.info.run_id, ERROR_TAG, f"{owner} died before the run ended")
-            fail_pending_models(client, run)
-            client.set_terminated(run.info.run_id, status=KILLED)
+            end_killed(client, run, f"{owner} died before the run ended")
             closed += 1
     return closed
 
 
+def end_killed(client: MlflowClient, run: Run, reason: str) -> None:
+    """End ``run`` KILLED with an ``ERROR_TAG`` saying why, and its models still PENDING FAILED
+    (``fail_pending_models``): every way a run is killed (a dead owner, Ctrl-C, a stopped worker,
+    a cancelled Slurm task) may have stopped it mid-upload."""
+    client.set_tag(run.info.run_id, ERROR_TAG, reason)
+    fail_pending_models(client, run)
+    client.set_terminated(run.info.run_id, status=KILLED)
+
+
 def kill_running_children(client: MlflowClient, run_id: str, experiment_id: str, reason: str) -> int:
-    """Mark the RUNNING children of ``run_id`` KILLED, saying why; returns how many."""
+    """Mark the RUNNING children of ``run_id`` KILLED, saying why (``end_killed``); returns how many."""
     query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and attributes.status = '{RUNNING}'"
     children = client.search_runs([experiment_id], query, max_results=5000)
     for child in children:
-        client.set_tag(child.info.run_id, ERROR_TAG, reason)
-        client.set_terminated(child.info.run_id, status=KILLED)
+        end_killed(client, child, reason)
     return len(children)
 
 
 def kill_run_tree(client: MlflowClient, run_id: str, reason: str) -> None:
-    """Mark a RUNNING run and its RUNNING children KILLED, saying why."""
+    """Mark a RUNNING run and its RUNNING children KILLED, saying why (``end_killed``)."""
     run = client.get_run(run_id)
     if run.info.status != RUNNING:
         return
     kill_running_children(client, run_id, run.info.experiment_id, reason)
-    client.set_tag(run_id, ERROR_TAG, reason)
-    client.set_terminated(run_id, status=KILLED)
+    end_killed(client, run, reason)
 
 
 def under_project_run() -> bool:
@@ -231,6 +236,7 @@ def killed_on_interrupt() -> Iterator[None]:
         if run is not None and active is not None and active.info.run_id == run.info.run_id:
             with suppress(Exception):  # the store may be what was interrupted: the exit still goes on
                 mlflow.set_tag(ERROR_TAG, INTERRUPTED)
+                fail_pending_models(MlflowClient(), run)  # Ctrl-C mid-upload leaves its model PENDING
                 mlflow.end_run(KILLED)
         raise
 
