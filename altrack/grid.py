@@ -201,7 +201,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         others = {h: k for h, k in hashes.items()
                   if h not in done and (k.dataset, k.method, k.budget, k.seed) not in ours}  # fmt: skip
         if others:  # runs another live process claimed: wait for them, and report them as reused
-            theirs = _wait_for_others(parent.info.experiment_id, others, say)
+            since = 0 if cfg.resume else parent.info.start_time  # --no-resume: not an earlier invocation's
+            theirs = _wait_for_others(parent.info.experiment_id, others, say, since)
             rows += list(theirs.values())
             done.update(theirs)
             _log_resumed(list(done.values()))
@@ -225,14 +226,15 @@ def _publish(rows: list[ResultRow], out: str | None, resumed: int) -> list[Path]
 
 
 def _wait_for_others(
-    experiment_id: str, others: dict[str, RunKey], say: Callable[[str], None]
+    experiment_id: str, others: dict[str, RunKey], say: Callable[[str], None], ended_since: int = 0
 ) -> dict[str, ResultRow]:
     """Rows of the runs (config hash -> key) that other live processes claimed, once they end;
-    a run whose owner died is left out (the next invocation runs it)."""
-    say(f"waiting for {len(others)} runs another altrack process claimed first")
+    a run whose owner died is left out (the next invocation runs it). ``ended_since`` (ms): a
+    FINISHED run that ended earlier does not count (``finished_rows``)."""
+    say(f"waiting for {report.counted(len(others), 'run')} another altrack process claimed first")
     client = MlflowClient()
     while True:
-        found = finished_rows(experiment_id, set(others))
+        found = finished_rows(experiment_id, set(others), ended_since)
         pending = set(others) - set(found)
         if not pending:
             return found
@@ -241,7 +243,7 @@ def _wait_for_others(
             query = f"tags.`{HASH_TAG}` = '{config_hash}' and attributes.status = '{RUNNING}'"
             alive = alive or any(not run_is_dead(r) for r in client.search_runs([experiment_id], query))
         if not alive:  # none RUNNING now: read once more, a run may have finished between the queries
-            found = finished_rows(experiment_id, set(others))
+            found = finished_rows(experiment_id, set(others), ended_since)
             gone = len(others) - len(found)
             if gone:
                 say(f"{gone} of them ended without finishing (their process died); rerun to do them")

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from mlflow.entities import LoggedModelStatus
+from mlflow.entities import LoggedModelStatus, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from altrack import report
@@ -31,6 +31,7 @@ from altrack.tracking.tags import (
     KIND_TAG,
     MLFLOW_PARENT_RUN_ID,
     SEED_TRAIN_LOSS_METRIC,
+    TEST_ACCURACY_METRIC,
     TICKET_TAG,
     TRAIN_LOSS_METRIC,
     WORKER_TAG,
@@ -345,6 +346,39 @@ def test_no_resume_reruns_what_an_earlier_invocation_finished(data_dir, mlflow_s
     assert again.resumed == 1 and fresh.resumed == 0
     assert fresh.rows[0].run_id not in {first.rows[0].run_id}
     assert _children(fresh.parent_run_id)[0].info.status == "FINISHED"
+
+
+def test_no_resume_waits_for_a_rivals_run_not_an_earlier_invocations(data_dir, mlflow_store):
+    """Under --no-resume, a run a live rival claimed first is waited for until the rival finishes
+    it; the same run FINISHED by an earlier invocation is not the answer (it was, at once)."""
+    client = MlflowClient()
+    first = run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
+    old = client.get_run(first.rows[0].run_id)
+    experiment_id = old.info.experiment_id
+    rival_parent = client.create_run(experiment_id, tags={WORKER_TAG: worker_id()}).info  # a --no-resume grid's
+    wanted = [(RunKey("mnist", "random", 100, 0), old.data.tags[HASH_TAG], old.data.tags[GROUP_TAG])]
+    [rival] = claim_runs(rival_parent.run_id, experiment_id, wanted, {}, rival_parent.start_time).values()
+    waiting = threading.Event()
+
+    def finish_rival() -> None:  # once the grid waits, as the rival process would
+        waiting.wait(120)
+        time.sleep(0.5)
+        client.log_batch(rival, params=[Param(k, str(v)) for k, v in
+                                        {"dataset": "mnist", "method": "random", "budget": 100, "seed": 0}.items()],
+                         metrics=[Metric(TEST_ACCURACY_METRIC, 0.5, 0, 0)])  # fmt: skip
+        client.set_terminated(rival, "FINISHED")
+
+    said: list[str] = []
+    rival_thread = threading.Thread(target=finish_rival)
+    rival_thread.start()
+    try:
+        again = run_grid(_cfg(data_dir, None, methods=("random",), resume=False), progress=False,
+                         say=lambda line: (said.append(line), waiting.set()))  # fmt: skip
+    finally:
+        waiting.set()
+        rival_thread.join()
+    assert "waiting for 1 run another altrack process claimed first" in said, said
+    assert [row.run_id for row in again.rows] == [rival] and again.resumed == 1
 
 
 def _claim(experiment_id: str) -> dict:

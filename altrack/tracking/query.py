@@ -91,9 +91,12 @@ def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[ResultRo
     return found
 
 
-def finished_rows(experiment_id: str, hashes: set[str]) -> dict[str, ResultRow]:
-    """Config hash -> result row of the FINISHED protocol runs of this experiment among ``hashes``."""
-    return {h: row for row, h in _protocol_rows([experiment_id], PROTOCOL_QUERY) if row.finished and h in hashes}
+def finished_rows(experiment_id: str, hashes: set[str], ended_since: int = 0) -> dict[str, ResultRow]:
+    """Config hash -> result row of the FINISHED protocol runs of this experiment among ``hashes``
+    (the latest of a hash). ``ended_since`` (ms): only runs that ended then or later, as a grid
+    under --no-resume waits for the runs live rivals are doing, not for an earlier invocation's."""
+    query = PROTOCOL_QUERY + (f" and attributes.end_time >= {int(ended_since)}" if ended_since else "")
+    return {h: row for row, h in _protocol_rows([experiment_id], query) if row.finished and h in hashes}
 
 
 def resumed_ids(parent_run_id: str) -> list[str]:
