@@ -57,26 +57,37 @@ _ENTRY = re.compile(rf"[0-9a-f]{{{KEY_CHARS}}}\.pt")
 _TEMP = re.compile(rf"\.[0-9a-f]{{{KEY_CHARS}}}\.pt\..+\.tmp")
 
 
-def entries(folder: Path) -> list[Path]:
-    """The cache's entries, least recently used first: the files named as the cache names them,
-    never another ``.pt`` a user keeps in the folder (eviction and ``clear`` delete entries)."""
+def _listed(folder: Path) -> list[tuple[Path, os.stat_result]]:
+    """(entry, its stat), least recently used first: the files named as the cache names them,
+    never another ``.pt`` a user keeps in the folder. An entry another process (a sweep worker
+    sharing the folder) deletes between the listing and its stat is left out, not an error."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if _ENTRY.fullmatch(p.name)), key=lambda path: path.stat().st_mtime)
+    found = []
+    for path in folder.iterdir():
+        if _ENTRY.fullmatch(path.name):
+            with suppress(FileNotFoundError):
+                found.append((path, path.stat()))
+    return sorted(found, key=lambda item: item[1].st_mtime)
+
+
+def entries(folder: Path) -> list[Path]:
+    """The cache's entries, least recently used first (eviction and ``clear`` delete them)."""
+    return [path for path, _ in _listed(folder)]
 
 
 def evict(folder: Path, cap: int, keep: Collection[Path] = ()) -> int:
     """Delete least recently used entries until the folder holds at most ``cap`` bytes, or until
     only ``keep`` (the entries in use: just written or read) is left. Returns how many went."""
-    found = entries(folder)
-    total = sum(path.stat().st_size for path in found)
+    found = _listed(folder)
+    total = sum(stat.st_size for _, stat in found)
     removed = 0
-    for path in found:
+    for path, stat in found:
         if total <= cap:
             break
         if path in keep:
             continue
-        total -= path.stat().st_size
+        total -= stat.st_size
         path.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -84,8 +95,8 @@ def evict(folder: Path, cap: int, keep: Collection[Path] = ()) -> int:
 
 def cache_info(folder: Path) -> tuple[int, int]:
     """(entries, bytes) in the cache folder."""
-    found = entries(folder)
-    return len(found), sum(path.stat().st_size for path in found)
+    found = _listed(folder)
+    return len(found), sum(stat.st_size for _, stat in found)
 
 
 def clear(folder: Path) -> int:

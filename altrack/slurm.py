@@ -40,6 +40,7 @@ EXECUTORS = ("local", "slurm")
 SHARED_STORE_SCHEMES = ("http", "https", "postgresql", "mysql", "mssql", "databricks")
 POLL_SECONDS = 2.0
 GONE_GRACE_SECONDS = 10.0  # a task squeue stopped listing has this long to leave its result file
+SBATCH_TEST_SECONDS = 60  # how long `sbatch --test-only` may take before the launcher refuses in one line
 
 # labels name the flag and, after it, the executor file's key
 SLURM_RULES: dict[str, Rule] = {
@@ -117,7 +118,11 @@ class SlurmConfig:
         if self.gpus_per_task:
             command.insert(2, f"--gpus-per-task={self.gpus_per_task}")
         command[2:2] = [f"--{k.replace('_', '-')}={v}" for k, v in self.sbatch]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=SBATCH_TEST_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"--executor slurm: 'sbatch --test-only' did not answer in {SBATCH_TEST_SECONDS} s "
+                              "(is slurmctld up?)") from None  # fmt: skip
         if done.returncode != 0:
             message = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
             raise ConfigError(f"Slurm refuses these jobs: {message[-1].removeprefix('sbatch: error: ')}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from altrack.cache import SeedStageCache, cache_info, entries, stage_key
+from altrack.cache import KEY_CHARS, SeedStageCache, cache_info, entries, evict, stage_key
 from altrack.cli import main
 from altrack.data import load_dataset
 from altrack.errors import TrainingDiverged
@@ -62,6 +62,17 @@ def test_clear_and_eviction_leave_the_users_own_files(data_dir, tmp_path, monkey
     assert main(["cache", "clear", "--cache-dir", str(folder)]) == 0
     assert "removed 1 seed stage" in capsys.readouterr().out
     assert all(path.read_bytes() == b"the user's" for path in theirs) and not stray.exists()
+
+
+def test_an_entry_deleted_while_the_cache_is_listed_is_left_out(tmp_path):
+    """Sweep workers share the folder: an entry another deletes between the listing and its stat
+    (here a link to nothing, which fails stat the same way) is skipped, not a worker's crash."""
+    kept = tmp_path / f"{'a' * KEY_CHARS}.pt"
+    kept.write_bytes(b"x" * 10)
+    (tmp_path / f"{'b' * KEY_CHARS}.pt").symlink_to(tmp_path / "gone")
+    assert entries(tmp_path) == [kept]
+    assert cache_info(tmp_path) == (1, 10)
+    assert evict(tmp_path, cap=0) == 1 and not kept.exists()
 
 
 def test_a_call_never_evicts_the_entries_it_wrote_or_read(data_dir, tmp_path, monkeypatch):
