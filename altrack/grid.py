@@ -453,7 +453,11 @@ class _Behind:
 def _kill_unfilled(parent_id: str, experiment_id: str, exc: BaseException) -> None:
     """Mark KILLED the runs this grid claimed and will not fill in now (a block trained while
     the one before failed to log, a block Ctrl-C stopped), rather than leave them RUNNING until
-    the next invocation's ``close_dead_runs``. Best effort: the store may be what failed."""
+    the next invocation's ``close_dead_runs``. Best effort: the store may be what failed. When
+    the grid's loop closed ``_run_blocks`` early (``--fail-fast``, an error in the loop), ``exc``
+    is the GeneratorExit it received, and the reason is what was leaving the loop meanwhile."""
+    if isinstance(exc, GeneratorExit) and exc.__context__ is not None:
+        exc = exc.__context__
     reason = f"the grid stopped before this run was filled in: {first_line(exc) or type(exc).__name__}"
     with suppress(Exception):  # the exception already leaving says what went wrong
         kill_running_children(MlflowClient(), parent_id, experiment_id, reason)

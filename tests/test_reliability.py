@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -24,6 +25,7 @@ from altrack.settings import Settings
 from altrack.tracking.query import rows_from_mlflow
 from altrack.tracking.tags import (
     ERROR_TAG,
+    MLFLOW_PARENT_RUN_ID,
     SEED_TEST_ACCURACY_METRIC,
     SEED_TRAIN_LOSS_METRIC,
     TEST_ACCURACY_METRIC,
@@ -107,6 +109,32 @@ def test_fail_fast_stops_the_grid_at_a_diverged_run(data_dir, mlflow_store, caps
     # the first block (k=100: 2 seeds x 2 methods, trained together) fails; the k=200 block never starts
     assert len([r for r in runs if r.data.tags.get("altrack.kind") == "protocol"]) == 4
     assert {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_runs_a_fail_fast_leaves_unfilled_say_why_not_generatorexit(mlflow_store):
+    """--fail-fast stops the grid's loop, which closes the generator of blocks with a
+    GeneratorExit: the runs it leaves unfilled are KILLED with the failure that stopped it."""
+    from altrack.grid import _kill_unfilled
+
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
+    parent = client.create_run(experiment_id).info.run_id
+    child = client.create_run(experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent}).info.run_id
+    failure = "run abc failed: training loss became nan (--fail-fast)"
+
+    def blocks():  # as _run_blocks: the runs left unfilled are killed on the way out
+        try:
+            yield
+        except BaseException as exc:
+            _kill_unfilled(parent, experiment_id, exc)
+            raise
+
+    with pytest.raises(AltrackError), closing(blocks()) as done_blocks:  # as run_grid's loop
+        for _ in done_blocks:
+            raise AltrackError(failure)
+    run = client.get_run(child)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[ERROR_TAG] == f"the grid stopped before this run was filled in: {failure}"
 
 
 def test_unwritable_artifact_location_fails_the_run_clearly(data_dir, mlflow_store, tmp_path):
