@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import tempfile
 
 import mlflow
 from mlflow.entities import Run
@@ -11,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from altrack.catalog import DATASETS
 from altrack.errors import AltrackError
+from altrack.liveness import temp_dir
 from altrack.results import FINISHED, RUNNING, ResultRow
 from altrack.settings import SWEPT_WORDS, Settings
 from altrack.tracking.tags import (
@@ -102,7 +102,7 @@ def finished_rows(experiment_id: str, hashes: set[str], ended_since: int = 0) ->
 def resumed_ids(parent_run_id: str) -> list[str]:
     """Run ids a resumed grid reused from earlier invocations (its ``resumed_runs.csv``)."""
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with temp_dir("resumed") as tmp:  # a killed process's is cleaned up later
             path = mlflow.artifacts.download_artifacts(
                 run_id=parent_run_id, artifact_path=RESUMED_RUNS_CSV, dst_path=tmp
             )

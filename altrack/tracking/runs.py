@@ -594,15 +594,13 @@ def log_run(
     log_models: bool,
     kind: str = KIND_PROTOCOL,
     name: str | None = None,
-    parent_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
     run_id: str | None = None,
     live: bool = False,
     seed_model_run: str | None = None,
 ) -> str:
-    """One nested child run under the active run (or under ``parent_run_id``, from a process
-    that does not own the parent: a Slurm task); FAILED with the reason when the run failed.
-    ``run_id``: a run ``claim_runs`` opened, filled in instead of a new one; ``live``: its epoch
+    """One nested child run under the active run (a sweep's trial run), or the run ``run_id``
+    that ``claim_runs`` opened (a grid's, wherever its block ran), filled in; FAILED with the
+    reason when the run failed. ``live``: its epoch
     losses were logged as they came, so they are not logged again; ``seed_model_run``: a run
     that already holds this seed's model (tagged, not logged again).
 
@@ -611,11 +609,11 @@ def log_run(
     Returns the run id; raises ``AltrackError`` when the artifacts cannot be stored (the run
     is then FAILED, never FINISHED without its files).
     """
-    tags = {KIND_TAG: kind, HASH_TAG: result.config_hash, **owner_tags(), **(tags or {})}
+    tags = {KIND_TAG: kind, HASH_TAG: result.config_hash, **owner_tags()}
     opened = (
         mlflow.start_run(run_id=run_id, nested=True)
         if run_id
-        else mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags, parent_run_id=parent_run_id)
+        else mlflow.start_run(run_name=name or result.key.name, nested=True, tags=tags)
     )
     with opened as run, killed_on_interrupt():  # Ctrl-C: KILLED and saying why, as its parent
         client = MlflowClient()
