@@ -66,11 +66,13 @@ from altrack.tracking.tags import (
     KIND_GRID,
     KIND_SWEEP,
     KIND_TAG,
+    PROGRESS_METRIC,
     RESUMED_RUNS_CSV,
     RESUMED_TAG,
     RUNS_FAILED_TAG,
     RUNS_FINISHED_TAG,
     SLURM_JOB_TAG,
+    SLURM_PROGRESS_METRIC,
 )
 
 
@@ -88,7 +90,6 @@ class GridOutcome:
 
 
 SLOW_CLUSTERS = 5000  # k-means with more clusters than this takes minutes per run on a CPU
-PROGRESS_METRIC = "progress/runs_done"  # the parent's share of its runs done (finished, failed or reused)
 
 
 def slow_warnings(cfg: GridConfig) -> list[str]:
@@ -295,7 +296,7 @@ def _collect(submitted: Submitted, parent_id: str, progress: bool) -> int:
     def heard(outcome: TaskOutcome) -> None:
         nonlocal done
         done += 1
-        mlflow.log_metric("progress/slurm_tasks_done", done, step=done)
+        mlflow.log_metric(SLURM_PROGRESS_METRIC, done, step=done)
 
     def close_left_runs(reason: str) -> None:
         client = MlflowClient()

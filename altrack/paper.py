@@ -23,15 +23,23 @@ from altrack.results import ResultRow
 from altrack.settings import is_paper_setting, label_knobs
 from altrack.tracking.query import experiment_ids, get_run, row_of, rows_from_mlflow, search, setting_of
 from altrack.tracking.tags import (
+    BASELINE_PARAM,
     COMMAND_TAG,
+    DISTANCE_SHARE_METRIC,
     KIND_GRID,
+    KIND_PROTOCOL,
     KIND_SWEEP,
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
+    LAM_USED_PARAM,
     MLFLOW_PARENT_RUN_ID,
+    N_COMPLETE_METRIC,
     RUNS_FINISHED_TAG,
+    SEEDS_PARAM,
+    SEEDS_PER_TRIAL_PARAM,
     STUDY_TAG,
+    TRIAL_COMPLETE,
     TRIAL_STATE_TAG,
     VAL_ACCURACY_METRIC,
 )
@@ -181,7 +189,7 @@ def _parent_lines(parent_ids: Sequence[str]) -> tuple[list[str], float]:
         elif STUDY_TAG in run.data.tags:
             command = f"altrack sweep (study {run.data.tags[STUDY_TAG]})"
         if run.data.tags.get(KIND_TAG) == KIND_SWEEP:
-            count = f"{int(run.data.metrics.get('n_complete', 0))} trials"
+            count = f"{int(run.data.metrics.get(N_COMPLETE_METRIC, 0))} trials"
         else:
             count = str(int(float(run.data.tags.get(RUNS_FINISHED_TAG, 0))))
         lines.append(f"| `{parent_id}` | `{command or '—'}` | {count} | {seconds / 60:.1f} min |")
@@ -222,13 +230,13 @@ def sweep_summary(parent_id: str) -> SweepSummary:
     trials = search(
         experiment,
         f"tags.`{KIND_TAG}` = '{KIND_TRIAL}' and tags.`{STUDY_TAG}` = '{study}' "
-        f"and tags.`{TRIAL_STATE_TAG}` = 'COMPLETE'",
+        f"and tags.`{TRIAL_STATE_TAG}` = '{TRIAL_COMPLETE}'",
     )
     setting_by_trial = {}
     for run in search(experiment, f"tags.`{KIND_TAG}` = '{KIND_SWEEP_PROTOCOL}'"):
         setting_by_trial[run.data.tags.get(MLFLOW_PARENT_RUN_ID)] = setting_of(run)
     ranked = sorted(
-        ((t.data.metrics[VAL_ACCURACY_METRIC], t.data.params.get("paper_baseline") == "True",
+        ((t.data.metrics[VAL_ACCURACY_METRIC], t.data.params.get(BASELINE_PARAM) == "True",
           setting_by_trial[t.info.run_id]) for t in trials if t.info.run_id in setting_by_trial),
         key=lambda trial: -trial[0],
     )  # fmt: skip
@@ -239,8 +247,8 @@ def sweep_summary(parent_id: str) -> SweepSummary:
         study=study,
         dataset=params.get("dataset", ""),
         budget=params.get("budget", ""),
-        seeds_per_trial=params.get("seeds_per_trial", ""),
-        seeds=sorted({int(seed) for t in trials for seed in t.data.params.get("seeds", "").split(",") if seed}),
+        seeds_per_trial=params.get(SEEDS_PER_TRIAL_PARAM, ""),
+        seeds=sorted({int(seed) for t in trials for seed in t.data.params.get(SEEDS_PARAM, "").split(",") if seed}),
         n_trials=len(ranked),
         best_value=ranked[0][0] if ranked else float("nan"),
         best_setting=ranked[0][2] if ranked else "",
@@ -323,13 +331,13 @@ def ablation_runs(parent_ids: Sequence[str]) -> list[AblationRun]:
     runs = []
     for parent_id in parent_ids:
         experiment = [get_run(parent_id).info.experiment_id]
-        query = f"tags.`{KIND_TAG}` = 'protocol' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'"
+        query = f"tags.`{KIND_TAG}` = '{KIND_PROTOCOL}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'"
         for run in search(experiment, query):
             row = row_of(run)
             if row is not None and row.finished:
                 metrics = run.data.metrics  # runs logged before 2026-11-26 say selection_distance_share
-                share = metrics.get("selection/distance_share", metrics.get("selection_distance_share", float("nan")))
-                runs.append(AblationRun(row, float(run.data.params.get("lam_used", "nan")), share))
+                share = metrics.get(DISTANCE_SHARE_METRIC, metrics.get("selection_distance_share", float("nan")))
+                runs.append(AblationRun(row, float(run.data.params.get(LAM_USED_PARAM, "nan")), share))
     return runs
 
 

@@ -27,6 +27,8 @@ from altrack.tracking.tags import (
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
+    LOGGED_TEST_ACCURACY_METRIC,
+    REPLAY_EQUAL_METRIC,
     REPLAY_OF_TAG,
     TEST_ACCURACY_METRIC,
     TEST_LOSS_METRIC,
@@ -110,8 +112,8 @@ def replay(run_id: str, data_dir: str | None = None, device: str | None = None) 
             run.info.run_id,
             params=[Param(k, v) for k, v in params.items()],
             metrics=[Metric(TEST_ACCURACY_METRIC, accuracy, now, 0), Metric(TEST_LOSS_METRIC, loss, now, 0),
-                     Metric("logged_test_accuracy", logged, now, 0),
-                     Metric("replay_equal", float(accuracy == logged), now, 0)]
+                     Metric(LOGGED_TEST_ACCURACY_METRIC, logged, now, 0),
+                     Metric(REPLAY_EQUAL_METRIC, float(accuracy == logged), now, 0)]
             + [Metric(TRAIN_LOSS_METRIC, v, now, i) for i, v in enumerate(losses)],
         )  # fmt: skip
     return ReplayOutcome(run_id, run.info.run_id, logged, accuracy)

@@ -73,9 +73,12 @@ from altrack.tracking.tags import (  # noqa: E402
     ERROR_TAG,
     KIND_SWEEP,
     KIND_TAG,
+    N_COMPLETE_METRIC,
+    OBJECTIVE_METRIC,
     PARENT_ATTR,
     RETRY_OF_ATTR,
     RUN_ATTR,
+    SEEDS_PER_TRIAL_PARAM,
     SLURM_JOB_TAG,
     SPEC_ATTR,
     STORAGE_TAG,
@@ -92,7 +95,7 @@ class SweepOutcome:
     best_value: float
     best_params: dict
     artifacts: list[Path]
-    metric: str = "objective"
+    metric: str = OBJECTIVE_METRIC
     nothing_to_do: bool = False  # the study already had its trials: no MLflow run was made
 
 
@@ -191,7 +194,7 @@ def run_sweep(
                 "method": spec.method,
                 "budget": spec.budget,
                 "sampler": spec.sampler,
-                "seeds_per_trial": spec.seeds_per_trial,
+                SEEDS_PER_TRIAL_PARAM: spec.seeds_per_trial,
             },
         )
         with temp_dir("sweep") as tmp:
@@ -210,7 +213,7 @@ def run_sweep(
         # every searched knob, NaN where the best trial has none (the paper's baseline keeps lam auto):
         # a knob left out would show an older best's value beside this one's
         best = {f"best_{p.name}": float(study.best_params.get(p.name, float("nan"))) for p in spec.search_space}
-        mlflow.log_metrics({"best_value": study.best_value, "n_complete": len(complete), "n_trials": n_trials,
+        mlflow.log_metrics({"best_value": study.best_value, N_COMPLETE_METRIC: len(complete), "n_trials": n_trials,
                             "workers": workers, **best}, step=len(complete))  # fmt: skip
         mlflow.set_tag(BEST_TRIAL_TAG, str(study.best_trial.number))
         return SweepOutcome(study_name, parent_id, len(complete), study.best_value, study.best_params, artifacts,
@@ -258,7 +261,7 @@ def _summary_missing(parent: Run | None, n_complete: int) -> bool:
     and a rerun that fails again would say nothing new."""
     if parent is None or parent.info.status not in (KILLED, RUNNING):
         return False
-    return parent.data.metrics.get("n_complete", -1) < n_complete
+    return parent.data.metrics.get(N_COMPLETE_METRIC, -1) < n_complete
 
 
 def _earlier_parent(study: optuna.Study, experiment: str | None) -> Run | None:

@@ -31,15 +31,22 @@ from altrack.sweep.study import Recovery, make_sampler, open_storage, retry_inte
 from altrack.tracking.runs import killed_on_interrupt, log_run
 from altrack.tracking.tags import (
     BASELINE_ATTR,
+    BASELINE_PARAM,
     HEARTBEAT_ATTR,
     INTERRUPTED_ATTR,
     KIND_SWEEP_PROTOCOL,
     KIND_TAG,
     KIND_TRIAL,
+    LAM_USED_PARAM,
+    OBJECTIVE_METRIC,
+    PER_SEED_PREFIX,
     RUN_ATTR,
+    SEED_CACHE_HITS_METRIC,
+    SEEDS_PARAM,
     STUDY_TAG,
     TEST_ACCURACY_ATTR,
     TEST_ACCURACY_METRIC,
+    TRIAL_COMPLETE,
     TRIAL_NUMBER_TAG,
     TRIAL_STATE_TAG,
     VAL_ACCURACY_METRIC,
@@ -134,8 +141,8 @@ class Worker:
                 {
                     **params,
                     "lam": settings.lam,
-                    "paper_baseline": baseline,
-                    "seeds": ",".join(map(str, self.spec.seeds)),
+                    BASELINE_PARAM: baseline,
+                    SEEDS_PARAM: ",".join(map(str, self.spec.seeds)),
                 }
             )
             val, test = [], []
@@ -156,22 +163,23 @@ class Worker:
                 test.append(result.test_accuracy)
                 # one metric per quantity, a step per seed: the UI then compares trials on objective,
                 # not on whichever per-seed name sorts first
-                per_seed = {"per_seed/val_accuracy": val[-1], "per_seed/test_accuracy": test[-1]}
+                per_seed = {PER_SEED_PREFIX + VAL_ACCURACY_METRIC: val[-1],
+                            PER_SEED_PREFIX + TEST_ACCURACY_METRIC: test[-1]}  # fmt: skip
                 if "lam" in result.selection.info:
-                    per_seed["per_seed/lam_used"] = result.selection.info["lam"]
+                    per_seed[PER_SEED_PREFIX + LAM_USED_PARAM] = result.selection.info["lam"]
                 mlflow.log_metrics(per_seed, step=self.spec.seeds.index(result.key.seed))
             if errors:
                 raise TrainingDiverged(errors[0])
             value = float(np.mean(val))
             mlflow.log_metrics(
                 {
-                    "objective": value,
+                    OBJECTIVE_METRIC: value,
                     VAL_ACCURACY_METRIC: value,
                     TEST_ACCURACY_METRIC: float(np.mean(test)),
-                    "seed_cache_hits": self.cache.hits,
+                    SEED_CACHE_HITS_METRIC: self.cache.hits,
                 }
             )
-            mlflow.set_tag(TRIAL_STATE_TAG, "COMPLETE")
+            mlflow.set_tag(TRIAL_STATE_TAG, TRIAL_COMPLETE)
             trial.set_user_attr(TEST_ACCURACY_ATTR, float(np.mean(test)))
         return value
 

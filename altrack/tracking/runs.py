@@ -43,6 +43,7 @@ from altrack.tracking.tags import (
     HEARTBEAT_TAG,
     KIND_PROTOCOL,
     KIND_TAG,
+    LAM_USED_PARAM,
     MLFLOW_PARENT_RUN_ID,
     RERUN_TAG,
     SEED_MODEL_RUN_TAG,
@@ -56,6 +57,7 @@ from altrack.tracking.tags import (
     TEST_LOSS_METRIC,
     TICKET_TAG,
     TIME_PREFIX,
+    TORCH_VERSION_KEY,
     TRAIN_LOSS_METRIC,
     VAL_ACCURACY_METRIC,
     VERSION_TAG,
@@ -286,7 +288,7 @@ def run_params(result: RunResult) -> dict:
         "n_seed": settings.n_seed(key.budget),
         "n_select": settings.n_select(key.budget),
         "device": result.device,  # the config hash is a tag (altrack.config_hash), not a param to plot
-        "torch_version": torch.__version__,
+        TORCH_VERSION_KEY: torch.__version__,
         **{k: v for k, v in settings.as_params().items() if applies(k, key.method)},
     }
     if STACK_WIDTH in result.identity:  # CUDA: the padded width its bits depend on (altrack.protocol.stack_width)
@@ -295,7 +297,7 @@ def run_params(result: RunResult) -> dict:
     if "n_clusters" in info:
         params["n_clusters"] = info["n_clusters"]
     if "lam" in info:
-        params["lam_used"] = info["lam"]
+        params[LAM_USED_PARAM] = info["lam"]
     return params
 
 
@@ -562,7 +564,7 @@ def _log_inputs(datasets: list, contexts: list[str], tags: list[dict[str, str]])
 def _lineage_tags(result: RunResult, kind: str) -> list[RunTag]:
     """What produced the run and how to redo it: the commit, versions, the rerun command."""
     ident = result.identity
-    tags = {VERSION_TAG: ident.get("altrack", ""), "torch_version": ident["torch"]}
+    tags = {VERSION_TAG: ident.get("altrack", ""), TORCH_VERSION_KEY: ident["torch"]}
     if kind == KIND_PROTOCOL:  # a sweep's runs train without its validation split: no grid command redoes them
         tags[RERUN_TAG] = rerun_command(result)
     if ident.get("git_commit"):

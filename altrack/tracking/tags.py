@@ -65,6 +65,25 @@ SEED_TRAIN_LOSS_METRIC = "loss/seed_train"  # the seed model M's, one step per e
 TEST_LOSS_METRIC = "loss/test"
 TIME_PREFIX = "time/"  # time/selection_seconds, time/seed_train_seconds, time/final_train_seconds
 SELECTION_PREFIX = "selection/"  # the selector's own figures: selection/distance_share, ...
+DISTANCE_SHARE_METRIC = SELECTION_PREFIX + "distance_share"  # the coreset's info["distance_share"]
+LOGGED_TEST_ACCURACY_METRIC = "logged_test_accuracy"  # a replay's: the accuracy the replayed run logged
+REPLAY_EQUAL_METRIC = "replay_equal"  # a replay's: 1.0 when it got that accuracy
+PROGRESS_METRIC = "progress/runs_done"  # a grid parent's share of its runs done (finished, failed or reused)
+SLURM_PROGRESS_METRIC = "progress/slurm_tasks_done"  # a Slurm grid parent's tasks ended
+# a sweep's: its parent's count of complete trials (the summary a resume checks for), a trial's
+# objective (the mean validation accuracy over its seeds), and its seeds' figures, a step per seed
+N_COMPLETE_METRIC = "n_complete"
+OBJECTIVE_METRIC = "objective"
+PER_SEED_PREFIX = "per_seed/"
+SEED_CACHE_HITS_METRIC = "seed_cache_hits"
+
+# Params a report reads back (besides the RunKey's and the Settings')
+LAM_USED_PARAM = "lam_used"  # a coreset run's lam (the median over its centre points)
+TORCH_VERSION_KEY = "torch_version"  # a run's param, and its lineage tag
+BASELINE_PARAM = "paper_baseline"  # a trial run's: whether its point is the paper's setting
+SEEDS_PARAM = "seeds"  # a trial run's seeds, comma-separated
+SEEDS_PER_TRIAL_PARAM = "seeds_per_trial"  # a sweep parent's
+TRIAL_COMPLETE = "COMPLETE"  # TRIAL_STATE_TAG of a trial run whose trial completed
 
 RESUMED_RUNS_CSV = "resumed_runs.csv"
 DEFAULT_EXPERIMENT = "altrack"
