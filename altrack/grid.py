@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from altrack import report
@@ -206,6 +207,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
             theirs = _wait_for_others(parent.info.experiment_id, others, say, since)
             rows += list(theirs.values())
             done.update(theirs)
+            mlflow.set_tag(RESUMED_TAG, len(done))  # what 'altrack report --run-id' counts as reused
             _log_resumed(list(done.values()))
         paths = _publish(rows, cfg.out, len(done))
     return GridOutcome(parent_id, rows, paths, len(done))
@@ -533,10 +535,16 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
                            "on the results page")  # fmt: skip
     if not rows:
         raise AltrackError("no altrack protocol runs found for that run or experiment")
+    resumed = _resumed(get_run(parent_run_id)) if parent_run_id is not None else 0
     if under_project_run():
         with mlflow.start_run():
-            return publish_report(rows, out, notes=notes)
-    return report.write_report(rows, out or ".", notes=notes)
+            return publish_report(rows, out, resumed, notes)
+    return report.write_report(rows, out or ".", resumed, notes)
+
+
+def _resumed(parent: Run) -> int:
+    """How many of a grid parent's runs it reused from earlier invocations (``RESUMED_TAG``)."""
+    return int(float(parent.data.tags.get(RESUMED_TAG, "0")))
 
 
 def close_detached(parent_run_id: str) -> None:
@@ -557,7 +565,7 @@ def close_detached(parent_run_id: str) -> None:
     rows = rows_from_mlflow(parent_run_id, None)
     finished, expected = sum(r.finished for r in rows), int(tags.get(EXPECTED_RUNS_TAG, "0"))
     with mlflow.start_run(run_id=parent_run_id):
-        _publish(rows, None, 0)
+        _publish(rows, None, _resumed(parent))
         if finished < expected:
             why = (f"{finished} of {expected} runs finished ({killed} left RUNNING by their Slurm task, now KILLED; "
                    f"{len(rows) - finished} FAILED or KILLED in all): the runs' {ERROR_TAG} tags and the Slurm "

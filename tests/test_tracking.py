@@ -128,6 +128,9 @@ def test_report_rebuilds_from_mlflow(data_dir, mlflow_store, tmp_path):
     assert "random" in text and " 2" in text
     assert (tmp_path / "rebuilt" / report.PNG_NAME) in paths
     assert rows_from_mlflow(experiment=tracking_name(outcome)) == rows
+    again = run_grid(_cfg(data_dir, None, methods=("random",), runs=2), progress=False)  # reuses both
+    rebuild_report(again.parent_run_id, None, str(tmp_path / "again"))
+    assert "All 2 runs were reused" in (tmp_path / "again" / report.TXT_NAME).read_text()
 
 
 def tracking_name(outcome) -> str:
