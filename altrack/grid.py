@@ -40,7 +40,7 @@ from altrack.resources import resident
 from altrack.results import FAILED, FINISHED, RUNNING, ResultRow
 from altrack.settings import RunKey
 from altrack.slurm import TaskOutcome, job_alive, require_shared_store, slurm_tags, task_threads, wait_for
-from altrack.tracking.query import finished_rows, get_run, rows_from_mlflow
+from altrack.tracking.query import finished_ids, finished_rows, get_run, rows_from_mlflow
 from altrack.tracking.runs import (
     INTERRUPTED,
     LiveLosses,
@@ -164,6 +164,8 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         close_dead_runs(parent.info.experiment_id)
         hashes = {key.config_hash(cfg.settings, identities[key.dataset]): key for key in cfg.run_keys()}
         done = finished_rows(parent.info.experiment_id, set(hashes)) if cfg.resume else {}
+        # --no-resume: the runs finished before this grid claimed are not an answer to wait for
+        earlier = frozenset() if cfg.resume else finished_ids(parent.info.experiment_id, set(hashes))
         rows: list[ResultRow] = list(done.values())
         mlflow.set_tag(RESUMED_TAG, len(done))
         if done:
@@ -203,8 +205,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
         others = {h: k for h, k in hashes.items()
                   if h not in done and (k.dataset, k.method, k.budget, k.seed) not in ours}  # fmt: skip
         if others:  # runs another live process claimed: wait for them, and report them as reused
-            since = 0 if cfg.resume else parent.info.start_time  # --no-resume: not an earlier invocation's
-            theirs = _wait_for_others(parent.info.experiment_id, others, say, since)
+            theirs = _wait_for_others(parent.info.experiment_id, others, say, earlier)
             rows += list(theirs.values())
             done.update(theirs)
             mlflow.set_tag(RESUMED_TAG, len(done))  # what 'altrack report --run-id' counts as reused
@@ -229,15 +230,15 @@ def _publish(rows: list[ResultRow], out: str | None, resumed: int) -> list[Path]
 
 
 def _wait_for_others(
-    experiment_id: str, others: dict[str, RunKey], say: Callable[[str], None], ended_since: int = 0
+    experiment_id: str, others: dict[str, RunKey], say: Callable[[str], None], earlier: frozenset[str] = frozenset()
 ) -> dict[str, ResultRow]:
     """Rows of the runs (config hash -> key) that other live processes claimed, once they end;
-    a run whose owner died is left out (the next invocation runs it). ``ended_since`` (ms): a
-    FINISHED run that ended earlier does not count (``finished_rows``)."""
+    a run whose owner died is left out (the next invocation runs it). The FINISHED runs in
+    ``earlier`` (run ids) do not count (``finished_rows``)."""
     say(f"waiting for {report.counted(len(others), 'run')} another altrack process claimed first")
     client = MlflowClient()
     while True:
-        found = finished_rows(experiment_id, set(others), ended_since)
+        found = finished_rows(experiment_id, set(others), earlier)
         pending = set(others) - set(found)
         if not pending:
             return found
@@ -246,7 +247,7 @@ def _wait_for_others(
             query = f"tags.`{HASH_TAG}` = '{config_hash}' and attributes.status = '{RUNNING}'"
             alive = alive or any(not run_is_dead(r) for r in client.search_runs([experiment_id], query))
         if not alive:  # none RUNNING now: read once more, a run may have finished between the queries
-            found = finished_rows(experiment_id, set(others), ended_since)
+            found = finished_rows(experiment_id, set(others), earlier)
             gone = len(others) - len(found)
             if gone:
                 say(f"{gone} of them ended without finishing (their process died); rerun to do them")
@@ -535,7 +536,7 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
                            "on the results page")  # fmt: skip
     if not rows:
         raise AltrackError("no altrack protocol runs found for that run or experiment")
-    resumed = _resumed(get_run(parent_run_id)) if parent_run_id is not None else 0
+    resumed = min(_resumed(get_run(parent_run_id)), len(rows)) if parent_run_id is not None else 0
     if under_project_run():
         with mlflow.start_run():
             return publish_report(rows, out, resumed, notes)
@@ -565,7 +566,7 @@ def close_detached(parent_run_id: str) -> None:
     rows = rows_from_mlflow(parent_run_id, None)
     finished, expected = sum(r.finished for r in rows), int(tags.get(EXPECTED_RUNS_TAG, "0"))
     with mlflow.start_run(run_id=parent_run_id):
-        _publish(rows, None, _resumed(parent))
+        _publish(rows, None, min(_resumed(parent), len(rows)))
         if finished < expected:
             why = (f"{finished} of {expected} runs finished ({killed} left RUNNING by their Slurm task, now KILLED; "
                    f"{len(rows) - finished} FAILED or KILLED in all): the runs' {ERROR_TAG} tags and the Slurm "

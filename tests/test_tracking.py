@@ -22,7 +22,7 @@ from altrack.paper import paper_page
 from altrack.replay import replay
 from altrack.settings import RunKey, Settings, label_knobs
 from altrack.tracking.query import rows_from_mlflow
-from altrack.tracking.runs import LiveLosses, claim_runs, close_dead_runs, kill_run_tree
+from altrack.tracking.runs import LiveLosses, claim_runs, close_dead_runs, kill_run_tree, killed_on_interrupt
 from altrack.tracking.tags import (
     ERROR_TAG,
     GROUP_TAG,
@@ -30,6 +30,7 @@ from altrack.tracking.tags import (
     KIND_PROTOCOL,
     KIND_TAG,
     MLFLOW_PARENT_RUN_ID,
+    RESUMED_TAG,
     SEED_TRAIN_LOSS_METRIC,
     TEST_ACCURACY_METRIC,
     TICKET_TAG,
@@ -341,6 +342,19 @@ def test_killing_a_run_tree_fails_the_models_it_was_uploading(mlflow_store):
     assert [client.get_logged_model(m.model_id).status for m in models] == [LoggedModelStatus.FAILED] * 2
 
 
+def test_ctrl_c_mid_upload_ends_the_run_killed_and_its_model_failed(mlflow_store):
+    """A KeyboardInterrupt while a model uploads: MLflow leaves the model PENDING (it fails one on
+    an Exception only); ``killed_on_interrupt`` ends the run KILLED and the model FAILED."""
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
+    with pytest.raises(KeyboardInterrupt), mlflow.start_run() as run, killed_on_interrupt():
+        model = client.create_logged_model(experiment_id=experiment_id, name="final_model",
+                                           source_run_id=run.info.run_id)  # fmt: skip
+        raise KeyboardInterrupt
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert client.get_logged_model(model.model_id).status == LoggedModelStatus.FAILED
+
+
 def test_no_resume_reruns_what_an_earlier_invocation_finished(data_dir, mlflow_store):
     """Claims leave a run FINISHED by an earlier invocation alone only when resuming."""
     first = run_grid(_cfg(data_dir, None, methods=("random",)), progress=False)
@@ -372,16 +386,22 @@ def test_no_resume_waits_for_a_rivals_run_not_an_earlier_invocations(data_dir, m
         client.set_terminated(rival, "FINISHED")
 
     said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if line.startswith("waiting for"):
+            waiting.set()
+
     rival_thread = threading.Thread(target=finish_rival)
     rival_thread.start()
     try:
-        again = run_grid(_cfg(data_dir, None, methods=("random",), resume=False), progress=False,
-                         say=lambda line: (said.append(line), waiting.set()))  # fmt: skip
+        again = run_grid(_cfg(data_dir, None, methods=("random",), resume=False), progress=False, say=say)
     finally:
         waiting.set()
         rival_thread.join()
     assert "waiting for 1 run another altrack process claimed first" in said, said
     assert [row.run_id for row in again.rows] == [rival] and again.resumed == 1
+    assert client.get_run(again.parent_run_id).data.tags[RESUMED_TAG] == "1"  # what 'altrack report' reads
 
 
 def _claim(experiment_id: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Collection
 
 import mlflow
 from mlflow.entities import Run
@@ -91,12 +92,22 @@ def _protocol_rows(experiment_ids: list[str], query: str) -> list[tuple[ResultRo
     return found
 
 
-def finished_rows(experiment_id: str, hashes: set[str], ended_since: int = 0) -> dict[str, ResultRow]:
+def finished_rows(
+    experiment_id: str, hashes: set[str], exclude: Collection[str] = frozenset()
+) -> dict[str, ResultRow]:
     """Config hash -> result row of the FINISHED protocol runs of this experiment among ``hashes``
-    (the latest of a hash). ``ended_since`` (ms): only runs that ended then or later, as a grid
-    under --no-resume waits for the runs live rivals are doing, not for an earlier invocation's."""
-    query = PROTOCOL_QUERY + (f" and attributes.end_time >= {int(ended_since)}" if ended_since else "")
-    return {h: row for row, h in _protocol_rows([experiment_id], query) if row.finished and h in hashes}
+    (the latest of a hash), leaving out the run ids in ``exclude``: a grid under --no-resume
+    waits for the runs live rivals are doing, not for those earlier invocations had finished
+    before it claimed (``finished_ids``; run ids, not times, which other hosts' clocks stamp)."""
+    return {h: row for row, h in _protocol_rows([experiment_id], PROTOCOL_QUERY)
+            if row.finished and h in hashes and row.run_id not in exclude}  # fmt: skip
+
+
+def finished_ids(experiment_id: str, hashes: set[str]) -> frozenset[str]:
+    """Run ids of every FINISHED protocol run of this experiment among ``hashes``, not only the
+    latest of each."""
+    return frozenset(row.run_id for row, h in _protocol_rows([experiment_id], PROTOCOL_QUERY)
+                     if row.finished and h in hashes)  # fmt: skip
 
 
 def resumed_ids(parent_run_id: str) -> list[str]:

@@ -179,10 +179,11 @@ def close_dead_runs(experiment_id: str) -> int:
 
 def end_killed(client: MlflowClient, run: Run, reason: str) -> None:
     """End ``run`` KILLED with an ``ERROR_TAG`` saying why, and its models still PENDING FAILED
-    (``fail_pending_models``): every way a run is killed (a dead owner, Ctrl-C, a stopped worker,
-    a cancelled Slurm task) may have stopped it mid-upload."""
+    (``fail_pending_models``, a store query per run): every way a run is killed (a dead owner,
+    Ctrl-C, a stopped worker, a cancelled Slurm task) may have stopped it mid-upload."""
     client.set_tag(run.info.run_id, ERROR_TAG, reason)
-    fail_pending_models(client, run)
+    with suppress(Exception):  # best effort (a store without logged models): the run still ends KILLED
+        fail_pending_models(client, run)
     client.set_terminated(run.info.run_id, status=KILLED)
 
 
@@ -238,7 +239,8 @@ def killed_on_interrupt() -> Iterator[None]:
         if run is not None and active is not None and active.info.run_id == run.info.run_id:
             with suppress(Exception):  # the store may be what was interrupted: the exit still goes on
                 mlflow.set_tag(ERROR_TAG, INTERRUPTED)
-                fail_pending_models(MlflowClient(), run)  # Ctrl-C mid-upload leaves its model PENDING
+                with suppress(Exception):  # Ctrl-C mid-upload leaves its model PENDING; best effort
+                    fail_pending_models(MlflowClient(), run)
                 mlflow.end_run(KILLED)
         raise
 
