@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -82,12 +83,14 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     ``check_storage`` first."""
     url = check_storage(url)
     if "://" in url:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=max(1, int(grace_seconds() / 3)),
-            grace_period=max(1, int(grace_seconds())),
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
+        with warnings.catch_warnings():  # the heartbeat API, "experimental" since Optuna 2.8: nothing a user can act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=max(1, int(grace_seconds() / 3)),
+                grace_period=max(1, int(grace_seconds())),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
     # Optuna's default symlink lock, the same one optuna-dashboard takes on this file.
     return optuna.storages.JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
 
