@@ -44,6 +44,7 @@ from altrack.tracking.query import finished_ids, finished_rows, get_run, rows_fr
 from altrack.tracking.runs import (
     INTERRUPTED,
     LiveLosses,
+    check_experiment,
     check_system_metrics,
     check_tracking_store,
     claim_runs,
@@ -153,6 +154,7 @@ def run_grid(cfg: GridConfig, *, progress: bool = True, say: Callable[[str], Non
     if cfg.system_metrics:
         check_system_metrics()
     check_tracking_store()  # then the store, still before any training
+    check_experiment(cfg.experiment)
     clean_stale_temp_dirs()  # what SIGKILLed invocations left in /tmp
     for warning in slow_warnings(cfg):
         say(warning)
@@ -299,7 +301,8 @@ def _collect(submitted: Submitted, parent_id: str, progress: bool) -> int:
     def heard(outcome: TaskOutcome) -> None:
         nonlocal done
         done += 1
-        mlflow.log_metric(SLURM_PROGRESS_METRIC, done, step=done)
+        with suppress(Exception):  # the UI's bar, best effort: a store hiccup must not stop the wait
+            mlflow.log_metric(SLURM_PROGRESS_METRIC, done, step=done)
 
     def close_left_runs(reason: str) -> None:
         client = MlflowClient()

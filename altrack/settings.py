@@ -25,6 +25,15 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", object: "a value"}
 
 
+def as_float(value: int | float) -> float:
+    """``float(value)``, with an integer past float's range (a YAML or CLI number of 400 digits)
+    as +-inf rather than an OverflowError, so that a field's own test refuses it in one line."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _is(kind: type, value: object) -> bool:
     """Strict type test: bools are not numbers, ints are numbers."""
     if isinstance(value, bool):
@@ -60,7 +69,7 @@ class Rule:
         if not _is(self.kind, value):
             raise ConfigError(f"{label} must be {_TYPE_WORDS[self.kind]}, got {reprlib.repr(value)}")
         if self.kind is float:
-            value = float(value)
+            value = as_float(value)
         if self.convert is not None:
             value = self.convert(value)
         if self.choices is not None:

@@ -150,7 +150,7 @@ def load_slurm_config(path: str | None, overrides: dict[str, Any]) -> SlurmConfi
         values["sbatch"] = tuple((str(k), str(v)) for k, v in sbatch.items())
     elif isinstance(sbatch, list | tuple):
         pairs = [str(item).split("=", 1) for item in sbatch] if sbatch and isinstance(sbatch[0], str) else sbatch
-        if any(len(pair) != 2 for pair in pairs):
+        if any(not isinstance(pair, list | tuple) or len(pair) != 2 for pair in pairs):
             raise ConfigError("sbatch options must be NAME=VALUE")
         values["sbatch"] = tuple((str(k).lstrip("-"), str(v)) for k, v in pairs)
     else:

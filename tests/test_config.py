@@ -8,6 +8,7 @@ from altrack.config import GridConfig
 from altrack.errors import ConfigError
 from altrack.grid import slow_warnings
 from altrack.settings import Settings
+from altrack.slurm import load_slurm_config
 
 
 @pytest.mark.parametrize(
@@ -78,3 +79,18 @@ def test_only_a_single_local_process_trains_the_blocks_itself():
     assert GridConfig(out=None).trains_here
     assert not GridConfig(out=None, workers=2).trains_here
     assert not GridConfig(out=None, executor="slurm").trains_here
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("sbatch: [1]\n", "sbatch options must be NAME=VALUE"),
+     ("sbatch: [[a, b, c]]\n", "sbatch options must be NAME=VALUE"),
+     ("mem_gb: 1" + "0" * 400 + "\n", "--mem-gb (mem_gb) must be a positive number of GiB, got inf")],
+)  # fmt: skip
+def test_a_bad_executor_file_is_one_line(tmp_path, text, message):
+    """An executor file's values are refused as the flags are: a ConfigError, not a TypeError or
+    an OverflowError's traceback."""
+    path = tmp_path / "slurm.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_slurm_config(str(path), {})

@@ -23,7 +23,7 @@ from altrack.paper import sweep_summary
 from altrack.replay import replay
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
 from altrack.sweep import run as sweep_run
-from altrack.sweep.study import make_sampler, retry_stopped_workers
+from altrack.sweep.study import make_sampler, paper_baseline, retry_stopped_workers
 from altrack.sweep.worker import quiet_optuna
 from altrack.tracking.runs import INTERRUPTED
 from altrack.tracking.tags import BASELINE_ATTR, INTERRUPTED_ATTR, RETRY_OF_ATTR, RUN_ATTR, WORKER_ATTR
@@ -72,6 +72,11 @@ def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
         (TINY_SPEC + "weighted: true\n", ""),
         (TINY_SPEC.replace("method: coreset", "method: random"),
          "method random does not read cluster_ratio; search it with coreset or coreset-grad"),
+        (TINY_SPEC.replace("sampler: random", "sampler: grid").replace("{low: 0.1, high: 0.3}", "{choices: [0.2]}"),
+         "n_trials 3 exceeds the grid's 1 points"),
+        (TINY_SPEC.replace("{low: 0.1, high: 0.3}\n  seed", "{choices: [0.1, 0.1]}\n  seed"), "choices must differ"),
+        (TINY_SPEC + "lr: 1" + "0" * 400 + "\n", "lr must be a finite number > 0, got inf"),
+        (TINY_SPEC.replace("high: 0.3}\n  seed", "high: 1" + "0" * 400 + "}\n  seed"), "bound inf is outside (0, 1)"),
     ],
     ids=lambda value: value if len(value) < 40 else None,
 )  # fmt: skip
@@ -81,6 +86,22 @@ def test_bad_specs_are_refused_naming_the_key(tmp_path, text, message):
         return
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_spec(_spec(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("space", "fixed", "point"),
+    [("cluster_ratio: {low: 0.1, high: 0.3}\n  seed_ratio: {low: 0.1, high: 0.3}", "",
+      {"cluster_ratio": 0.2, "seed_ratio": 0.2}),
+     ("cluster_ratio: {low: 0.3, high: 0.5}", "", None),  # the paper's 0.2 is outside the range
+     ("cluster_ratio: {choices: [0.1, 0.3]}", "", None),
+     ("cluster_ratio: {low: 0.1, high: 0.3}", "seed_ratio: 0.3\n", None),  # fixed off the paper's
+     ("lam: {low: 0.0, high: 2.0}", "", {})],  # lam 'auto', apart; the ratios the spec's defaults
+)  # fmt: skip
+def test_the_baseline_trial_is_the_papers_setting_or_none(tmp_path, space, fixed, point):
+    """A study runs the paper's setting first only where its space holds it: a partial point
+    was labelled the baseline while its other ratios were sampled."""
+    text = TINY_SPEC.split("search_space:")[0] + fixed + "search_space:\n  " + space + "\n"
+    assert paper_baseline(load_spec(_spec(tmp_path, text))) == point
 
 
 def test_a_binary_or_bottomless_spec_is_refused_in_one_line(tmp_path):
@@ -106,6 +127,18 @@ def test_bad_spec_on_the_cli_is_one_line_and_writes_nothing(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"altrack: error: {spec}: unknown key 'colour'"]
     assert not any(work.iterdir())
+
+
+def test_a_deleted_experiment_is_refused_before_the_study_is_written(data_dir, mlflow_store, tmp_path):
+    """MLflow refuses to log to a deleted experiment: the sweep says so before it creates its
+    study (it had written the study and its baseline trial, then failed on the parent run)."""
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment(f"{mlflow_store}-gone"))
+    storage = tmp_path / "study.journal"
+    with pytest.raises(ConfigError, match=f"experiment '{mlflow_store}-gone' is deleted: restore it"):
+        run_sweep(load_spec(_spec(tmp_path)), workers=1, storage=str(storage), data_dir=str(data_dir),
+                  experiment=f"{mlflow_store}-gone")  # fmt: skip
+    assert not storage.exists()
 
 
 def test_the_shipped_specs_are_valid():
@@ -192,6 +225,20 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     assert closed.info.status == "FINISHED" and "altrack.error" not in closed.data.tags
     assert closed.data.metrics["n_complete"] == 5 and summarised.n_complete == 5
     assert run_sweep(spec, n_trials=5, workers=1, **common).nothing_to_do  # and then it has nothing to do
+
+    # a summary that failed (or a worker's exit while another finished the study): the parent ends
+    # FAILED without it, and the same command writes it (it said "nothing to do" for ever)
+    def broken(study):
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(sweep_run, "publish_sweep", broken)
+    with pytest.raises(RuntimeError, match="the store went away"):
+        run_sweep(spec, n_trials=6, workers=1, **common)
+    assert client.get_run(again.parent_run_id).info.status == "FAILED"
+    monkeypatch.setattr(sweep_run, "publish_sweep", publish)
+    rewritten = run_sweep(spec, n_trials=6, workers=1, **common)
+    assert not rewritten.nothing_to_do and rewritten.n_complete == 6
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(

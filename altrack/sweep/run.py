@@ -41,8 +41,8 @@ from altrack.protocol import (  # noqa: E402
 )
 from altrack.redaction import redact  # noqa: E402
 from altrack.resources import resident  # noqa: E402
-from altrack.results import KILLED, RUNNING  # noqa: E402
-from altrack.slurm import SlurmConfig, require_shared_store, wait_for  # noqa: E402
+from altrack.results import FAILED, KILLED, RUNNING  # noqa: E402
+from altrack.slurm import SlurmConfig, cancel, require_shared_store, wait_for  # noqa: E402
 from altrack.sweep.spec import SweepSpec  # noqa: E402
 from altrack.sweep.study import (  # noqa: E402
     DEFAULT_STORAGE,
@@ -54,6 +54,7 @@ from altrack.sweep.study import (  # noqa: E402
 )
 from altrack.sweep.worker import Worker, quiet_optuna, run_worker  # noqa: E402
 from altrack.tracking.runs import (  # noqa: E402
+    check_experiment,
     check_tracking_store,
     close_dead_runs,
     given_experiment,
@@ -148,6 +149,7 @@ def run_sweep(
         raise ConfigError(f"--cache-dir {cache_dir!r} is not a writable directory")
     check_storage(storage)  # an unreachable storage, then store, before either is written
     check_tracking_store()
+    check_experiment(experiment or spec.experiment)
     opened = open_storage(storage)
     clean_stale_temp_dirs()  # what SIGKILLed invocations left in /tmp
     quiet_optuna()
@@ -158,7 +160,9 @@ def run_sweep(
         with warnings.catch_warnings():  # experimental in Optuna, and nothing a user can act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.objective])  # optuna-dashboard then says val_accuracy, not Objective 0
-        study.enqueue_trial(paper_baseline(spec), user_attrs={BASELINE_ATTR: True})
+        baseline = paper_baseline(spec)
+        if baseline is not None:  # the paper's setting first, when the space holds it
+            study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     # under `mlflow run` the launcher's run is the parent; elsewhere a study goes on in its own
     earlier = None if under_project_run() else _earlier_parent(study, experiment or spec.experiment)
@@ -256,10 +260,10 @@ def _run_processes(jobs: list[Worker], threads: int) -> None:
 
 def _summary_missing(parent: Run | None, n_complete: int) -> bool:
     """Whether a finished study's parent run lacks the summary of its complete trials: it was
-    stopped (KILLED, or RUNNING with its owner dead) after the last trial, before its summary
-    (whose ``n_complete`` metric counts them). A FAILED parent is left alone: its summary failed,
-    and a rerun that fails again would say nothing new."""
-    if parent is None or parent.info.status not in (KILLED, RUNNING):
+    stopped (KILLED, or RUNNING with its owner dead) or failed (a worker's non-zero exit while
+    the others finished the study, a store error) after the last trial, before its summary
+    (whose ``n_complete`` metric counts them). The same command then writes the summary."""
+    if parent is None or parent.info.status not in (KILLED, RUNNING, FAILED):
         return False
     return parent.data.metrics.get(N_COMPLETE_METRIC, -1) < n_complete
 
@@ -327,7 +331,11 @@ def _run_slurm_jobs(jobs: list[Worker], slurm: SlurmConfig) -> None:
     executor = slurm.executor("altrack-sweep")
     n = len(jobs)
     submitted = executor.map_array(run_worker, jobs, [mlflow.get_tracking_uri()] * n, [slurm.cpus_per_task] * n)
-    mlflow.set_tag(SLURM_JOB_TAG, submitted[0].job_id.split("_")[0])
+    try:
+        mlflow.set_tag(SLURM_JOB_TAG, submitted[0].job_id.split("_")[0])
+    except BaseException:  # the parent fails: no job array left running without a launcher
+        cancel([job.job_id for job in submitted])
+        raise
     outcomes = wait_for(submitted, [f"sweep worker {i}" for i in range(n)], progress=True)
     if all(o.error for o in outcomes):
         raise AltrackError(f"all {n} Slurm sweep workers failed (above)")

@@ -17,7 +17,7 @@ import yaml
 from altrack.catalog import DATASETS, applies
 from altrack.config import RULES
 from altrack.errors import ConfigError
-from altrack.settings import AUTO, SETTINGS_RULES, Rule, Settings, at_least
+from altrack.settings import AUTO, SETTINGS_RULES, Rule, Settings, as_float, at_least
 
 SEARCHABLE = ("cluster_ratio", "seed_ratio", "lam")
 SAMPLERS = ("tpe", "random", "grid")
@@ -79,7 +79,8 @@ class ParamRange:
             choices = raw["choices"]
             _check(isinstance(choices, list) and len(choices) > 0, key, "choices must be a non-empty list")
             _check(all(map(_is_number, choices)), key, "choices must be numbers")
-            values = tuple(float(c) for c in choices)
+            values = tuple(as_float(c) for c in choices)
+            _check(len(set(values)) == len(values), key, "choices must differ")
             for value in values:
                 _check(_in_domain(name, value), key, f"choice {value} is outside {_domain(name)}")
             return cls(name, choices=values)
@@ -89,9 +90,10 @@ class ParamRange:
         _check(isinstance(log, bool), key, "log must be true or false")
         _check(low < high, key, f"low ({low}) must be below high ({high})")
         _check(not log or low > 0, key, "a log scale needs low > 0")
+        low, high = as_float(low), as_float(high)
         for value in (low, high):
             _check(_in_domain(name, value), key, f"bound {value} is outside {_domain(name)}")
-        return cls(name, float(low), float(high), log)
+        return cls(name, low, high, log)
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -185,6 +187,10 @@ def _validate(spec: SweepSpec, where: str) -> None:
             where,
             "the grid sampler needs choices for every searched parameter",
         )
+        points = math.prod(len(p.choices or ()) for p in spec.search_space)
+        _check(spec.n_trials <= points + 1, where,  # + 1: the paper's baseline trial
+               f"n_trials {spec.n_trials} exceeds the grid's {points} points (and the paper's baseline): "
+               "the grid sampler would repeat points")  # fmt: skip
     space = spec.space()
     high = {name: space[name].bounds[1] if name in space else getattr(spec.settings, name)
             for name in ("seed_ratio", "cluster_ratio")}  # fmt: skip

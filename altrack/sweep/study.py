@@ -148,11 +148,23 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         self._sampler.reseed_rng()
 
 
-def paper_baseline(spec: SweepSpec) -> dict[str, float]:
-    """The paper's ratios, for the searched ones whose range admits them (lam: 'auto' apart)."""
+def paper_baseline(spec: SweepSpec) -> dict[str, float] | None:
+    """The paper's ratios for the searched ones (lam: 'auto', set apart), the point of the trial
+    a study runs first; None when no trial can be the paper's setting: a searched ratio's range
+    leaves the paper's value out, or the spec fixes a ratio elsewhere. (A partial point would be
+    labelled the baseline while its other ratios were sampled, and the grid sampler refuses an
+    enqueued trial that does not fix every searched parameter.)"""
     space = spec.space()
-    ratios = {name: getattr(PAPER_SETTING, name) for name in ("cluster_ratio", "seed_ratio")}
-    return {name: value for name, value in ratios.items() if name in space and space[name].admits(value)}
+    point = {}
+    for name in ("cluster_ratio", "seed_ratio"):
+        paper = getattr(PAPER_SETTING, name)
+        if name in space:
+            if not space[name].admits(paper):
+                return None
+            point[name] = paper
+        elif getattr(spec.settings, name) != paper:
+            return None
+    return point
 
 
 def validation_indices(spec: SweepSpec) -> np.ndarray:
@@ -175,9 +187,12 @@ def trial_is_dead(trial: optuna.trial.FrozenTrial) -> bool:
 
 def enqueue_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
     """Try ``trial``'s point again: a waiting trial with its params, marked as its retry (and as
-    the paper's baseline if it was), which the next free worker takes first."""
+    the paper's baseline if it was), which the next free worker takes first. A trial stopped
+    before it drew its params keeps the ones it was enqueued with (Optuna's ``fixed_params``:
+    the baseline's point)."""
+    frozen = trial if isinstance(trial, FrozenTrial) else study.get_trials(deepcopy=False)[trial.number]
     study.enqueue_trial(
-        trial.params,
+        {**frozen.system_attrs.get("fixed_params", {}), **frozen.params},
         user_attrs={RETRY_OF_ATTR: trial.number, BASELINE_ATTR: trial.user_attrs.get(BASELINE_ATTR, False)},
     )
 

@@ -245,6 +245,19 @@ def killed_on_interrupt() -> Iterator[None]:
         raise
 
 
+def check_experiment(experiment: str | None) -> None:
+    """Refuse, before anything is written (a sweep's study, a grid's parent), the experiment
+    ``start_parent`` would log to when MLflow would refuse it: a deleted one. Under ``mlflow run``
+    the launcher's run has its experiment already. Raises ``ConfigError``."""
+    if under_project_run():
+        return
+    name = given_experiment(experiment) or DEFAULT_EXPERIMENT
+    found = MlflowClient().get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ConfigError(f"experiment {name!r} is deleted: restore it ('mlflow experiments restore "
+                          f"--experiment-id {found.experiment_id}') or give another name")  # fmt: skip
+
+
 def given_experiment(experiment: str | None) -> str | None:
     """The experiment an invocation was given: its option (or spec), else MLflow's
     ``MLFLOW_EXPERIMENT_NAME``; None when neither names one."""
