@@ -23,7 +23,7 @@ from altrack.paper import sweep_summary
 from altrack.replay import replay
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
 from altrack.sweep import run as sweep_run
-from altrack.sweep.study import make_sampler, paper_baseline, retry_stopped_workers
+from altrack.sweep.study import enqueue_retry, make_sampler, retry_stopped_workers
 from altrack.sweep.worker import quiet_optuna
 from altrack.tracking.runs import INTERRUPTED
 from altrack.tracking.tags import BASELINE_ATTR, INTERRUPTED_ATTR, RETRY_OF_ATTR, RUN_ATTR, WORKER_ATTR
@@ -73,7 +73,11 @@ def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
         (TINY_SPEC.replace("method: coreset", "method: random"),
          "method random does not read cluster_ratio; search it with coreset or coreset-grad"),
         (TINY_SPEC.replace("sampler: random", "sampler: grid").replace("{low: 0.1, high: 0.3}", "{choices: [0.2]}"),
-         "n_trials 3 exceeds the grid's 1 points"),
+         "n_trials 3 exceeds the grid's 1 points and the paper's baseline trial"),
+        (TINY_SPEC.replace("sampler: random", "sampler: grid").replace("{low: 0.1, high: 0.3}\n  seed",
+                                                                        "{choices: [0.1, 0.3]}\n  seed")
+         .replace("seed_ratio: {low: 0.1, high: 0.3}", "seed_ratio: {choices: [0.1]}"),
+         "n_trials 3 exceeds the grid's 2 points: the grid sampler would repeat points"),  # no baseline trial
         (TINY_SPEC.replace("{low: 0.1, high: 0.3}\n  seed", "{choices: [0.1, 0.1]}\n  seed"), "choices must differ"),
         (TINY_SPEC + "lr: 1" + "0" * 400 + "\n", "lr must be a finite number > 0, got inf"),
         (TINY_SPEC.replace("high: 0.3}\n  seed", "high: 1" + "0" * 400 + "}\n  seed"), "bound inf is outside (0, 1)"),
@@ -101,7 +105,40 @@ def test_the_baseline_trial_is_the_papers_setting_or_none(tmp_path, space, fixed
     """A study runs the paper's setting first only where its space holds it: a partial point
     was labelled the baseline while its other ratios were sampled."""
     text = TINY_SPEC.split("search_space:")[0] + fixed + "search_space:\n  " + space + "\n"
-    assert paper_baseline(load_spec(_spec(tmp_path, text))) == point
+    assert load_spec(_spec(tmp_path, text)).paper_point() == point
+
+
+def test_n_trials_given_on_the_command_line_is_held_to_the_grid_too(tmp_path):
+    grid = (TINY_SPEC.replace("sampler: random", "sampler: grid").replace("{low: 0.1, high: 0.3}\n  seed",
+                                                                          "{choices: [0.1, 0.2]}\n  seed")
+            .replace("seed_ratio: {low: 0.1, high: 0.3}", "seed_ratio: {choices: [0.2]}"))  # 3 trials: fine
+    with pytest.raises(ConfigError, match="n_trials 5 exceeds the grid's 2 points and the paper's baseline"):
+        run_sweep(load_spec(_spec(tmp_path, grid)), n_trials=5, storage=str(tmp_path / "study.journal"))
+    assert not (tmp_path / "study.journal").exists()
+
+
+def test_a_retry_keeps_the_point_of_a_trial_stopped_before_it_drew_one():
+    """A trial stopped before its first suggest has no params: its retry keeps the point it was
+    given (the baseline's enqueued ratios, the grid sampler's grid id), as Optuna's own retry
+    does; the grid's was refused for want of params, the baseline's sampled as if anything."""
+    quiet_optuna()
+    grid = optuna.create_study(sampler=optuna.samplers.GridSampler({"cluster_ratio": [0.1, 0.3]}, seed=0))
+    stopped = grid.ask()
+    enqueue_retry(grid, stopped)
+    grid.tell(stopped, state=TrialState.FAIL)
+    retry = grid.ask()
+    value = retry.suggest_categorical("cluster_ratio", [0.1, 0.3])  # Optuna refused this without the grid id
+    assert grid.trials[retry.number].system_attrs["grid_id"] == grid.trials[stopped.number].system_attrs["grid_id"]
+    assert retry.user_attrs[RETRY_OF_ATTR] == stopped.number
+    grid.tell(retry, 0.5)
+    assert grid.ask().suggest_categorical("cluster_ratio", [0.1, 0.3]) != value  # the other point, not a repeat
+    study = optuna.create_study()
+    study.enqueue_trial({"cluster_ratio": 0.2}, user_attrs={BASELINE_ATTR: True})
+    stopped = study.ask()
+    enqueue_retry(study, stopped)
+    study.tell(stopped, state=TrialState.FAIL)
+    retry = study.ask()
+    assert retry.suggest_float("cluster_ratio", 0.1, 0.3) == 0.2 and retry.user_attrs[BASELINE_ATTR]
 
 
 def test_a_binary_or_bottomless_spec_is_refused_in_one_line(tmp_path):
@@ -425,7 +462,7 @@ def test_the_trials_of_workers_stopped_by_ctrl_c_are_retried_at_once(mlflow_stor
     assert first.state == TrialState.FAIL and first.user_attrs[INTERRUPTED_ATTR]
     assert second.state == TrialState.RUNNING
     assert retry.state == TrialState.WAITING and retry.user_attrs[RETRY_OF_ATTR] == 0
-    assert retry.system_attrs["fixed_params"] == first.params
+    assert retry.params == first.params  # its point, as Optuna's own retry keeps it
     killed = MlflowClient().get_run(run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["altrack.error"] == INTERRUPTED
 

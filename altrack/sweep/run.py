@@ -48,7 +48,6 @@ from altrack.sweep.study import (  # noqa: E402
     DEFAULT_STORAGE,
     check_storage,
     open_storage,
-    paper_baseline,
     retry_stopped_workers,
     validation_indices,
 )
@@ -125,6 +124,7 @@ def run_sweep(
     n_trials = spec.n_trials if n_trials is None else n_trials
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
+    spec.check_trials(n_trials)  # --n-trials too
     study_name = study_name or spec.study_name
     if slurm is None:
         device = str(resolve_device(spec.device))
@@ -149,7 +149,8 @@ def run_sweep(
         raise ConfigError(f"--cache-dir {cache_dir!r} is not a writable directory")
     check_storage(storage)  # an unreachable storage, then store, before either is written
     check_tracking_store()
-    check_experiment(experiment or spec.experiment)
+    if given_experiment(experiment or spec.experiment):  # else a resumed study goes on in its parent's experiment
+        check_experiment(experiment or spec.experiment)
     opened = open_storage(storage)
     clean_stale_temp_dirs()  # what SIGKILLed invocations left in /tmp
     quiet_optuna()
@@ -160,7 +161,7 @@ def run_sweep(
         with warnings.catch_warnings():  # experimental in Optuna, and nothing a user can act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.objective])  # optuna-dashboard then says val_accuracy, not Objective 0
-        baseline = paper_baseline(spec)
+        baseline = spec.paper_point()
         if baseline is not None:  # the paper's setting first, when the space holds it
             study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -17,7 +17,7 @@ import yaml
 from altrack.catalog import DATASETS, applies
 from altrack.config import RULES
 from altrack.errors import ConfigError
-from altrack.settings import AUTO, SETTINGS_RULES, Rule, Settings, as_float, at_least
+from altrack.settings import AUTO, PAPER_SETTING, SETTINGS_RULES, Rule, Settings, as_float, at_least
 
 SEARCHABLE = ("cluster_ratio", "seed_ratio", "lam")
 SAMPLERS = ("tpe", "random", "grid")
@@ -148,6 +148,37 @@ class SweepSpec:
     def space(self) -> dict[str, ParamRange]:
         return {p.name: p for p in self.search_space}
 
+    def paper_point(self) -> dict[str, float] | None:
+        """The paper's ratios for the searched ones (lam: 'auto', set apart), the point of the
+        trial a study runs first; None when no trial can be the paper's setting: a searched
+        ratio's range leaves the paper's value out, or the spec fixes a ratio elsewhere. (A
+        partial point would be labelled the baseline while its other ratios were sampled, and
+        the grid sampler refuses an enqueued trial that does not fix every searched parameter.)"""
+        space = self.space()
+        point = {}
+        for name in ("cluster_ratio", "seed_ratio"):
+            paper = getattr(PAPER_SETTING, name)
+            if name in space:
+                if not space[name].admits(paper):
+                    return None
+                point[name] = paper
+            elif getattr(self.settings, name) != paper:
+                return None
+        return point
+
+    def check_trials(self, n_trials: int) -> None:
+        """Refuse more trials than the grid sampler has points, plus the paper's baseline trial,
+        which it leaves out of its count: the rest would repeat points (the seeds are fixed, so
+        their values too). Raises ``ConfigError``."""
+        if self.sampler != "grid":
+            return
+        points = math.prod(len(p.choices or ()) for p in self.search_space)
+        baseline = self.paper_point() is not None
+        if n_trials > points + baseline:
+            also = " and the paper's baseline trial" if baseline else ""
+            raise ConfigError(f"n_trials {n_trials} exceeds the grid's {points} points{also}: "
+                              "the grid sampler would repeat points")  # fmt: skip
+
     def trial_settings(self, params: dict[str, float], lam_auto: bool = False) -> Settings:
         """One trial's settings: the spec's fixed ones with ``params`` (and lam 'auto' for the
         paper's baseline trial) put in."""
@@ -187,10 +218,10 @@ def _validate(spec: SweepSpec, where: str) -> None:
             where,
             "the grid sampler needs choices for every searched parameter",
         )
-        points = math.prod(len(p.choices or ()) for p in spec.search_space)
-        _check(spec.n_trials <= points + 1, where,  # + 1: the paper's baseline trial
-               f"n_trials {spec.n_trials} exceeds the grid's {points} points (and the paper's baseline): "
-               "the grid sampler would repeat points")  # fmt: skip
+        try:
+            spec.check_trials(spec.n_trials)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     space = spec.space()
     high = {name: space[name].bounds[1] if name in space else getattr(spec.settings, name)
             for name in ("seed_ratio", "cluster_ratio")}  # fmt: skip

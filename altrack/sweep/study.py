@@ -26,7 +26,6 @@ from altrack.errors import ConfigError, first_line
 from altrack.liveness import grace_seconds, is_dead, is_stale
 from altrack.protocol import stream_seed
 from altrack.redaction import redact
-from altrack.settings import PAPER_SETTING
 from altrack.stores import probe
 from altrack.sweep.spec import SweepSpec
 from altrack.tracking.runs import INTERRUPTED, kill_run_tree
@@ -148,25 +147,6 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         self._sampler.reseed_rng()
 
 
-def paper_baseline(spec: SweepSpec) -> dict[str, float] | None:
-    """The paper's ratios for the searched ones (lam: 'auto', set apart), the point of the trial
-    a study runs first; None when no trial can be the paper's setting: a searched ratio's range
-    leaves the paper's value out, or the spec fixes a ratio elsewhere. (A partial point would be
-    labelled the baseline while its other ratios were sampled, and the grid sampler refuses an
-    enqueued trial that does not fix every searched parameter.)"""
-    space = spec.space()
-    point = {}
-    for name in ("cluster_ratio", "seed_ratio"):
-        paper = getattr(PAPER_SETTING, name)
-        if name in space:
-            if not space[name].admits(paper):
-                return None
-            point[name] = paper
-        elif getattr(spec.settings, name) != paper:
-            return None
-    return point
-
-
 def validation_indices(spec: SweepSpec) -> np.ndarray:
     """A fixed validation split, excluded from every seed set and pool of the study."""
     rng = np.random.default_rng(stream_seed(spec.validation_seed, VALIDATION_STREAM, spec.dataset))
@@ -187,14 +167,18 @@ def trial_is_dead(trial: optuna.trial.FrozenTrial) -> bool:
 
 def enqueue_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
     """Try ``trial``'s point again: a waiting trial with its params, marked as its retry (and as
-    the paper's baseline if it was), which the next free worker takes first. A trial stopped
-    before it drew its params keeps the ones it was enqueued with (Optuna's ``fixed_params``:
-    the baseline's point)."""
+    the paper's baseline if it was), which the next free worker takes first. As Optuna's own
+    ``RetryFailedTrialCallback``, it keeps the trial's system attributes: a trial stopped before
+    it drew its params keeps its point there (``fixed_params``: the baseline's; ``grid_id``: the
+    grid sampler's, whose retry would otherwise be refused for want of params)."""
     frozen = trial if isinstance(trial, FrozenTrial) else study.get_trials(deepcopy=False)[trial.number]
-    study.enqueue_trial(
-        {**frozen.system_attrs.get("fixed_params", {}), **frozen.params},
-        user_attrs={RETRY_OF_ATTR: trial.number, BASELINE_ATTR: trial.user_attrs.get(BASELINE_ATTR, False)},
-    )
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        params=frozen.params,
+        distributions=frozen.distributions,
+        user_attrs={RETRY_OF_ATTR: frozen.number, BASELINE_ATTR: frozen.user_attrs.get(BASELINE_ATTR, False)},
+        system_attrs=frozen.system_attrs,
+    ))  # fmt: skip
 
 
 def retry_interrupted(trial: optuna.Trial) -> None:
