@@ -459,7 +459,7 @@ def stopped_and_requeued(study: optuna.Study, seen_running: int, logs: object = 
     assert all(t.user_attrs[INTERRUPTED_ATTR] for t in stopped), logs
     retry = {t.user_attrs["altrack.retry_of"]: t for t in study.trials if t.state == TrialState.WAITING}
     assert sorted(retry) == [t.number for t in stopped]
-    assert all(retry[t.number].system_attrs["fixed_params"] == t.params for t in stopped)  # enqueued: same params
+    assert all(retry[t.number].params == t.params for t in stopped)  # waiting with the same params
     return stopped
 
 
