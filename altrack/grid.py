@@ -539,16 +539,17 @@ def rebuild_report(parent_run_id: str | None, experiment: str | None, out: str |
                            "on the results page")  # fmt: skip
     if not rows:
         raise AltrackError("no altrack protocol runs found for that run or experiment")
-    resumed = min(_resumed(get_run(parent_run_id)), len(rows)) if parent_run_id is not None else 0
+    resumed = _resumed(get_run(parent_run_id), rows) if parent_run_id is not None else 0
     if under_project_run():
         with mlflow.start_run():
             return publish_report(rows, out, resumed, notes)
     return report.write_report(rows, out or ".", resumed, notes)
 
 
-def _resumed(parent: Run) -> int:
-    """How many of a grid parent's runs it reused from earlier invocations (``RESUMED_TAG``)."""
-    return int(float(parent.data.tags.get(RESUMED_TAG, "0")))
+def _resumed(parent: Run, rows: Sequence[ResultRow]) -> int:
+    """How many of a grid parent's runs it reused from earlier invocations (``RESUMED_TAG``), at
+    most its ``rows`` (a report read back with fewer rows than the tag counted)."""
+    return min(int(float(parent.data.tags.get(RESUMED_TAG, "0"))), len(rows))
 
 
 def close_detached(parent_run_id: str) -> None:
@@ -569,7 +570,7 @@ def close_detached(parent_run_id: str) -> None:
     rows = rows_from_mlflow(parent_run_id, None)
     finished, expected = sum(r.finished for r in rows), int(tags.get(EXPECTED_RUNS_TAG, "0"))
     with mlflow.start_run(run_id=parent_run_id):
-        _publish(rows, None, min(_resumed(parent), len(rows)))
+        _publish(rows, None, _resumed(parent, rows))
         if finished < expected:
             why = (f"{finished} of {expected} runs finished ({killed} left RUNNING by their Slurm task, now KILLED; "
                    f"{len(rows) - finished} FAILED or KILLED in all): the runs' {ERROR_TAG} tags and the Slurm "

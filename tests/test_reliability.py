@@ -20,7 +20,7 @@ from altrack.cache import SeedStageCache, atomic_torch_save
 from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import AltrackError
-from altrack.grid import run_grid
+from altrack.grid import _kill_unfilled, run_grid
 from altrack.settings import Settings
 from altrack.tracking.query import rows_from_mlflow
 from altrack.tracking.tags import (
@@ -114,8 +114,6 @@ def test_fail_fast_stops_the_grid_at_a_diverged_run(data_dir, mlflow_store, caps
 def test_runs_a_fail_fast_leaves_unfilled_say_why_not_generatorexit(mlflow_store):
     """--fail-fast stops the grid's loop, which closes the generator of blocks with a
     GeneratorExit: the runs it leaves unfilled are KILLED with the failure that stopped it."""
-    from altrack.grid import _kill_unfilled
-
     client = MlflowClient()
     experiment_id = mlflow.set_experiment(mlflow_store).experiment_id
     parent = client.create_run(experiment_id).info.run_id

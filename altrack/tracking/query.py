@@ -99,15 +99,18 @@ def finished_rows(
     (the latest of a hash), leaving out the run ids in ``exclude``: a grid under --no-resume
     waits for the runs live rivals are doing, not for those earlier invocations had finished
     before it claimed (``finished_ids``; run ids, not times, which other hosts' clocks stamp)."""
-    return {h: row for row, h in _protocol_rows([experiment_id], PROTOCOL_QUERY)
-            if row.finished and h in hashes and row.run_id not in exclude}  # fmt: skip
+    return {h: row for row, h in _finished(experiment_id, hashes) if row.run_id not in exclude}
 
 
 def finished_ids(experiment_id: str, hashes: set[str]) -> frozenset[str]:
     """Run ids of every FINISHED protocol run of this experiment among ``hashes``, not only the
     latest of each."""
-    return frozenset(row.run_id for row, h in _protocol_rows([experiment_id], PROTOCOL_QUERY)
-                     if row.finished and h in hashes)  # fmt: skip
+    return frozenset(row.run_id for row, _ in _finished(experiment_id, hashes))
+
+
+def _finished(experiment_id: str, hashes: set[str]) -> list[tuple[ResultRow, str]]:
+    """(row, config hash) of the FINISHED protocol runs of this experiment among ``hashes``, oldest first."""
+    return [(row, h) for row, h in _protocol_rows([experiment_id], PROTOCOL_QUERY) if row.finished and h in hashes]
 
 
 def resumed_ids(parent_run_id: str) -> list[str]:

@@ -617,9 +617,9 @@ def log_run(
 ) -> str:
     """One nested child run under the active run (a sweep's trial run), or the run ``run_id``
     that ``claim_runs`` opened (a grid's, wherever its block ran), filled in; FAILED with the
-    reason when the run failed. ``live``: its epoch
-    losses were logged as they came, so they are not logged again; ``seed_model_run``: a run
-    that already holds this seed's model (tagged, not logged again).
+    reason when the run failed. ``live``: its epoch losses were logged as they came, so they are
+    not logged again; ``seed_model_run``: a run that already holds this seed's model (tagged, not
+    logged again).
 
     Sweeps log theirs as ``kind=KIND_SWEEP_PROTOCOL``: they train on a pool without the
     validation split, so grid resumes and reports must never mistake them for grid runs.
