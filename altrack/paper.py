@@ -227,11 +227,9 @@ def sweep_summary(parent_id: str) -> SweepSummary:
         raise AltrackError(f"run {parent_id} is not the parent run of an 'altrack sweep'")
     params, study = parent.data.params, parent.data.tags.get(STUDY_TAG, "")
     experiment = [parent.info.experiment_id]
-    trials = search(
-        experiment,
-        f"tags.`{KIND_TAG}` = '{KIND_TRIAL}' and tags.`{STUDY_TAG}` = '{study}' "
-        f"and tags.`{TRIAL_STATE_TAG}` = '{TRIAL_COMPLETE}'",
-    )
+    # the study is matched here, not in the query: a name is the user's and may hold a quote
+    trials = [t for t in search(experiment, f"tags.`{KIND_TAG}` = '{KIND_TRIAL}' and tags.`{TRIAL_STATE_TAG}` = "
+                                            f"'{TRIAL_COMPLETE}'") if t.data.tags.get(STUDY_TAG) == study]  # fmt: skip
     setting_by_trial = {}
     for run in search(experiment, f"tags.`{KIND_TAG}` = '{KIND_SWEEP_PROTOCOL}'"):
         setting_by_trial[run.data.tags.get(MLFLOW_PARENT_RUN_ID)] = setting_of(run)

@@ -14,6 +14,7 @@ import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from optuna.trial import TrialState
 
 from altrack.cli import main
@@ -23,6 +24,7 @@ from altrack.paper import sweep_summary
 from altrack.replay import replay
 from altrack.sweep import describe, load_spec, open_storage, run_sweep
 from altrack.sweep import run as sweep_run
+from altrack.sweep.spec import MLFLOW_PARAM_CHARS
 from altrack.sweep.study import enqueue_retry, make_sampler, retry_stopped_workers
 from altrack.sweep.worker import quiet_optuna
 from altrack.tracking.runs import INTERRUPTED
@@ -80,6 +82,8 @@ def _spec(tmp_path, text=TINY_SPEC, name="spec.yaml"):
          "n_trials 3 exceeds the grid's 2 points: the grid sampler would repeat points"),  # no baseline trial
         (TINY_SPEC.replace("{low: 0.1, high: 0.3}\n  seed", "{choices: [0.1, 0.1]}\n  seed"), "choices must differ"),
         (TINY_SPEC + "lr: 1" + "0" * 400 + "\n", "lr must be a finite number > 0, got inf"),
+        (TINY_SPEC.replace("seeds_per_trial: 1", "seeds_per_trial: 1500"),
+         "a trial's seeds take 6389 characters, beyond the 6000 of an MLflow param"),
         (TINY_SPEC.replace("high: 0.3}\n  seed", "high: 1" + "0" * 400 + "}\n  seed"), "bound inf is outside (0, 1)"),
     ],
     ids=lambda value: value if len(value) < 40 else None,
@@ -90,6 +94,11 @@ def test_bad_specs_are_refused_naming_the_key(tmp_path, text, message):
         return
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_spec(_spec(tmp_path, text))
+
+
+def test_the_seeds_param_bound_is_mlflows():
+    """A trial logs its seeds as one param; the spec refuses a list MLflow would refuse later."""
+    assert MLFLOW_PARAM_CHARS == MAX_PARAM_VAL_LENGTH
 
 
 @pytest.mark.parametrize(
@@ -191,14 +200,15 @@ def _trial_runs(parent_id):
 
 
 def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, tmp_path, monkeypatch):
-    spec = load_spec(_spec(tmp_path))
+    # a name with a quote: the results page's summary of the study matched it in a search query
+    spec = load_spec(_spec(tmp_path, TINY_SPEC.replace("study_name: tiny", "study_name: \"tiny's\"")))
     storage = str(tmp_path / "study.journal")
     common = dict(storage=storage, data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"))
     # an experiment given beside another in MLFLOW_EXPERIMENT_NAME (the fixture's): the spawned
     # workers log to the given one, under the parent
     outcome = run_sweep(spec, n_trials=3, workers=2, experiment=f"{mlflow_store}-given", **common)
 
-    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    study = optuna.load_study(study_name=spec.study_name, storage=open_storage(storage))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     numbers = [t.number for t in study.trials]
     assert len(complete) == 3 == outcome.n_complete
@@ -208,7 +218,7 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
 
     client = MlflowClient()
     parent = client.get_run(outcome.parent_run_id)
-    assert parent.data.tags["optuna.study"] == "tiny" and "best_value" in parent.data.metrics
+    assert parent.data.tags["optuna.study"] == spec.study_name and "best_value" in parent.data.metrics
     files = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"trials.csv", "optimization_history.png", "validation_indices.npy", "spec.yaml"} <= files
     trials = [r for r in _trial_runs(outcome.parent_run_id) if r.info.status == "FINISHED"]
@@ -227,7 +237,7 @@ def test_two_workers_finish_exactly_n_trials_and_resume(data_dir, mlflow_store, 
     again = run_sweep(spec, n_trials=4, workers=1, **common)  # one more, not four more
     assert len([r for r in _trial_runs(again.parent_run_id) if r.info.status == "FINISHED"]) == 4
     assert again.n_complete == 4
-    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    study = optuna.load_study(study_name=spec.study_name, storage=open_storage(storage))
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
 
     summary = sweep_summary(again.parent_run_id)  # what the results page reports of a study

@@ -22,6 +22,9 @@ from altrack.settings import AUTO, PAPER_SETTING, SETTINGS_RULES, Rule, Settings
 SEARCHABLE = ("cluster_ratio", "seed_ratio", "lam")
 SAMPLERS = ("tpe", "random", "grid")
 OBJECTIVES = {"val_accuracy": "maximize"}
+# MLflow's longest param value (mlflow.utils.validation's; a test holds the two equal): a trial
+# logs its seeds as one param, so a long seed list would fail only once the trial runs
+MLFLOW_PARAM_CHARS = 6000
 
 SPEC_RULES: dict[str, Rule] = {
     **RULES,
@@ -145,6 +148,11 @@ class SweepSpec:
     def seeds(self) -> tuple[int, ...]:
         return tuple(self.base_seed + i for i in range(self.seeds_per_trial))
 
+    @property
+    def seeds_text(self) -> str:
+        """The seeds as a trial run logs them (its ``seeds`` param), comma-separated."""
+        return ",".join(map(str, self.seeds))
+
     def space(self) -> dict[str, ParamRange]:
         return {p.name: p for p in self.search_space}
 
@@ -229,6 +237,12 @@ def _validate(spec: SweepSpec, where: str) -> None:
         high["seed_ratio"] + high["cluster_ratio"] < 1,
         where,
         f"seed_ratio + cluster_ratio can reach {high['seed_ratio'] + high['cluster_ratio']:g}; it must stay < 1",
+    )
+    _check(
+        len(spec.seeds_text) <= MLFLOW_PARAM_CHARS,
+        where,
+        f"seeds_per_trial {spec.seeds_per_trial} from base_seed {spec.base_seed}: a trial's seeds take "
+        f"{len(spec.seeds_text)} characters, beyond the {MLFLOW_PARAM_CHARS} of an MLflow param",
     )
     _check(
         spec.budget <= spec.n_available(),

@@ -142,7 +142,7 @@ class Worker:
                     **params,
                     "lam": settings.lam,
                     BASELINE_PARAM: baseline,
-                    SEEDS_PARAM: ",".join(map(str, self.spec.seeds)),
+                    SEEDS_PARAM: self.spec.seeds_text,
                 }
             )
             val, test = [], []
