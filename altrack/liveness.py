@@ -134,18 +134,18 @@ def clean_stale_temp_dirs() -> int:
     return removed
 
 
-def is_stale(last_beat: float | None, grace: float | None = None) -> bool:
+def is_stale(last_beat: float | None) -> bool:
     """Whether a heartbeat written at ``last_beat`` (epoch seconds) is older than the grace."""
-    return last_beat is not None and time.time() - last_beat > (grace or grace_seconds())
+    return last_beat is not None and time.time() - last_beat > grace_seconds()
 
 
 class Heartbeat:
     """Calls ``beat(now)`` at once and then every ``grace / 3`` seconds from a daemon thread,
     until the ``with`` block ends. A failing beat is retried at the next tick: the work goes on."""
 
-    def __init__(self, beat: Callable[[float], None], interval: float | None = None) -> None:
+    def __init__(self, beat: Callable[[float], None]) -> None:
         self.beat = beat
-        self.interval = interval or grace_seconds() / 3
+        self.interval = grace_seconds() / 3
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="altrack-heartbeat", daemon=True)
 
