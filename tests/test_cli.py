@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from altrack.cli import main
@@ -59,15 +60,32 @@ BAD_INPUT = [
     (["--methods", "all,badge"], "unknown method 'badge'"),
     (["--methods", "margin,random,margin"], "method 'margin' is listed twice"),
     (["--shared-filesystem"], "No such option '--shared-filesystem'"),
+    pytest.param(["--device", "cuda"], "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(["--device", "mps"], "--device mps: this machine has no MPS device",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
+    (["--memory-cap", "0"], "memory_cap must be a positive number of GiB, got 0.0"),
+    (["--memory-cap", "nan"], "memory_cap must be a positive number of GiB, got nan"),
+    (["--stack", "-1"], "stack must be >= 0, got -1"),
 ]
 
 
-@pytest.mark.parametrize(("args", "expected"), BAD_INPUT, ids=["=".join(a[0][:2]) for a in BAD_INPUT])
+@pytest.mark.parametrize(
+    ("args", "expected"), BAD_INPUT, ids=["=".join(getattr(a, "values", a)[0][:2]) for a in BAD_INPUT]
+)
 def test_bad_input_is_one_line_and_writes_nothing(args, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code, _, err = _run_cli(["run", *args], capsys)
     _assert_refused(code, err, expected, tmp_path)
+
+
+def test_a_memory_cap_that_cannot_hold_one_model_is_one_line(data_dir, capsys, tmp_path, monkeypatch):
+    """Refused once the data says what a model takes, before the store or a run is made."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, _, err = _run_cli(["run", "--memory-cap", "0.001", "--data-dir", str(data_dir)], capsys)
+    _assert_refused(code, err, "memory cap 1.0 MiB cannot hold one mnist model (about", tmp_path)
 
 
 REPORT_BAD_INPUT = [
