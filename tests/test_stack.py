@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from altrack.catalog import METHODS
 from altrack.config import GridConfig
 from altrack.data import load_dataset
 from altrack.errors import ConfigError
@@ -119,10 +120,11 @@ def test_a_run_does_not_depend_on_its_block_its_stack_or_its_company(data_dir):
     # coreset-grad alone computes the clustering that beside coreset it reads
     alone = {r.key: r for method in ("coreset", "coreset-grad")
              for r in iterate_grid(_grid(data_dir, methods=(method,)), progress=False)}  # fmt: skip
-    crowd = {r.key: r for r in iterate_grid(_grid(data_dir, runs=4), progress=False)}
+    # one method alone against all seven, one seed alone against four, a stack against stacks of one
+    crowd = {r.key: r for r in iterate_grid(_grid(data_dir, runs=4, methods=METHODS), progress=False)}
     narrow = {r.key: r for r in iterate_grid(_grid(data_dir, runs=4, stack=1), progress=False)}
-    assert len(alone) == 2 and len(crowd) == len(narrow) == 16
-    for key, result in [*alone.items(), *crowd.items()]:
+    assert len(alone) == 2 and len(crowd) == 4 * len(METHODS) == 28 and len(narrow) == 16
+    for key, result in [*alone.items(), *narrow.items()]:
         for other in (crowd[key], narrow[key]):
             np.testing.assert_array_equal(result.selected_indices, other.selected_indices)
             assert result.test_accuracy == other.test_accuracy
