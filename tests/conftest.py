@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import altrack  # noqa: F401 - before torch, as in the CLI: it shortens libgomp's spin (altrack/__init__.py)
+
+# isort: split
 import mlflow
 import numpy as np
 import pytest
