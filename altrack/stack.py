@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from altrack.graphs import warm_and_capture
+from altrack.models import conv2d, one_thread
 from altrack.train import Adam, adam_schedule, mean_loss
 
 PARAM_BYTES = 24  # fp32 weight, gradient, Adam's two moments and (off a CPU) its two scratch rows
@@ -230,7 +231,7 @@ class StackedNet:
             layer = self.layers[position]
             if isinstance(layer, nn.Conv2d):  # one grouped weight (the leaves' stack; a view when N is 1)
                 w, b = (self._grouped(position, name) for name in ("weight", "bias"))
-                h = F.conv2d(h, w.flatten(0, 1), b.flatten(), layer.stride, layer.padding, layer.dilation, groups=n)
+                h = conv2d(h, w.flatten(0, 1), b.flatten(), layer.stride, layer.padding, layer.dilation, groups=n)
             elif isinstance(layer, nn.MaxPool2d):
                 h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
             elif isinstance(layer, nn.ReLU):
@@ -248,10 +249,12 @@ class StackedNet:
     def _per_model_linear(self, position: int, h: torch.Tensor) -> torch.Tensor:
         """Linear layer ``position`` on (N, B, features): one addmm per model on its own leaves,
         the GEMM nn.Linear runs; a batched GEMM (MKL's, cuBLAS's) picks its kernels by batch
-        count, so a model's bits would depend on its stack."""
-        return torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
-                            zip(self._leaves(position, "bias"), h.unbind(), self._leaves(position, "weight"),
-                                strict=True)])  # fmt: skip
+        count, so a model's bits would depend on its stack. Few rows run on one thread, as
+        ``models.Linear`` runs them (``one_thread``)."""
+        with one_thread(h.device, h.shape[1] < self.layers[position].out_features):
+            return torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
+                                zip(self._leaves(position, "bias"), h.unbind(), self._leaves(position, "weight"),
+                                    strict=True)])  # fmt: skip
 
     @torch.no_grad()
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
