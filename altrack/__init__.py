@@ -8,7 +8,7 @@ import os
 
 # MKL's strict conditional numerical reproducibility: matrix products give the same bits whatever
 # the thread count (on Intel's AVX2 and AVX-512 code paths; the products it leaves out run on one
-# thread, models.one_thread), so `altrack run --workers N` selects exactly what `--workers 1` does.
+# thread, altrack.threads), so `altrack run --workers N` selects exactly what `--workers 1` does.
 # It must be set before torch loads MKL; a user who imports torch first keeps MKL's default.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA
@@ -22,6 +22,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 # part of a run's identity (resume keys, the stage cache): 0.2.0 changed CPU training bits (fused Adam) and
 # the coreset's clustering (one per stage, shared by its two variants); 0.2.1 k-center's picks at near ties
-# (its candidates' distances by per-row sums, kcenter.row_dots); 0.2.2 CPU training's bits where they depended on
-# the thread count: a linear layer's GEMM of fewer rows than outputs, convolution weight gradients (models.one_thread)
+# (its candidates' distances by per-row sums, kcenter.row_dots); 0.2.2 CPU training's bits where they
+# depended on the thread count: a linear layer's forward GEMM of fewer rows than outputs and convolution
+# weight gradients run on one thread (altrack.threads)
 __version__ = "0.2.2"

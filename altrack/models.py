@@ -6,45 +6,18 @@ linear layer: 128-d for the MLP, 256-d for CifarNet.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from altrack.catalog import DATASETS
-
-
-@contextmanager
-def one_thread(device: torch.device, needed: bool = True) -> Iterator[None]:
-    """Run the block on one CPU thread (where ``needed``), for a product whose bits would
-    otherwise depend on the thread count, so that ``--workers 2`` (one thread per worker on two
-    cores), a Slurm task's cores and ``--workers 1`` (all of them) train the same models.
-
-    MKL's strict reproducibility mode (``MKL_CBWR``, altrack/__init__.py) keeps a GEMM's bits
-    independent of the thread count on Intel's AVX2 and AVX-512 code paths only, and oneDNN's
-    convolutions are outside it. Measured on a 2-core AMD EPYC (``tests/test_models.py``):
-    a linear layer's forward GEMM of fewer rows than outputs (the head on 2 to 9 rows, an epoch's
-    short last batch) and a convolution's weight gradient (oneDNN splits the batch's sum among its
-    threads, on every batch size) took other bits at 2 threads than at 1. The price, measured
-    there in one process of two threads: none for the MLP (the head on 8 rows 4.4 against 8.9 us;
-    7 stacked MLPs 0.37 against 0.41 s per model, ``benchmarks/bench_stack.py``), about a sixth
-    of CifarNet's training speed on a CPU (``benchmarks/bench_cifarnet.py``: 793 and 748 against
-    940 and 1041 img/s), where the paper's CIFAR-10 runs belong on a GPU anyway."""
-    threads = torch.get_num_threads()
-    if not needed or threads == 1 or device.type != "cpu":
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from altrack.threads import one_thread
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose forward GEMM of fewer rows than outputs runs on one thread (``one_thread``)."""
+    """``nn.Linear`` whose forward GEMM of fewer rows than outputs runs on one thread (``one_thread``);
+    its backward GEMMs took the same bits at one and two threads (tests/test_models.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with one_thread(x.device, x.numel() // max(x.shape[-1], 1) < self.out_features):
@@ -68,24 +41,36 @@ class _Conv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.options
         args = (grad, x, w, [w.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if needs_x:
             grad_x = torch.ops.aten.convolution_backward(*args, [True, False, False])[0]
-        with one_thread(x.device):
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(*args, [False, True, has_bias])
+        if needs_w or (has_bias and needs_b):
+            with one_thread(x.device):
+                _, grad_w, grad_b = torch.ops.aten.convolution_backward(*args, [False, needs_w, has_bias and needs_b])
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: tuple = (1, 1),
-           padding: tuple = (0, 0), dilation: tuple = (1, 1), groups: int = 1) -> torch.Tensor:  # fmt: skip
-    """``F.conv2d`` whose bits, gradients included, do not depend on the thread count."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad):
+def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int | tuple = 1,
+           padding: int | tuple = 0, dilation: int | tuple = 1, groups: int = 1) -> torch.Tensor:  # fmt: skip
+    """``F.conv2d`` (numeric zero padding) whose bits, gradients included, do not depend on the
+    thread count. ``x``: (B, C, H, W); ``w``: (C_out, C / groups, kh, kw); ``b``: (C_out,) or None.
+    Raises ``ValueError`` for a padding given as a string ('same', 'valid')."""
+    if isinstance(padding, str):
+        raise ValueError(f"conv2d takes numeric padding, got {padding!r}")
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, w, b)):
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return _Conv.apply(x, w, b, stride, padding, dilation, groups)
+    return _Conv.apply(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (zero padding) whose weight gradient is computed on one thread (``conv2d``)."""
+    """``nn.Conv2d`` whose weight gradient is computed on one thread (``conv2d``). Raises
+    ``ValueError`` for a padding mode other than zeros or a padding given as a string."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError(f"Conv2d takes numeric zero padding, got {self.padding!r} ({self.padding_mode})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

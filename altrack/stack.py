@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from altrack.graphs import warm_and_capture
-from altrack.models import conv2d, one_thread
+from altrack.models import conv2d
+from altrack.threads import one_thread
 from altrack.train import Adam, adam_schedule, mean_loss
 
 PARAM_BYTES = 24  # fp32 weight, gradient, Adam's two moments and (off a CPU) its two scratch rows

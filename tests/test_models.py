@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import torch_threads
 
-from altrack.models import build_model, one_thread
+from altrack.models import Conv2d, build_model, conv2d
 
 # rows of a batch: the head's short batches (fewer rows than its 10 outputs) and full ones
 MLP_ROWS = [*range(1, 20), 32, 64, 128]
@@ -25,7 +25,7 @@ def _step_at(threads: int, dataset: str, x: torch.Tensor, y: torch.Tensor) -> li
 
 @pytest.mark.parametrize(("dataset", "rows"), [("mnist", MLP_ROWS), ("cifar10", CIFAR_ROWS)])
 def test_a_training_step_takes_the_same_bits_at_one_and_two_threads(dataset, rows):
-    # on a 2-core AMD EPYC, before models.one_thread: the MLP's logits on 2 to 9 rows (MKL's GEMM
+    # on a 2-core AMD EPYC, before altrack.threads: the MLP's logits on 2 to 9 rows (MKL's GEMM
     # of fewer rows than outputs) and CifarNet's convolution weight gradients on any batch
     # (oneDNN's) differed between 1 and 2 threads
     g = torch.Generator().manual_seed(1)
@@ -40,11 +40,18 @@ def test_a_training_step_takes_the_same_bits_at_one_and_two_threads(dataset, row
             assert torch.equal(a, b), f"{dataset}: {n} rows, tensor {i} (0: logits, then gradients)"
 
 
-def test_one_thread_puts_the_thread_count_back_even_on_an_error():
-    with torch_threads(2):
-        with pytest.raises(RuntimeError), one_thread(torch.device("cpu")):
-            assert torch.get_num_threads() == 1
-            raise RuntimeError("inside")
-        assert torch.get_num_threads() == 2
-        with one_thread(torch.device("cpu"), needed=False):
-            assert torch.get_num_threads() == 2
+def test_conv2d_is_f_conv2d_with_its_gradients_and_refuses_what_its_backward_cannot_take():
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(s, generator=g, requires_grad=True) for s in [(2, 4, 9, 9), (6, 2, 3, 3), (6,)])
+    native = [F.conv2d(x, w, b, 2, 1, 1, 2)]  # F.conv2d's int arguments
+    native += torch.autograd.grad(native[0].square().sum(), (x, w, b))
+    ours = [conv2d(x, w, b, 2, 1, 1, 2)]
+    ours += torch.autograd.grad(ours[0].square().sum(), (x, w, b))
+    for a, c in zip(native, ours, strict=True):
+        torch.testing.assert_close(a, c)
+    with pytest.raises(ValueError, match="numeric zero padding"):
+        Conv2d(3, 4, 3, padding="same")
+    with pytest.raises(ValueError, match="numeric zero padding"):
+        Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="numeric padding"):
+        conv2d(x, w, b, padding="valid")

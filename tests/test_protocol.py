@@ -93,7 +93,7 @@ def test_cifar_cnn_path_runs_every_method(cifar_slice):
 def test_two_workers_give_exactly_the_results_of_one(data_dir):
     # the workers run one thread each, this process two. A batch of 12 leaves the seed model (20
     # examples) a last batch of 8 rows and the final models (100) one of 4, fewer than the head's
-    # 10 outputs: on an AMD EPYC MKL's GEMM took other bits there at 2 threads (models.one_thread)
+    # 10 outputs: on an AMD EPYC MKL's GEMM took other bits there at 2 threads (altrack.threads)
     cfg = _grid(data_dir, methods=("coreset", "kcenter", "margin", "random"), runs=2,
                 settings=Settings(epochs=2, batch_size=12))  # fmt: skip
     serial = {r.key: r for r in iterate_grid(cfg, progress=False)}

@@ -50,6 +50,7 @@ from altrack.selection.geometry import as_tensor, nearest, nearest_distinct
 from altrack.selection.kmeans import kmeans
 from altrack.selection.registry import register
 from altrack.settings import LamMode, parse_lam_mode
+from altrack.threads import one_thread
 
 LEMMA8_NEIGHBOURS = 10
 RELATIVE_TIE = 1e-12
@@ -72,7 +73,8 @@ def centre_ratios(points: np.ndarray, loss: np.ndarray, neighbours: int) -> np.n
     loss = np.asarray(loss, dtype=np.float64)
     for start in range(0, m, 1024):
         block = x[start : start + 1024]
-        d = torch.addmm(sq.unsqueeze(0), block, x.T, alpha=-2.0).add_(sq[start : start + 1024].unsqueeze(1))
+        with one_thread(x.device):  # float64 GEMMs took other bits at other thread counts (altrack.threads)
+            d = torch.addmm(sq.unsqueeze(0), block, x.T, alpha=-2.0).add_(sq[start : start + 1024].unsqueeze(1))
         d[torch.arange(len(block)), torch.arange(start, start + len(block))] = math.inf
         nbr = torch.topk(d, neighbours, dim=1, largest=False).indices.numpy()  # (b, neighbours)
         rows = np.arange(start, start + len(block))

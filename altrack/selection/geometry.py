@@ -1,7 +1,8 @@
 """Distance kernels shared by k-means, k-center and the coreset: BLAS blocks, no Python per point.
 
 Every kernel runs on the device of its inputs (``as_tensor(x, device)``): a CPU gives today's
-results bit for bit, a GPU the same selections up to float rounding."""
+results bit for bit, at any thread count (a product of fewer rows than outputs runs on one
+thread, ``altrack.threads``), a GPU the same selections up to float rounding."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from altrack.graphs import warm_and_capture
+from altrack.threads import one_thread
 
 BLOCK_ROWS = 4096  # a block of distances stays in cache for the min that follows (bench_kmeans)
 DEVICE_BLOCK = 1 << 25  # off a CPU, distance blocks of up to 32M elements (128 MB): one GEMM, one min
@@ -27,7 +29,8 @@ def as_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor
 def sq_dists(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
     """(n, m) squared Euclidean distances via ||x||^2 - 2 x.c + ||c||^2, clamped at 0."""
     x_sq = (x * x).sum(1) if x_sq is None else x_sq
-    d = torch.addmm((c * c).sum(1).unsqueeze(0), x, c.T, alpha=-2.0)
+    with one_thread(x.device, x.shape[0] < c.shape[0]):  # fewer rows than outputs (altrack.threads)
+        d = torch.addmm((c * c).sum(1).unsqueeze(0), x, c.T, alpha=-2.0)
     return d.add_(x_sq.unsqueeze(1)).clamp_(min=0.0)
 
 
@@ -69,7 +72,8 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     rows = BLOCK_ROWS if x.device.type == "cpu" else max(1, DEVICE_BLOCK // max(c.shape[0], 1))
     for start in range(0, x.shape[0], rows):
         stop = start + rows
-        partial = torch.addmm(c_sq, x[start:stop], c.T, alpha=-2.0)
+        with one_thread(x.device, min(stop, x.shape[0]) - start < c.shape[0]):  # a short last block
+            partial = torch.addmm(c_sq, x[start:stop], c.T, alpha=-2.0)
         dists[start:stop], labels[start:stop] = row_min(partial)
     dists.add_(x_sq).clamp_(min=0.0)
     return labels, dists
@@ -86,6 +90,7 @@ def nearest_distinct(x: torch.Tensor, c: torch.Tensor) -> np.ndarray:
     chosen = np.empty(c.shape[0], dtype=np.int64)
     taken = np.zeros(x.shape[0], dtype=bool)  # on the host: a GPU would be waited on per centre
     for start in range(0, c.shape[0], 256):
+        # fewer rows than outputs, but thousands of outputs: the same bits at any thread count (altrack.threads)
         d = torch.addmm(x_sq, c[start : start + 256], x.T, alpha=-2.0)  # ||x||^2 - 2 c.x: same argmin
         first = row_argmin(d).cpu().numpy()
         for row in range(d.shape[0]):
