@@ -41,7 +41,6 @@ def one_thread(device: torch.device, needed: bool = True) -> Iterator[None]:
     ``benchmarks/bench_stack.py``) or for selection (``geometry.nearest_distinct`` 0.33 s either
     way), about a sixth of CifarNet's training speed on a CPU (``benchmarks/bench_cifarnet.py``:
     793 and 748 against 940 and 1041 img/s), where the paper's CIFAR-10 runs belong on a GPU.
-    ``torch.set_num_threads`` also clears oneDNN's cache of compiled primitives, part of that.
     Off a CPU, and on one thread already, the block runs as it is."""
     threads = torch.get_num_threads()
     if not needed or threads == 1 or device.type != "cpu":
