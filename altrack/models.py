@@ -12,15 +12,15 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from altrack.catalog import DATASETS
-from altrack.threads import one_thread
+from altrack.threads import fewer_rows, one_thread
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose forward GEMM of fewer rows than outputs runs on one thread (``one_thread``);
+    """``nn.Linear`` whose forward GEMM of fewer rows than outputs runs on one thread (``fewer_rows``);
     its backward GEMMs took the same bits at one and two threads (tests/test_models.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with one_thread(x.device, x.numel() // max(x.shape[-1], 1) < self.out_features):
+        with fewer_rows(x.device, x.numel() // max(x.shape[-1], 1), self.out_features):
             return super().forward(x)
 
 

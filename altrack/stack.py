@@ -35,7 +35,7 @@ from torch import nn
 
 from altrack.graphs import warm_and_capture
 from altrack.models import conv2d
-from altrack.threads import one_thread
+from altrack.threads import fewer_rows
 from altrack.train import Adam, adam_schedule, mean_loss
 
 PARAM_BYTES = 24  # fp32 weight, gradient, Adam's two moments and (off a CPU) its two scratch rows
@@ -251,8 +251,8 @@ class StackedNet:
         """Linear layer ``position`` on (N, B, features): one addmm per model on its own leaves,
         the GEMM nn.Linear runs; a batched GEMM (MKL's, cuBLAS's) picks its kernels by batch
         count, so a model's bits would depend on its stack. Few rows run on one thread, as
-        ``models.Linear`` runs them (``one_thread``)."""
-        with one_thread(h.device, h.shape[1] < self.layers[position].out_features):
+        ``models.Linear`` runs them (``threads.fewer_rows``)."""
+        with fewer_rows(h.device, h.shape[1], self.layers[position].out_features):
             return torch.stack([torch.addmm(bi, hi, wi.t()) for bi, hi, wi in
                                 zip(self._leaves(position, "bias"), h.unbind(), self._leaves(position, "weight"),
                                     strict=True)])  # fmt: skip

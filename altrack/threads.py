@@ -13,18 +13,18 @@ it. On a 2-core AMD EPYC (MKL 2024.2, 2026-12-07) a sweep of shapes at 1 and 2 t
 - float64 GEMMs of most shapes, rows >= outputs included (the coreset's neighbour distances);
 - oneDNN's convolution weight gradient, on any batch (it splits the batch's sum among threads).
 
-So these run on one thread (``one_thread``): a float32 product of fewer rows than outputs in
-the models' linear layers (``models.Linear``, the stack's exact path) and in the selection's
-distances (``geometry.sq_dists``, ``geometry.nearest``), the coreset's float64 neighbour
-distances, and convolution weight gradients (``models.conv2d``). tests/test_models.py and
-tests/test_threads.py check them at 1 and 2 threads, except the float64 distances, which only
-rank neighbours: random points have no near ties for a test to see the ranking move.
+So these run on one thread (``one_thread``): a float32 product of fewer rows than outputs
+(``fewer_rows``) in the models' linear layers (``models.Linear``, the stack's exact path) and in
+the selection's distances (``geometry.sq_dists``, ``geometry.nearest``), the coreset's float64
+neighbour distances, and convolution weight gradients (``models.conv2d``). tests/test_models.py
+and tests/test_threads.py check them at 1 and 2 threads, except the float64 distances, which
+only rank neighbours: random points have no near ties for a test to see the ranking move.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -35,12 +35,12 @@ def one_thread(device: torch.device, needed: bool = True) -> Iterator[None]:
     otherwise depend on the thread count, so that ``--workers 2`` (one thread per worker on two
     cores), a Slurm task's cores and ``--workers 1`` (all of them) get the same results.
 
-
     The price, measured on that EPYC in one process of two threads: none for the MLP (the head on
     8 rows 4.4 against 8.9 us; 7 stacked MLPs 0.37 against 0.41 s per model,
-    ``benchmarks/bench_stack.py``) or for selection (``geometry.nearest_distinct`` 0.33 s either
-    way), about a sixth of CifarNet's training speed on a CPU (``benchmarks/bench_cifarnet.py``:
-    793 and 748 against 940 and 1041 img/s), where the paper's CIFAR-10 runs belong on a GPU.
+    ``benchmarks/bench_stack.py``) or the README's main job (0.84 against 0.85 min,
+    ``benchmarks/bench_grid.py --main-job``), about a sixth of CifarNet's training speed on a CPU
+    (``benchmarks/bench_cifarnet.py``: 793 and 748 against 940 and 1041 img/s), where the paper's
+    CIFAR-10 runs belong on a GPU.
     Off a CPU, and on one thread already, the block runs as it is."""
     threads = torch.get_num_threads()
     if not needed or threads == 1 or device.type != "cpu":
@@ -51,3 +51,10 @@ def one_thread(device: torch.device, needed: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def fewer_rows(device: torch.device, rows: int, outputs: int) -> AbstractContextManager[None]:
+    """``one_thread`` for a float32 GEMM of ``rows`` rows and ``outputs`` outputs where it has fewer
+    rows than outputs, the first kind above. A GEMM of many outputs (the MLP's 128) takes it too:
+    no slower there (``one_thread``'s price)."""
+    return one_thread(device, rows < outputs)

@@ -1,7 +1,6 @@
 """altrack.threads: the products whose bits MKL leaves to the thread count run on one thread, so
 selection gives the same picks at 1 and 2 threads (``--workers N`` against ``--workers 1``)."""
 
-import numpy as np
 import pytest
 import torch
 from conftest import torch_threads
@@ -18,7 +17,7 @@ def _at(threads: int, fn, *args):
 def _same(a, b) -> bool:
     if isinstance(a, tuple):
         return all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b, equal_nan=True)
+    return torch.equal(a, b)
 
 
 def test_selections_products_take_the_same_bits_at_one_and_two_threads():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from altrack.graphs import warm_and_capture
-from altrack.threads import one_thread
+from altrack.threads import fewer_rows
 
 BLOCK_ROWS = 4096  # a block of distances stays in cache for the min that follows (bench_kmeans)
 DEVICE_BLOCK = 1 << 25  # off a CPU, distance blocks of up to 32M elements (128 MB): one GEMM, one min
@@ -29,7 +29,7 @@ def as_tensor(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor
 def sq_dists(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
     """(n, m) squared Euclidean distances via ||x||^2 - 2 x.c + ||c||^2, clamped at 0."""
     x_sq = (x * x).sum(1) if x_sq is None else x_sq
-    with one_thread(x.device, x.shape[0] < c.shape[0]):  # fewer rows than outputs (altrack.threads)
+    with fewer_rows(x.device, x.shape[0], c.shape[0]):  # altrack.threads
         d = torch.addmm((c * c).sum(1).unsqueeze(0), x, c.T, alpha=-2.0)
     return d.add_(x_sq.unsqueeze(1)).clamp_(min=0.0)
 
@@ -72,7 +72,7 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     rows = BLOCK_ROWS if x.device.type == "cpu" else max(1, DEVICE_BLOCK // max(c.shape[0], 1))
     for start in range(0, x.shape[0], rows):
         stop = start + rows
-        with one_thread(x.device, min(stop, x.shape[0]) - start < c.shape[0]):  # a short last block
+        with fewer_rows(x.device, min(stop, x.shape[0]) - start, c.shape[0]):  # a short last block
             partial = torch.addmm(c_sq, x[start:stop], c.T, alpha=-2.0)
         dists[start:stop], labels[start:stop] = row_min(partial)
     dists.add_(x_sq).clamp_(min=0.0)
